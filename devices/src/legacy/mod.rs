@@ -1,0 +1,10 @@
+//! Legacy PC devices on the port I/O bus: COM1 serial, the i8042 keyboard controller
+//! (CPU reset, Ctrl-Alt-Del) and the boot-complete signal port.
+
+mod boot_timer;
+mod i8042;
+mod serial;
+
+pub use boot_timer::{now as start_time_now, BootTimer, StartTime, BOOT_TIMER_PORT};
+pub use i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
+pub use serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};

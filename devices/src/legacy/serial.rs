@@ -1,0 +1,109 @@
+//! 16550A UART (vm-superio) at COM1, its output to any writer, its input from the event loop.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use crate::{BusDevice, EventFdTrigger};
+
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_PORT_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+pub struct SerialDevice {
+    uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialDevice {
+    /// `interrupt` is the irqfd of the UART's interrupt line.
+    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(interrupt, out),
+        }
+    }
+
+    /// Queues console input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: dropping console input: {e}");
+                0
+            }
+        }
+    }
+
+    pub fn fifo_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 || offset >= COM1_PORT_LEN {
+            data.fill(0xff);
+            return;
+        }
+        data[0] = self.uart.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 || offset >= COM1_PORT_LEN {
+            return;
+        }
+        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+            // A closed console must not stop the guest; the byte is lost.
+            log::debug!("serial: console output failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+    impl Write for SharedBuf {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_to_writer_and_receives_input() {
+        let out = SharedBuf::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(
+            EventFdTrigger::new(irq.try_clone().unwrap()),
+            Box::new(out.clone()),
+        );
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+
+        // Enable the "received data available" interrupt, then feed input.
+        dev.write(1, &[0x01]);
+        assert_eq!(dev.enqueue_input(b"ok"), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut byte = [0u8];
+        dev.read(5, &mut byte);
+        assert_eq!(byte[0] & 1, 1, "LSR must report data ready");
+        dev.read(0, &mut byte);
+        assert_eq!(byte[0], b'o');
+        dev.read(0, &mut byte);
+        assert_eq!(byte[0], b'k');
+    }
+}

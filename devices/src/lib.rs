@@ -1,0 +1,8 @@
+//! Emulated devices of a reapvm microVM and the buses that route guest accesses to them.
+
+pub mod bus;
+pub mod legacy;
+pub mod trigger;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use trigger::EventFdTrigger;

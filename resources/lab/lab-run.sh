@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Runs one command inside the KVM lab (a QEMU TCG machine with an emulated AMD EPYC CPU,
+# SVM and nested paging, so KVM inside it is real) and exits with the command's exit code.
+# The host's root is visible read-only at the same paths; the current directory must exist
+# on the host. Usage: lab-run.sh [--timeout SECS] [--mem MIB] [--cpus N] -- CMD [ARGS...]
+# Environment variables named REAPVM_*, RUST_* and CARGO_* are passed to the command.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="${REAPVM_CACHE:-$HOME/.cache/reapvm}"
+timeout_s=1800 mem=3072 cpus=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --timeout) timeout_s="$2"; shift 2 ;;
+    --mem) mem="$2"; shift 2 ;;
+    --cpus) cpus="$2"; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "usage: lab-run.sh [--timeout SECS] [--mem MIB] [--cpus N] -- CMD [ARGS...]" >&2; exit 2; }
+command -v qemu-system-x86_64 >/dev/null || { echo "lab: qemu-system-x86_64 is not installed (run resources/lab/build-lab.sh)" >&2; exit 125; }
+lab="$("$here/build-lab.sh" | tail -n 1)"
+
+mkdir -p "$cache/lab-runs"
+run="$(mktemp -d "$cache/lab-runs/run.XXXXXX")"
+qpid=""
+cleanup() {
+  [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+  [ -n "${tailpid:-}" ] && kill "$tailpid" 2>/dev/null || true
+  rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+{
+  echo "cd $(printf '%q' "$PWD") || exit 126"
+  env | grep -E '^(REAPVM|RUST|CARGO)[A-Z0-9_]*=' | while IFS='=' read -r k v; do
+    printf 'export %s=%q\n' "$k" "$v"
+  done
+  echo "export REAPVM_IN_LAB=1"
+  printf 'exec'; printf ' %q' "$@"; echo
+} > "$run/cmd.sh"
+: > "$run/output.log"
+
+qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu EPYC -m "$mem" -smp "$cpus" \
+  -kernel "$lab/vmlinuz" -initrd "$lab/initrd.cpio.gz" \
+  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run" \
+  -display none -monitor none -nic none -no-reboot \
+  -serial "file:$run/console.log" \
+  -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
+  -virtfs "local,path=$run,mount_tag=labrun,security_model=none" \
+  -device virtio-serial-pci -chardev "file,id=out,path=$run/output.log" \
+  -device virtconsole,chardev=out < /dev/null > "$run/qemu.log" 2>&1 &
+qpid=$!
+tail -n +1 -f --pid="$qpid" "$run/output.log" | grep -v '^REAPVM_LAB_EXIT=' &
+tailpid=$!
+
+deadline=$(( $(date +%s) + timeout_s ))
+while kill -0 "$qpid" 2>/dev/null; do
+  if [ "$(date +%s)" -ge "$deadline" ]; then
+    echo "lab: time limit of ${timeout_s}s reached, stopping the lab" >&2
+    kill "$qpid" 2>/dev/null || true
+    wait "$qpid" 2>/dev/null || true
+    qpid=""
+    wait "$tailpid" 2>/dev/null || true
+    exit 124
+  fi
+  sleep 0.2
+done
+wait "$qpid" 2>/dev/null || true
+qpid=""
+wait "$tailpid" 2>/dev/null || true
+rc="$(sed -n 's/^REAPVM_LAB_EXIT=\([0-9]*\).*/\1/p' "$run/output.log" | tail -n 1)"
+if [ -z "$rc" ]; then
+  echo "lab: the lab stopped without reporting an exit code; its console and QEMU's messages:" >&2
+  tail -n 30 "$run/console.log" "$run/qemu.log" >&2 || true
+  exit 125
+fi
+exit "$rc"

@@ -1,0 +1,256 @@
+//! Builds and starts a microVM from a configuration, in the order KVM requires: VM and
+//! interrupt controllers, memory, devices, kernel and boot structures, then vCPUs.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::legacy::{
+    BootTimer, I8042Device, SerialDevice, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
+    I8042_PORT, I8042_PORT_LEN,
+};
+use devices::{Bus, EventFdTrigger};
+use kvm_ioctls::{Cap, Kvm};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::cpuid::Topology;
+use crate::arch::{boot_params, mptable};
+use crate::config::{ConfigError, VmConfig};
+use crate::console::StdinToSerial;
+use crate::loader::{self, LoaderError};
+use crate::memory::{self, MemoryError};
+use crate::microvm::{MicroVm, Subscriber};
+use crate::vcpu::{ExitSignal, Vcpu, VcpuError};
+use crate::vm::{Vm, VmError};
+
+const I8042_KBD_IRQ: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user use it?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error("this host's KVM lacks {0}, which reapvm needs")]
+    MissingCapability(&'static str),
+    #[error("{requested} vCPUs requested, but this host's KVM allows at most {max}")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error("boot parameters: {0}")]
+    BootParams(#[from] boot_params::BootParamsError),
+    #[error("MP table: {0}")]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot create an event fd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot place {what} on the I/O bus: {source}")]
+    Bus {
+        what: &'static str,
+        source: devices::BusError,
+    },
+}
+
+/// How the VMM process around the VM behaves.
+pub struct StartOptions {
+    /// Where the guest's serial console goes.
+    pub console_out: Box<dyn Write + Send>,
+    /// Forward the VMM's stdin to the serial console.
+    pub console_in: bool,
+    /// Log `Guest-boot-time` when the guest signals boot completion.
+    pub boot_timer: bool,
+    /// When the VMM started (or the jailer's `--start-time-us`), for the boot time.
+    pub start_time: devices::legacy::StartTime,
+    /// Receives the boot time when the guest signals boot completion.
+    pub ready: Option<Sender<Duration>>,
+}
+
+fn event_fd(what: &'static str) -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd { what, source })
+}
+
+/// Checks the configuration, builds the VM and starts its vCPUs. On error nothing is left
+/// running: everything built so far is dropped.
+pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm, BuildError> {
+    config.validate(memory::host_ram_bytes())?;
+    let boot_source = config
+        .boot_source
+        .as_ref()
+        .ok_or(ConfigError::MissingBootSource)?;
+    // Open the images before touching KVM, so a wrong path fails first and cheaply.
+    let kernel_path: PathBuf = boot_source.kernel_image_path.clone();
+    let mut kernel_file = loader::open("kernel image", &kernel_path)?;
+    let mut initrd = match &boot_source.initrd_path {
+        Some(path) => Some((loader::open("initrd", path)?, path.clone())),
+        None => None,
+    };
+    let cmdline = loader::build_cmdline(boot_source.boot_args())?;
+
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(BuildError::MissingCapability(name));
+        }
+    }
+    let vcpu_count = config.vcpu_count();
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(vcpu_count) > max_vcpus {
+        return Err(BuildError::TooManyVcpus {
+            requested: vcpu_count,
+            max: max_vcpus,
+        });
+    }
+    let supported_cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+
+    let vm = Vm::new(&kvm)?;
+    let ram_size = config.mem_size_bytes();
+    let guest_memory = memory::create_guest_memory(ram_size)?;
+    vm.register_memory(&guest_memory)?;
+
+    // Legacy devices on the port I/O bus, their interrupt lines as irqfds.
+    let mut pio_bus = Bus::new();
+    let serial_irq = event_fd("the serial interrupt")?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFdTrigger::new(serial_irq),
+        opts.console_out,
+    )));
+    pio_bus
+        .insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
+        .map_err(|source| BuildError::Bus {
+            what: "the serial port",
+            source,
+        })?;
+    let reset_evt = event_fd("the i8042 reset line")?;
+    let kbd_irq = event_fd("the keyboard interrupt")?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let reset_trigger = EventFdTrigger::new(
+        reset_evt
+            .try_clone()
+            .map_err(|source| BuildError::EventFd {
+                what: "the i8042 reset line",
+                source,
+            })?,
+    );
+    let i8042 = Arc::new(Mutex::new(I8042Device::new(
+        reset_trigger,
+        EventFdTrigger::new(kbd_irq),
+    )));
+    pio_bus
+        .insert(i8042, I8042_PORT, I8042_PORT_LEN)
+        .map_err(|source| BuildError::Bus {
+            what: "the i8042 controller",
+            source,
+        })?;
+    let boot_timer = BootTimer::new(opts.start_time, opts.boot_timer, opts.ready);
+    pio_bus
+        .insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)
+        .map_err(|source| BuildError::Bus {
+            what: "the boot timer",
+            source,
+        })?;
+    let mmio_bus = Bus::new();
+
+    // Kernel, command line, initrd, zero page, MP table.
+    let kernel = loader::load_kernel(&guest_memory, &mut kernel_file, &kernel_path)?;
+    let cmdline_size = loader::load_cmdline(&guest_memory, &cmdline)?;
+    let initrd_placement = match initrd.as_mut() {
+        Some((file, path)) => {
+            let addr_max = kernel
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|max| *max != 0)
+                .unwrap_or(u64::MAX);
+            Some(loader::load_initrd(
+                &guest_memory,
+                file,
+                path,
+                kernel.end,
+                addr_max,
+            )?)
+        }
+        None => None,
+    };
+    let params = boot_params::build(ram_size, kernel.setup_header, cmdline_size, initrd_placement)?;
+    boot_params::write(&guest_memory, &params)?;
+    mptable::setup_mptable(&guest_memory, vcpu_count)?;
+
+    let threads_per_core = if config.machine_config.smt && vcpu_count > 1 {
+        2
+    } else {
+        1
+    };
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;
+        let topology = Topology {
+            cpu_index: index,
+            vcpu_count,
+            threads_per_core,
+        };
+        vcpu.configure_for_boot(
+            &guest_memory,
+            &supported_cpuid,
+            topology,
+            tsc_deadline,
+            kernel.entry,
+        )?;
+        vcpus.push(vcpu);
+    }
+
+    let exit = Arc::new(ExitSignal::new().map_err(|source| BuildError::EventFd {
+        what: "VM exits",
+        source,
+    })?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    if opts.console_in {
+        subscribers.push(Arc::new(Mutex::new(StdinToSerial::new(serial))));
+    }
+    let mut microvm = MicroVm {
+        vcpus: Vec::with_capacity(vcpus.len()),
+        stop: stop.clone(),
+        exit: exit.clone(),
+        reset_evt,
+        subscribers,
+        vm,
+        guest_memory,
+        _kvm: kvm,
+    };
+    for vcpu in vcpus {
+        // If a later thread fails to start, dropping `microvm` stops the ones already running.
+        microvm.vcpus.push(vcpu.start(stop.clone(), exit.clone())?);
+    }
+    log::info!(
+        "started: {} vCPU(s), {} MiB, kernel {} entry {:#x}",
+        vcpu_count,
+        ram_size >> 20,
+        kernel_path.display(),
+        kernel.entry
+    );
+    Ok(microvm)
+}

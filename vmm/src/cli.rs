@@ -1,0 +1,105 @@
+//! The `reapvm` command line: Firecracker's flags (and the jailer's start-time flags).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Exit codes, as Firecracker's (`FcExitCode`).
+pub mod exit_code {
+    pub const OK: i32 = 0;
+    pub const GENERIC_ERROR: i32 = 1;
+    pub const BAD_CONFIGURATION: i32 = 152;
+    pub const ARG_PARSING: i32 = 153;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reapvm",
+    version,
+    about = "A microVM monitor with REAP snapshot restores; speaks Firecracker's flags, config file and API."
+)]
+pub struct Cli {
+    /// Path of the API server's Unix socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/firecracker.socket")]
+    pub api_sock: PathBuf,
+    /// Start the microVM from this Firecracker configuration file.
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Run without the API server (needs --config-file).
+    #[arg(long)]
+    pub no_api: bool,
+    /// MicroVM identifier, used in log lines.
+    #[arg(long, default_value = "anonymous-instance")]
+    pub id: String,
+    /// Log the guest's boot time when it signals boot completion (port 0x3f0, value 123).
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Write the log to this file or named pipe instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Log level: Off, Error, Warning, Info, Debug, Trace.
+    #[arg(long, default_value = "Info")]
+    pub level: String,
+    /// Show the level in log lines.
+    #[arg(long)]
+    pub show_level: bool,
+    /// Show the source file and line in log lines.
+    #[arg(long)]
+    pub show_log_origin: bool,
+    /// Where to write metrics.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Process start time in CLOCK_MONOTONIC microseconds (set by the jailer).
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+    /// Process start CPU time in microseconds (set by the jailer).
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+    /// CPU time the jailer spent before exec, in microseconds.
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
+    /// Seccomp filter file (reapvm does not install seccomp filters yet).
+    #[arg(long, value_name = "PATH")]
+    pub seccomp_filter: Option<PathBuf>,
+    /// Disable seccomp (reapvm does not install seccomp filters yet).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Largest API request body, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 51200)]
+    pub http_api_max_payload_size: usize,
+    /// Largest MMDS data store, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_style_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "reapvm",
+            "--no-api",
+            "--config-file",
+            "/tmp/vm.json",
+            "--boot-timer",
+            "--id",
+            "fn-1",
+            "--level",
+            "Debug",
+            "--start-time-us",
+            "123",
+        ])
+        .unwrap();
+        assert!(cli.no_api && cli.boot_timer);
+        assert_eq!(cli.config_file.unwrap(), PathBuf::from("/tmp/vm.json"));
+        assert_eq!((cli.id.as_str(), cli.start_time_us), ("fn-1", Some(123)));
+        assert_eq!(cli.api_sock, PathBuf::from("/run/firecracker.socket"));
+    }
+
+    #[test]
+    fn unknown_flags_fail() {
+        assert!(Cli::try_parse_from(["reapvm", "--bogus"]).is_err());
+    }
+}

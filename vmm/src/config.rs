@@ -1,0 +1,276 @@
+//! Firecracker's configuration file (`--config-file`): the JSON keys, their defaults and
+//! the checks made before anything is created.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::arch::layout::MAX_VCPUS;
+
+/// Firecracker's default command line, used when `boot_args` is absent.
+pub const DEFAULT_BOOT_ARGS: &str = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 \
+     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd swiotlb=noforce";
+/// Smallest guest reapvm boots: the kernel is loaded at 16 MiB and needs room above it.
+pub const MIN_MEM_SIZE_MIB: u64 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("config: `boot-source` is missing")]
+    MissingBootSource,
+    #[error("config: vcpu_count {0} is out of range (1 to {MAX_VCPUS})")]
+    VcpuCount(u64),
+    #[error("config: vcpu_count {0} with smt enabled must be 1 or even")]
+    SmtOddVcpus(u8),
+    #[error("config: mem_size_mib {0} is below the minimum of {MIN_MEM_SIZE_MIB} MiB")]
+    MemoryTooSmall(u64),
+    #[error("config: mem_size_mib {size_mib} is more than this host's {host_mib} MiB of RAM")]
+    MemoryTooLarge { size_mib: u64, host_mib: u64 },
+    #[error("config: `{0}` is not supported by reapvm yet")]
+    Unsupported(&'static str),
+    #[error("config: cpu_template {0:?} is not supported (only \"None\")")]
+    CpuTemplate(String),
+    #[error("config: huge_pages {0:?} is not supported (only \"None\")")]
+    HugePages(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: PathBuf,
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    #[serde(default)]
+    pub initrd_path: Option<PathBuf>,
+}
+
+impl BootSource {
+    pub fn boot_args(&self) -> &str {
+        self.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u64,
+    pub mem_size_mib: u64,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    /// Firecracker's defaults: 1 vCPU, 128 MiB.
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    #[serde(default)]
+    pub log_path: Option<PathBuf>,
+    #[serde(default)]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub show_level: Option<bool>,
+    #[serde(default)]
+    pub show_log_origin: Option<bool>,
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+/// The whole file. Keys of features reapvm does not have yet parse, and are refused by
+/// [`VmConfig::validate`] with a message naming them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(rename = "boot-source")]
+    pub boot_source: Option<BootSource>,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<serde_json::Value>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default)]
+    pub metrics: Option<serde_json::Value>,
+    #[serde(default)]
+    pub vsock: Option<serde_json::Value>,
+    #[serde(default)]
+    pub balloon: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default)]
+    pub mmds_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub entropy: Option<serde_json::Value>,
+    #[serde(rename = "cpu-config", default)]
+    pub cpu_config: Option<serde_json::Value>,
+}
+
+impl VmConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks what can be checked without touching KVM; `host_ram_bytes` bounds the memory.
+    pub fn validate(&self, host_ram_bytes: u64) -> Result<(), ConfigError> {
+        if self.boot_source.is_none() {
+            return Err(ConfigError::MissingBootSource);
+        }
+        let unsupported = [
+            ("drives", !self.drives.is_empty()),
+            ("network-interfaces", !self.network_interfaces.is_empty()),
+            ("metrics", self.metrics.is_some()),
+            ("vsock", self.vsock.is_some()),
+            ("balloon", self.balloon.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("entropy", self.entropy.is_some()),
+            ("cpu-config", self.cpu_config.is_some()),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
+            return Err(ConfigError::Unsupported(key));
+        }
+        let mc = &self.machine_config;
+        if mc.vcpu_count == 0 || mc.vcpu_count > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::VcpuCount(mc.vcpu_count));
+        }
+        if mc.smt && mc.vcpu_count > 1 && mc.vcpu_count % 2 == 1 {
+            return Err(ConfigError::SmtOddVcpus(mc.vcpu_count as u8));
+        }
+        if mc.mem_size_mib < MIN_MEM_SIZE_MIB {
+            return Err(ConfigError::MemoryTooSmall(mc.mem_size_mib));
+        }
+        let host_mib = host_ram_bytes >> 20;
+        if mc.mem_size_mib > host_mib {
+            return Err(ConfigError::MemoryTooLarge {
+                size_mib: mc.mem_size_mib,
+                host_mib,
+            });
+        }
+        match mc.cpu_template.as_deref() {
+            None | Some("None") => {}
+            Some(other) => return Err(ConfigError::CpuTemplate(other.to_string())),
+        }
+        match mc.huge_pages.as_deref() {
+            None | Some("None") => {}
+            Some(other) => return Err(ConfigError::HugePages(other.to_string())),
+        }
+        Ok(())
+    }
+
+    pub fn vcpu_count(&self) -> u8 {
+        self.machine_config.vcpu_count as u8
+    }
+
+    pub fn mem_size_bytes(&self) -> u64 {
+        self.machine_config.mem_size_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: u64 = 8 << 30;
+
+    fn parse(json: &str) -> Result<VmConfig, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn firecracker_example_parses() {
+        let cfg = parse(
+            r#"{
+              "boot-source": {"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0 reboot=k", "initrd_path": null},
+              "drives": [],
+              "machine-config": {"vcpu_count": 2, "mem_size_mib": 1024, "smt": false, "track_dirty_pages": false}
+            }"#,
+        )
+        .unwrap();
+        cfg.validate(HOST).unwrap();
+        assert_eq!(cfg.vcpu_count(), 2);
+        assert_eq!(cfg.mem_size_bytes(), 1 << 30);
+        assert_eq!(cfg.boot_source.unwrap().boot_args(), "console=ttyS0 reboot=k");
+    }
+
+    #[test]
+    fn defaults_match_firecracker() {
+        let cfg = parse(r#"{"boot-source": {"kernel_image_path": "k"}}"#).unwrap();
+        cfg.validate(HOST).unwrap();
+        assert_eq!((cfg.vcpu_count(), cfg.machine_config.mem_size_mib), (1, 128));
+        assert_eq!(cfg.boot_source.unwrap().boot_args(), DEFAULT_BOOT_ARGS);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = parse(r#"{"boot-source": {"kernel_image_path": "k"}, "bogus": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
+        let err = parse(r#"{"boot-source": {"kernel_image_path": "k", "kernel": 1}}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `kernel`"), "{err}");
+        assert!(parse("{not json").is_err());
+        assert!(parse(r#"{"machine-config": {"vcpu_count": "two", "mem_size_mib": 1}}"#).is_err());
+    }
+
+    #[test]
+    fn limits() {
+        let with = |vcpus: u64, mib: u64, smt: bool| {
+            let mut cfg = parse(r#"{"boot-source": {"kernel_image_path": "k"}}"#).unwrap();
+            cfg.machine_config.vcpu_count = vcpus;
+            cfg.machine_config.mem_size_mib = mib;
+            cfg.machine_config.smt = smt;
+            cfg.validate(HOST)
+        };
+        assert!(matches!(with(0, 128, false), Err(ConfigError::VcpuCount(0))));
+        assert!(matches!(with(33, 128, false), Err(ConfigError::VcpuCount(33))));
+        assert!(matches!(with(3, 128, true), Err(ConfigError::SmtOddVcpus(3))));
+        assert!(with(32, 128, false).is_ok());
+        assert!(matches!(with(1, 8, false), Err(ConfigError::MemoryTooSmall(8))));
+        assert!(matches!(
+            with(1, 16 << 10, false),
+            Err(ConfigError::MemoryTooLarge { host_mib: 8192, .. })
+        ));
+    }
+
+    #[test]
+    fn later_features_are_named() {
+        let cfg = parse(
+            r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "rootfs"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(cfg.validate(HOST), Err(ConfigError::Unsupported("drives"))));
+        let cfg = parse(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#).unwrap();
+        assert!(matches!(cfg.validate(HOST), Err(ConfigError::MissingBootSource)));
+    }
+}

@@ -1,0 +1,19 @@
+//! reapvm: a microVM monitor on KVM that speaks Firecracker's interfaces, with REAP
+//! (record-and-prefetch) snapshot restores.
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod loader;
+pub mod logger;
+pub mod memory;
+pub mod microvm;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{build_and_start, BuildError, StartOptions};
+pub use config::VmConfig;
+pub use microvm::MicroVm;
+pub use vcpu::VmExitReason;

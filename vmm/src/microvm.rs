@@ -1,0 +1,128 @@
+//! A running microVM: its vCPU threads and the event loop that serves devices until the
+//! guest resets or a vCPU fails.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::Kvm;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu::{ExitSignal, VcpuHandle, VmExitReason};
+use crate::vm::Vm;
+
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the event loop: {0}")]
+    EventManager(event_manager::Error),
+    #[error("event loop failed: {0}")]
+    Loop(event_manager::Error),
+    #[error("cannot duplicate the reset event: {0}")]
+    CloneEventFd(std::io::Error),
+}
+
+/// Turns the i8042 reset line and the vCPUs' exit reports into the end of the event loop.
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+    reset_evt: EventFd,
+    done: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.exit.event_fd().as_raw_fd(), self.reset_evt.as_raw_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch the VM exit events: {e}");
+                self.done.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            log::info!("the guest reset the CPU through the i8042 controller");
+            self.exit.report(VmExitReason::GuestReset);
+        } else {
+            let _ = self.exit.event_fd().read();
+        }
+        self.done.store(true, Ordering::Release);
+    }
+}
+
+pub struct MicroVm {
+    // Field order is drop order: vCPU threads are joined in `run` before KVM state and guest
+    // memory go away.
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) exit: Arc<ExitSignal>,
+    pub(crate) reset_evt: EventFd,
+    pub(crate) subscribers: Vec<Subscriber>,
+    pub(crate) vm: Vm,
+    pub(crate) guest_memory: GuestMemoryMmap,
+    pub(crate) _kvm: Kvm,
+}
+
+impl MicroVm {
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Serves devices until the VM stops, then stops and joins every vCPU thread.
+    pub fn run(mut self) -> Result<VmExitReason, RunError> {
+        let done = Arc::new(AtomicBool::new(false));
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
+        let reset_evt = self
+            .reset_evt
+            .try_clone()
+            .map_err(RunError::CloneEventFd)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            exit: self.exit.clone(),
+            reset_evt,
+            done: done.clone(),
+        })));
+        for subscriber in self.subscribers.drain(..) {
+            event_manager.add_subscriber(subscriber);
+        }
+
+        let result = loop {
+            if done.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            if let Err(e) = event_manager.run() {
+                break Err(RunError::Loop(e));
+            }
+        };
+        self.stop_vcpus();
+        result?;
+        Ok(self
+            .exit
+            .reason()
+            .unwrap_or(VmExitReason::Error("the VM stopped without a reason".into())))
+    }
+
+    fn stop_vcpus(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for vcpu in &self.vcpus {
+            vcpu.kick();
+        }
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.join();
+        }
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+    }
+}

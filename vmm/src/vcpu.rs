@@ -1,0 +1,268 @@
+//! vCPUs: boot configuration, and one thread each running KVM_RUN and routing its exits to
+//! the buses until the VM stops.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+
+use devices::Bus;
+use kvm_bindings::{kvm_run, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::cpuid::{self, Topology};
+use crate::arch::{lapic, msr, regs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_CREATE_VCPU {index} failed: {source}")]
+    Create { index: u8, source: kvm_ioctls::Error },
+    #[error("KVM_SET_CPUID2 on vCPU {index} failed: {source}")]
+    SetCpuid { index: u8, source: kvm_ioctls::Error },
+    #[error("vCPU {index} MSRs: {source}")]
+    Msrs { index: u8, source: msr::MsrError },
+    #[error("vCPU {index} registers: {source}")]
+    Regs { index: u8, source: regs::RegsError },
+    #[error("vCPU {index} local APIC: {source}")]
+    Lapic { index: u8, source: lapic::LapicError },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Spawn { index: u8, source: std::io::Error },
+}
+
+/// Why the VM stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExitReason {
+    /// The guest reset or powered off the machine (i8042 reset, triple fault, PSCI-like
+    /// system event): a normal end, exit code 0.
+    GuestReset,
+    /// A vCPU met something it cannot continue from.
+    Error(String),
+}
+
+/// Collects the first reason any part of the VM gives for stopping and wakes the event loop.
+pub struct ExitSignal {
+    evt: EventFd,
+    reason: Mutex<Option<VmExitReason>>,
+}
+
+impl ExitSignal {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })
+    }
+
+    pub fn report(&self, reason: VmExitReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        drop(slot);
+        if let Err(e) = self.evt.write(1) {
+            log::error!("cannot wake the event loop for a VM exit: {e}");
+        }
+    }
+
+    pub fn reason(&self) -> Option<VmExitReason> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn event_fd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio_bus: Bus,
+    mmio_bus: Bus,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8, pio_bus: Bus, mmio_bus: Bus) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Self {
+            index,
+            fd,
+            pio_bus,
+            mmio_bus,
+        })
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets CPUID, boot MSRs, registers for the 64-bit entry at `entry`, FPU and LAPIC LINTs,
+    /// in this order (CPUID first: KVM checks MSRs and XSAVE state against it).
+    pub fn configure_for_boot(
+        &self,
+        mem: &GuestMemoryMmap,
+        supported_cpuid: &CpuId,
+        topology: Topology,
+        tsc_deadline: bool,
+        entry: u64,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::normalize(&mut cpuid, topology, tsc_deadline);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::SetCpuid { index, source })?;
+        msr::set_boot_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
+        let regs_err = |source| VcpuError::Regs { index, source };
+        regs::setup_regs(&self.fd, entry).map_err(regs_err)?;
+        regs::setup_fpu(&self.fd).map_err(regs_err)?;
+        regs::setup_sregs(mem, &self.fd).map_err(regs_err)?;
+        lapic::set_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })
+    }
+
+    /// Starts the vCPU's thread. It runs until the VM stops (reported to `exit`) or `stop`
+    /// is set and the thread is kicked.
+    pub fn start(
+        self,
+        stop: Arc<AtomicBool>,
+        exit: Arc<ExitSignal>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("fc_vcpu {index}"))
+            .spawn(move || self.run(&stop, &exit))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run(mut self, stop: &AtomicBool, exit: &ExitSignal) {
+        KVM_RUN.with(|ptr| ptr.set(self.fd.get_kvm_run() as *mut kvm_run));
+        while !stop.load(Ordering::Acquire) {
+            match self.run_once() {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    exit.report(reason);
+                    break;
+                }
+                Err(e) => {
+                    exit.report(VmExitReason::Error(format!("vCPU {}: {e}", self.index)));
+                    break;
+                }
+            }
+        }
+        KVM_RUN.with(|ptr| ptr.set(std::ptr::null_mut()));
+    }
+
+    /// One KVM_RUN and the handling of its exit; Some(reason) when the VM must stop.
+    fn run_once(&mut self) -> Result<Option<VmExitReason>, String> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio_bus.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                Ok(None)
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio_bus.write(u64::from(port), data);
+                Ok(None)
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio_bus.read(addr, data) {
+                    data.fill(0xff);
+                }
+                Ok(None)
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio_bus.write(addr, data);
+                Ok(None)
+            }
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
+                log::info!("vCPU {index} stopped: the guest shut the machine down");
+                Ok(Some(VmExitReason::GuestReset))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    Ok(Some(VmExitReason::GuestReset))
+                }
+                other => Err(format!("unexpected system event {other}")),
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(
+                "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on CPU {cpu}"
+            )),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Err(format!(
+                    "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}): KVM could not emulate the guest's instruction"
+                ))
+            }
+            Ok(other) => Err(format!("unhandled KVM exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Ok(None)
+            }
+            Err(e) => Err(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}
+
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Interrupts KVM_RUN so that the thread sees the stop flag.
+    pub fn kick(&self) {
+        if self.thread.is_finished() {
+            return;
+        }
+        if let Err(e) = self.thread.kill(kick_signal()) {
+            log::warn!("cannot signal a vCPU thread: {e}");
+        }
+    }
+
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+thread_local! {
+    /// The running vCPU's kvm_run page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Setting immediate_exit makes a KVM_RUN that is about to start return EINTR at once, so a
+    // kick that lands between the stop-flag check and KVM_RUN is not lost.
+    KVM_RUN.with(|ptr| {
+        let run = ptr.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is set by this thread to its vCPU's kvm_run mapping and reset
+            // to null before the mapping can go away; a signal handler runs on this thread.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler);
+    });
+    result
+}

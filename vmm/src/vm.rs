@@ -1,0 +1,88 @@
+//! The KVM VM: in-kernel interrupt controllers, PIT, TSS and guest memory slots.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::KVM_TSS_ADDRESS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM_CREATE_VM failed: {0}")]
+    Create(kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    SetTss(kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP failed: {0}")]
+    CreateIrqChip(kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2 failed: {0}")]
+    CreatePit(kvm_ioctls::Error),
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} ({size:#x} bytes at {guest_addr:#x}) failed: {source}")]
+    SetMemoryRegion {
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
+    RegisterIrqfd { gsi: u32, source: kvm_ioctls::Error },
+}
+
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM with its interrupt controllers (PIC, IOAPIC) and PIT; these must exist
+    /// before any vCPU.
+    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(VmError::SetTss)?;
+        fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(VmError::CreatePit)?;
+        Ok(Self { fd })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Gives every region of `mem` to KVM, one slot each.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let slot = slot as u32;
+            let guest_addr = region.start_addr().0;
+            let size = region.len();
+            let host_addr = region.as_ptr() as u64;
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: guest_addr,
+                memory_size: size,
+                userspace_addr: host_addr,
+            };
+            // SAFETY: the region is a live mapping of `size` bytes owned by `mem`, which the
+            // caller keeps alive for as long as the VM runs (the Vmm owns both).
+            unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| {
+                VmError::SetMemoryRegion {
+                    slot,
+                    guest_addr,
+                    size,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::RegisterIrqfd { gsi, source })
+    }
+}
