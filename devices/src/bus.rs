@@ -13,7 +13,9 @@ pub trait BusDevice: Send {
 pub enum BusError {
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
     InvalidRange { base: u64, len: u64 },
-    #[error("bus range {base:#x}+{len:#x} overlaps a device already at {other_base:#x}+{other_len:#x}")]
+    #[error(
+        "bus range {base:#x}+{len:#x} overlaps a device already at {other_base:#x}+{other_len:#x}"
+    )]
     Overlap {
         base: u64,
         len: u64,
@@ -88,7 +90,9 @@ impl Bus {
 /// A device whose lock was poisoned by a panicking vCPU thread still holds consistent
 /// register state (every access completes before it returns), so keep serving it.
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -143,7 +147,10 @@ mod tests {
         bus.insert(recorder(0), 0x1000, 0x1000).unwrap();
         assert!(matches!(
             bus.insert(recorder(0), 0x1fff, 1),
-            Err(BusError::Overlap { other_base: 0x1000, .. })
+            Err(BusError::Overlap {
+                other_base: 0x1000,
+                ..
+            })
         ));
         assert!(matches!(
             bus.insert(recorder(0), 0x800, 0x801),

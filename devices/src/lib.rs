@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod trigger;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use trigger::EventFdTrigger;

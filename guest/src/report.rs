@@ -84,7 +84,10 @@ mod tests {
 
     #[test]
     fn meminfo() {
-        assert_eq!(mem_total_kib("MemTotal:         116412 kB\nMemFree: 1 kB\n"), Some(116412));
+        assert_eq!(
+            mem_total_kib("MemTotal:         116412 kB\nMemFree: 1 kB\n"),
+            Some(116412)
+        );
         assert_eq!(mem_total_kib("MemFree: 1 kB\n"), None);
     }
 

@@ -23,11 +23,23 @@ impl ExitAction {
 
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) {
     let _ = std::fs::create_dir_all(target);
-    let (Ok(src), Ok(tgt), Ok(fs)) = (CString::new(source), CString::new(target), CString::new(fstype)) else {
+    let (Ok(src), Ok(tgt), Ok(fs)) = (
+        CString::new(source),
+        CString::new(target),
+        CString::new(fstype),
+    ) else {
         return;
     };
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data.
-    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), flags, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fs.as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         // Already mounted (devtmpfs by the kernel) is fine.
@@ -42,8 +54,18 @@ pub fn mount_kernel_filesystems() {
     mount("proc", "/proc", "proc", nodev);
     mount("sysfs", "/sys", "sysfs", nodev);
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID);
-    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC);
-    mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV);
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+    );
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+    );
     mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV);
     mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV);
 }
@@ -79,7 +101,10 @@ pub fn reboot() -> ! {
         libc::reboot(libc::RB_AUTOBOOT);
     }
     // reboot only returns on error; init must not exit.
-    eprintln!("reapvm-agent: reboot failed: {}", std::io::Error::last_os_error());
+    eprintln!(
+        "reapvm-agent: reboot failed: {}",
+        std::io::Error::last_os_error()
+    );
     reap_forever()
 }
 
@@ -103,8 +128,14 @@ mod tests {
 
     #[test]
     fn exit_action_from_cmdline() {
-        assert_eq!(ExitAction::from_cmdline("console=ttyS0 reapvm.exit=reboot"), ExitAction::Reboot);
+        assert_eq!(
+            ExitAction::from_cmdline("console=ttyS0 reapvm.exit=reboot"),
+            ExitAction::Reboot
+        );
         assert_eq!(ExitAction::from_cmdline("console=ttyS0"), ExitAction::Stay);
-        assert_eq!(ExitAction::from_cmdline("reapvm.exit=stay quiet"), ExitAction::Stay);
+        assert_eq!(
+            ExitAction::from_cmdline("reapvm.exit=stay quiet"),
+            ExitAction::Stay
+        );
     }
 }

@@ -37,14 +37,14 @@ trap 'exit 130' INT TERM
   env | grep -E '^(REAPVM|RUST|CARGO)[A-Z0-9_]*=' | while IFS='=' read -r k v; do
     printf 'export %s=%q\n' "$k" "$v"
   done
-  echo "export REAPVM_IN_LAB=1"
+  echo "export REAPVM_IN_LAB=1 HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   printf 'exec'; printf ' %q' "$@"; echo
 } > "$run/cmd.sh"
 : > "$run/output.log"
 
-qemu-system-x86_64 -machine q35 -accel tcg,thread=multi -cpu EPYC -m "$mem" -smp "$cpus" \
+qemu-system-x86_64 -machine q35 -accel "tcg,thread=${REAPVM_LAB_TCG_THREAD:-multi}" -cpu EPYC -m "$mem" -smp "$cpus" \
   -kernel "$lab/vmlinuz" -initrd "$lab/initrd.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run" \
+  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run ${REAPVM_LAB_KERNEL_ARGS:-}" \
   -display none -monitor none -nic none -no-reboot \
   -serial "file:$run/console.log" \
   -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \

@@ -1,1 +1,7 @@
+//! reapvm's snapshot files. Every file starts with a self-describing envelope (magic, format
+//! version, payload length) and ends with a CRC-64 of everything before it, so a truncated,
+//! corrupted, foreign or newer file is refused with a precise reason before it is used.
 
+pub mod envelope;
+
+pub use envelope::{decode, encode, write_atomic, EnvelopeError};

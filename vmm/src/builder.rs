@@ -148,14 +148,15 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     let reset_evt = event_fd("the i8042 reset line")?;
     let kbd_irq = event_fd("the keyboard interrupt")?;
     vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
-    let reset_trigger = EventFdTrigger::new(
-        reset_evt
-            .try_clone()
-            .map_err(|source| BuildError::EventFd {
-                what: "the i8042 reset line",
-                source,
-            })?,
-    );
+    let reset_trigger =
+        EventFdTrigger::new(
+            reset_evt
+                .try_clone()
+                .map_err(|source| BuildError::EventFd {
+                    what: "the i8042 reset line",
+                    source,
+                })?,
+        );
     let i8042 = Arc::new(Mutex::new(I8042Device::new(
         reset_trigger,
         EventFdTrigger::new(kbd_irq),
@@ -195,7 +196,12 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         }
         None => None,
     };
-    let params = boot_params::build(ram_size, kernel.setup_header, cmdline_size, initrd_placement)?;
+    let params = boot_params::build(
+        ram_size,
+        kernel.setup_header,
+        cmdline_size,
+        initrd_placement,
+    )?;
     boot_params::write(&guest_memory, &params)?;
     mptable::setup_mptable(&guest_memory, vcpu_count)?;
 

@@ -222,14 +222,20 @@ mod tests {
         cfg.validate(HOST).unwrap();
         assert_eq!(cfg.vcpu_count(), 2);
         assert_eq!(cfg.mem_size_bytes(), 1 << 30);
-        assert_eq!(cfg.boot_source.unwrap().boot_args(), "console=ttyS0 reboot=k");
+        assert_eq!(
+            cfg.boot_source.unwrap().boot_args(),
+            "console=ttyS0 reboot=k"
+        );
     }
 
     #[test]
     fn defaults_match_firecracker() {
         let cfg = parse(r#"{"boot-source": {"kernel_image_path": "k"}}"#).unwrap();
         cfg.validate(HOST).unwrap();
-        assert_eq!((cfg.vcpu_count(), cfg.machine_config.mem_size_mib), (1, 128));
+        assert_eq!(
+            (cfg.vcpu_count(), cfg.machine_config.mem_size_mib),
+            (1, 128)
+        );
         assert_eq!(cfg.boot_source.unwrap().boot_args(), DEFAULT_BOOT_ARGS);
     }
 
@@ -252,11 +258,23 @@ mod tests {
             cfg.machine_config.smt = smt;
             cfg.validate(HOST)
         };
-        assert!(matches!(with(0, 128, false), Err(ConfigError::VcpuCount(0))));
-        assert!(matches!(with(33, 128, false), Err(ConfigError::VcpuCount(33))));
-        assert!(matches!(with(3, 128, true), Err(ConfigError::SmtOddVcpus(3))));
+        assert!(matches!(
+            with(0, 128, false),
+            Err(ConfigError::VcpuCount(0))
+        ));
+        assert!(matches!(
+            with(33, 128, false),
+            Err(ConfigError::VcpuCount(33))
+        ));
+        assert!(matches!(
+            with(3, 128, true),
+            Err(ConfigError::SmtOddVcpus(3))
+        ));
         assert!(with(32, 128, false).is_ok());
-        assert!(matches!(with(1, 8, false), Err(ConfigError::MemoryTooSmall(8))));
+        assert!(matches!(
+            with(1, 8, false),
+            Err(ConfigError::MemoryTooSmall(8))
+        ));
         assert!(matches!(
             with(1, 16 << 10, false),
             Err(ConfigError::MemoryTooLarge { host_mib: 8192, .. })
@@ -269,8 +287,14 @@ mod tests {
             r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "rootfs"}]}"#,
         )
         .unwrap();
-        assert!(matches!(cfg.validate(HOST), Err(ConfigError::Unsupported("drives"))));
+        assert!(matches!(
+            cfg.validate(HOST),
+            Err(ConfigError::Unsupported("drives"))
+        ));
         let cfg = parse(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#).unwrap();
-        assert!(matches!(cfg.validate(HOST), Err(ConfigError::MissingBootSource)));
+        assert!(matches!(
+            cfg.validate(HOST),
+            Err(ConfigError::MissingBootSource)
+        ));
     }
 }

@@ -54,7 +54,10 @@ impl MutEventSubscriber for StdinToSerial {
         if taken < self.pending.len() {
             // The guest is not reading its console; drop what does not fit rather than
             // buffer without bound.
-            log::debug!("serial receive FIFO full, dropping {} bytes of input", self.pending.len() - taken);
+            log::debug!(
+                "serial receive FIFO full, dropping {} bytes of input",
+                self.pending.len() - taken
+            );
         }
         self.pending.clear();
     }

@@ -181,7 +181,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("reapvm-loader-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
-        std::fs::File::create(&path).unwrap().write_all(content).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(content)
+            .unwrap();
         let file = File::open(&path).unwrap();
         (path, file)
     }
@@ -209,7 +212,11 @@ mod tests {
         assert_eq!(placed.size, 5000);
         assert_eq!(placed.addr % PAGE_SIZE, 0);
         assert!(placed.addr + placed.size <= 32 << 20);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(placed.addr + 4999)).unwrap(), 7);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(placed.addr + 4999))
+                .unwrap(),
+            7
+        );
 
         let (path, mut file) = temp_file("huge", &vec![0u8; 2 << 20]);
         assert!(matches!(
@@ -225,7 +232,8 @@ mod tests {
         let len = load_cmdline(&mem, &cmdline).unwrap();
         assert_eq!(len, "console=ttyS0 reboot=k".len() + 1);
         let mut buf = vec![0u8; len];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"console=ttyS0 reboot=k\0");
         assert!(build_cmdline(&"x".repeat(CMDLINE_MAX_SIZE + 1)).is_err());
     }

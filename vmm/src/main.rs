@@ -19,12 +19,21 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { exit_code::ARG_PARSING } else { exit_code::OK };
+            let code = if e.use_stderr() {
+                exit_code::ARG_PARSING
+            } else {
+                exit_code::OK
+            };
             let _ = e.print();
             return ExitCode::from(code as u8);
         }
     };
-    let config = match cli.config_file.as_deref().map(VmConfig::from_file).transpose() {
+    let config = match cli
+        .config_file
+        .as_deref()
+        .map(VmConfig::from_file)
+        .transpose()
+    {
         Ok(config) => config,
         Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
     };
@@ -41,7 +50,10 @@ fn main() -> ExitCode {
         .as_ref()
         .and_then(|l| l.log_path.clone())
         .or_else(|| cli.log_path.clone());
-    let show_level = logger_config.as_ref().and_then(|l| l.show_level).unwrap_or(cli.show_level);
+    let show_level = logger_config
+        .as_ref()
+        .and_then(|l| l.show_level)
+        .unwrap_or(cli.show_level);
     let show_origin = logger_config
         .as_ref()
         .and_then(|l| l.show_log_origin)
@@ -90,7 +102,9 @@ fn main() -> ExitCode {
             log::info!("the guest reset; exiting");
             ExitCode::from(exit_code::OK as u8)
         }
-        Ok(VmExitReason::Error(e)) => fail(exit_code::GENERIC_ERROR, format!("the VM stopped: {e}")),
+        Ok(VmExitReason::Error(e)) => {
+            fail(exit_code::GENERIC_ERROR, format!("the VM stopped: {e}"))
+        }
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
     }
 }

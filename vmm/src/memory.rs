@@ -20,7 +20,10 @@ pub fn ram_ranges(ram_size: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(RAM_ABOVE_GAP_START), (ram_size - MMIO_GAP_START) as usize),
+            (
+                GuestAddress(RAM_ABOVE_GAP_START),
+                (ram_size - MMIO_GAP_START) as usize,
+            ),
         ]
     }
 }

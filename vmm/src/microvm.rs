@@ -81,10 +81,7 @@ impl MicroVm {
         let done = Arc::new(AtomicBool::new(false));
         let mut event_manager =
             EventManager::<Subscriber>::new().map_err(RunError::EventManager)?;
-        let reset_evt = self
-            .reset_evt
-            .try_clone()
-            .map_err(RunError::CloneEventFd)?;
+        let reset_evt = self.reset_evt.try_clone().map_err(RunError::CloneEventFd)?;
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             exit: self.exit.clone(),
             reset_evt,
@@ -104,10 +101,9 @@ impl MicroVm {
         };
         self.stop_vcpus();
         result?;
-        Ok(self
-            .exit
-            .reason()
-            .unwrap_or(VmExitReason::Error("the VM stopped without a reason".into())))
+        Ok(self.exit.reason().unwrap_or(VmExitReason::Error(
+            "the VM stopped without a reason".into(),
+        )))
     }
 
     fn stop_vcpus(&mut self) {

@@ -267,7 +267,10 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
         dev.write(DATA_OFFSET, &[0x45]);
         dev.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
-        assert_eq!(read(&mut dev, COMMAND_OFFSET) & SR_OUTPUT_FULL, SR_OUTPUT_FULL);
+        assert_eq!(
+            read(&mut dev, COMMAND_OFFSET) & SR_OUTPUT_FULL,
+            SR_OUTPUT_FULL
+        );
         assert_eq!(read(&mut dev, DATA_OFFSET), 0x45);
         assert_eq!(read(&mut dev, COMMAND_OFFSET) & SR_OUTPUT_FULL, 0);
     }

@@ -5,8 +5,8 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    CMDLINE_START, HIMEM_START, MMIO_GAP_START, MPTABLE_START, RAM_ABOVE_GAP_START,
-    SYSTEM_MEM_END, ZERO_PAGE_START,
+    CMDLINE_START, HIMEM_START, MMIO_GAP_START, MPTABLE_START, RAM_ABOVE_GAP_START, SYSTEM_MEM_END,
+    ZERO_PAGE_START,
 };
 
 pub const E820_RAM: u32 = 1;
@@ -40,10 +40,18 @@ pub fn e820_map(ram_size: u64) -> Result<Vec<boot_e820_entry>, BootParamsError> 
         entry(0, MPTABLE_START, E820_RAM),
         entry(MPTABLE_START, SYSTEM_MEM_END - MPTABLE_START, E820_RESERVED),
         entry(HIMEM_START, low_end - HIMEM_START, E820_RAM),
-        entry(MMIO_GAP_START, RAM_ABOVE_GAP_START - MMIO_GAP_START, E820_RESERVED),
+        entry(
+            MMIO_GAP_START,
+            RAM_ABOVE_GAP_START - MMIO_GAP_START,
+            E820_RESERVED,
+        ),
     ];
     if ram_size > MMIO_GAP_START {
-        map.push(entry(RAM_ABOVE_GAP_START, ram_size - MMIO_GAP_START, E820_RAM));
+        map.push(entry(
+            RAM_ABOVE_GAP_START,
+            ram_size - MMIO_GAP_START,
+            E820_RAM,
+        ));
     }
     Ok(map)
 }
@@ -98,7 +106,10 @@ mod tests {
     use super::*;
 
     fn ram_in(map: &[boot_e820_entry]) -> u64 {
-        map.iter().filter(|e| e.r#type == E820_RAM).map(|e| e.size).sum()
+        map.iter()
+            .filter(|e| e.r#type == E820_RAM)
+            .map(|e| e.size)
+            .sum()
     }
 
     #[test]
@@ -106,7 +117,10 @@ mod tests {
         let map = e820_map(128 << 20).unwrap();
         assert_eq!(map.len(), 4);
         assert_eq!((map[0].addr, map[0].size), (0, 0x9fc00));
-        assert_eq!((map[2].addr, map[2].size), (0x10_0000, (128 << 20) - 0x10_0000));
+        assert_eq!(
+            (map[2].addr, map[2].size),
+            (0x10_0000, (128 << 20) - 0x10_0000)
+        );
         assert_eq!(ram_in(&map), (128 << 20) - (0x10_0000 - 0x9fc00));
     }
 
@@ -114,7 +128,10 @@ mod tests {
     fn ram_beyond_the_gap_continues_at_4_gib() {
         let map = e820_map(4 << 30).unwrap();
         let high = map.last().unwrap();
-        assert_eq!((high.addr, high.size, high.r#type), (1 << 32, 1 << 30, E820_RAM));
+        assert_eq!(
+            (high.addr, high.size, high.r#type),
+            (1 << 32, 1 << 30, E820_RAM)
+        );
         assert_eq!(map[2].addr + map[2].size, 0xc000_0000);
     }
 
@@ -131,12 +148,18 @@ mod tests {
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.cmd_line_ptr }, 0x20000);
         assert_eq!({ hdr.cmdline_size }, 42);
-        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x7f0_0000, 0x1234));
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x7f0_0000, 0x1234)
+        );
         assert_eq!(p.e820_entries, 4);
     }
 
     #[test]
     fn tiny_ram_is_refused() {
-        assert!(matches!(e820_map(0x8_0000), Err(BootParamsError::RamTooSmall(_))));
+        assert!(matches!(
+            e820_map(0x8_0000),
+            Err(BootParamsError::RamTooSmall(_))
+        ));
     }
 }

@@ -143,8 +143,15 @@ pub fn normalize(cpuid: &mut CpuId, topo: Topology, tsc_deadline: bool) {
             _ => {}
         }
     }
-    if vendor == Vendor::Amd && !cpuid.as_slice().iter().any(|e| e.function == LEAF_EXT_APIC_AMD) {
-        log::debug!("cpuid: KVM does not report leaf 0x8000001e; topology from leaf 0x80000008 only");
+    if vendor == Vendor::Amd
+        && !cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == LEAF_EXT_APIC_AMD)
+    {
+        log::debug!(
+            "cpuid: KVM does not report leaf 0x8000001e; topology from leaf 0x80000008 only"
+        );
     }
 }
 
@@ -229,9 +236,17 @@ mod tests {
         assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
         let l1d = find(&cpuid, 4, 0);
-        assert_eq!((l1d.eax >> 14) & 0xfff, 1, "L1 shared by the 2 threads of a core");
+        assert_eq!(
+            (l1d.eax >> 14) & 0xfff,
+            1,
+            "L1 shared by the 2 threads of a core"
+        );
         assert_eq!(l1d.eax >> 26, 1, "2 cores");
-        assert_eq!((find(&cpuid, 4, 3).eax >> 14) & 0xfff, 3, "L3 shared by all 4");
+        assert_eq!(
+            (find(&cpuid, 4, 3).eax >> 14) & 0xfff,
+            3,
+            "L3 shared by all 4"
+        );
         assert_eq!(find(&cpuid, 0xa, 0).eax, 0, "no PMU");
         let smt = find(&cpuid, 0xb, 0);
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, 1));
@@ -294,9 +309,6 @@ mod tests {
 
     #[test]
     fn bits_needed() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 32].map(bits_for),
-            [0, 1, 2, 2, 3, 5]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 32].map(bits_for), [0, 1, 2, 2, 3, 5]);
     }
 }

@@ -74,7 +74,10 @@ mod tests {
         let seg = kvm_segment_from_gdt(BOOT_GDT[CODE_INDEX as usize], CODE_INDEX);
         assert_eq!(seg.selector, 0x08);
         assert_eq!(seg.type_, 0xb, "execute/read, accessed");
-        assert_eq!((seg.present, seg.dpl, seg.s, seg.l, seg.db, seg.g), (1, 0, 1, 1, 0, 1));
+        assert_eq!(
+            (seg.present, seg.dpl, seg.s, seg.l, seg.db, seg.g),
+            (1, 0, 1, 1, 0, 1)
+        );
         assert_eq!(seg.limit, 0xffff_ffff);
         assert_eq!(seg.base, 0);
         assert_eq!(seg.unusable, 0);
@@ -83,7 +86,10 @@ mod tests {
     #[test]
     fn data_and_tss_segments() {
         let data = kvm_segment_from_gdt(BOOT_GDT[DATA_INDEX as usize], DATA_INDEX);
-        assert_eq!((data.selector, data.type_, data.db, data.l), (0x10, 0x3, 1, 0));
+        assert_eq!(
+            (data.selector, data.type_, data.db, data.l),
+            (0x10, 0x3, 1, 0)
+        );
         let tss = kvm_segment_from_gdt(BOOT_GDT[TSS_INDEX as usize], TSS_INDEX);
         assert_eq!((tss.selector, tss.type_, tss.s), (0x18, 0xb, 0));
         let null = kvm_segment_from_gdt(BOOT_GDT[0], 0);

@@ -35,9 +35,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn set_lint(vcpu: &VcpuFd) -> Result<(), LapicError> {
     let mut state = vcpu.get_lapic().map_err(LapicError::Get)?;
     let lvt0 = read_reg(&state, APIC_LVT0);
-    write_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    write_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = read_reg(&state, APIC_LVT1);
-    write_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    write_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&state).map_err(LapicError::Set)
 }
 
@@ -47,7 +55,10 @@ mod tests {
 
     #[test]
     fn delivery_mode_replaces_only_bits_8_to_10() {
-        assert_eq!(with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT), 0x0001_0700);
+        assert_eq!(
+            with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
+            0x0001_0700
+        );
         assert_eq!(with_delivery_mode(0x0001_07ff, APIC_MODE_NMI), 0x0001_04ff);
     }
 

@@ -3,7 +3,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_ADDR, IOAPIC_ADDR, IOAPIC_PINS, MAX_VCPUS, MPTABLE_START, SYSTEM_MEM_END};
+use super::layout::{
+    APIC_ADDR, IOAPIC_ADDR, IOAPIC_PINS, MAX_VCPUS, MPTABLE_START, SYSTEM_MEM_END,
+};
 
 const FLOATING_POINTER_LEN: usize = 16;
 const HEADER_LEN: usize = 44;
@@ -35,7 +37,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |sum, b| sum.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the floating pointer followed by the configuration table, for a table placed at
@@ -64,7 +69,16 @@ pub fn build(vcpu_count: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     count += 1;
     for pin in 0..IOAPIC_PINS {
         // Bus 0, ISA IRQ `pin`, to the same IOAPIC pin; polarity and trigger as the bus says.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, IRQ_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            IRQ_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         count += 1;
     }
     // The PIC's output on LINT0 of every local APIC, NMIs on LINT1 of all of them.
@@ -140,7 +154,10 @@ mod tests {
                 .filter(|e| e[0] == ENTRY_PROCESSOR)
                 .count();
             assert_eq!(processors, n as usize);
-            assert_eq!(table[HEADER_LEN + 3] & CPU_BOOT_PROCESSOR, CPU_BOOT_PROCESSOR);
+            assert_eq!(
+                table[HEADER_LEN + 3] & CPU_BOOT_PROCESSOR,
+                CPU_BOOT_PROCESSOR
+            );
         }
     }
 

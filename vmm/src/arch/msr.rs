@@ -26,7 +26,11 @@ pub enum MsrError {
     #[error("KVM_SET_MSRS failed: {0}")]
     Set(kvm_ioctls::Error),
     #[error("KVM_SET_MSRS set {set} of {wanted} boot MSRs; MSR {index:#x} was refused")]
-    Partial { set: usize, wanted: usize, index: u32 },
+    Partial {
+        set: usize,
+        wanted: usize,
+        index: u32,
+    },
 }
 
 pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {

@@ -63,7 +63,12 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
     vcpu.set_fpu(&fpu).map_err(RegsError::SetFpu)
 }
 
-fn write_u64(mem: &GuestMemoryMmap, what: &'static str, addr: u64, value: u64) -> Result<(), RegsError> {
+fn write_u64(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    addr: u64,
+    value: u64,
+) -> Result<(), RegsError> {
     mem.write_obj(value, GuestAddress(addr))
         .map_err(|source| RegsError::WriteMemory { what, addr, source })
 }
@@ -98,7 +103,12 @@ fn setup_page_tables(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(),
     write_u64(mem, "PML4", PML4_START, PDPTE_START | PAGE_PRESENT_RW)?;
     write_u64(mem, "PDPT", PDPTE_START, PDE_START | PAGE_PRESENT_RW)?;
     for i in 0..512u64 {
-        write_u64(mem, "PD", PDE_START + i * 8, (i << 21) | PAGE_PRESENT_RW_HUGE)?;
+        write_u64(
+            mem,
+            "PD",
+            PDE_START + i * 8,
+            (i << 21) | PAGE_PRESENT_RW_HUGE,
+        )?;
     }
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
@@ -145,18 +155,26 @@ mod tests {
         let mut sregs = kvm_sregs::default();
         setup_gdt(&mem, &mut sregs).unwrap();
         for (i, entry) in BOOT_GDT.iter().enumerate() {
-            let got: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 8 * i as u64)).unwrap();
+            let got: u64 = mem
+                .read_obj(GuestAddress(BOOT_GDT_START + 8 * i as u64))
+                .unwrap();
             assert_eq!(got, *entry);
         }
         assert_eq!((sregs.gdt.base, sregs.gdt.limit), (0x500, 31));
         assert_eq!((sregs.idt.base, sregs.idt.limit), (0x520, 7));
-        assert_eq!((sregs.cs.selector, sregs.ss.selector, sregs.tr.selector), (8, 0x10, 0x18));
+        assert_eq!(
+            (sregs.cs.selector, sregs.ss.selector, sregs.tr.selector),
+            (8, 0x10, 0x18)
+        );
     }
 
     #[test]
     fn entry_registers() {
         let regs = boot_regs(0x100_0000);
-        assert_eq!((regs.rip, regs.rsi, regs.rsp, regs.rbp), (0x100_0000, 0x7000, 0x8ff0, 0x8ff0));
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rsp, regs.rbp),
+            (0x100_0000, 0x7000, 0x8ff0, 0x8ff0)
+        );
         assert_eq!(regs.rflags, 2);
     }
 }

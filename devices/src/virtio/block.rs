@@ -1,0 +1,666 @@
+//! virtio-block backed by a host file: read, write, flush, get-id; read-only drives answer
+//! writes with an I/O error. Every request is checked (directions, lengths, bounds); a bad
+//! request fails alone, with an error status when it has a status byte.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK};
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+const ID_BYTES: usize = 20;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const REQ_IN: u32 = 0;
+const REQ_OUT: u32 = 1;
+const REQ_FLUSH: u32 = 4;
+const REQ_GET_ID: u32 = 8;
+const STATUS_OK: u8 = 0;
+const STATUS_IOERR: u8 = 1;
+const STATUS_UNSUPP: u8 = 2;
+const HEADER_LEN: usize = 16;
+/// Largest single copy between the file and guest memory.
+const CHUNK: usize = 256 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open drive {id} at {path}: {source}")]
+    Open {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("drive {id} at {path}: its size {size} is not a multiple of {SECTOR_SIZE} bytes")]
+    Size {
+        id: String,
+        path: PathBuf,
+        size: u64,
+    },
+    #[error("cannot create the activation event of drive {0}: {1}")]
+    Event(String, std::io::Error),
+}
+
+/// Why a request failed; decides the status byte.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("request has no writable status byte; dropped")]
+    NoStatus,
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("{len} bytes at sector {sector} lie past the end of the drive")]
+    OutOfRange { sector: u64, len: u64 },
+    #[error("write to a read-only drive")]
+    ReadOnly,
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    #[error("I/O error: {0}")]
+    Io(std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue: Queue,
+    queue_evt: EventFd,
+    registered: bool,
+}
+
+pub struct Block {
+    id: String,
+    path: PathBuf,
+    file: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    buffer: Vec<u8>,
+}
+
+impl Block {
+    pub fn new(id: &str, path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                id: id.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                id: id.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size {
+                id: id.to_string(),
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        Ok(Self {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            file,
+            read_only,
+            capacity_sectors: size / SECTOR_SIZE,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| BlockError::Event(id.to_string(), e))?,
+            active: None,
+            buffer: Vec::new(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn config_space(&self) -> [u8; 8] {
+        self.capacity_sectors.to_le_bytes()
+    }
+
+    /// Serves every available request; returns whether the driver must be interrupted.
+    fn process_queue(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let mut used_any = false;
+        loop {
+            if let Err(e) = active.queue.disable_notification(&mem) {
+                log::error!("virtio-block {}: queue unusable: {e}", self.id);
+                return used_any;
+            }
+            while let Some(chain) = active.queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let len = serve_request(
+                    &self.file,
+                    self.read_only,
+                    self.capacity_sectors,
+                    &self.id,
+                    &mut self.buffer,
+                    &mem,
+                    chain,
+                );
+                if let Err(e) = active.queue.add_used(&mem, head, len) {
+                    log::error!(
+                        "virtio-block {}: cannot return descriptor {head}: {e}",
+                        self.id
+                    );
+                }
+                used_any = true;
+            }
+            match active.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::error!("virtio-block {}: queue unusable: {e}", self.id);
+                    break;
+                }
+            }
+        }
+        used_any && active.queue.needs_notification(&mem).unwrap_or(true)
+    }
+}
+
+/// Parses and executes one request; returns the number of bytes written to the guest.
+fn serve_request(
+    file: &File,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: &str,
+    buffer: &mut Vec<u8>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let (mut reader, mut writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain))
+    {
+        (Ok(r), Ok(w)) => (r, w),
+        _ => {
+            log::warn!("virtio-block {id}: request with descriptors outside guest memory dropped");
+            return 0;
+        }
+    };
+    let writable = writer.available_bytes();
+    if writable == 0 {
+        log::warn!("virtio-block {id}: {}", RequestError::NoStatus);
+        return 0;
+    }
+    let mut status_writer = match writer.split_at(writable - 1) {
+        Ok(s) => s,
+        Err(_) => return 0,
+    };
+    let (status, data_len) = match execute(
+        file,
+        read_only,
+        capacity_sectors,
+        id,
+        buffer,
+        &mut reader,
+        &mut writer,
+    ) {
+        Ok(n) => (STATUS_OK, n),
+        Err(e) => {
+            log::debug!("virtio-block {id}: {e}");
+            let status = match e {
+                RequestError::Unsupported(_) => STATUS_UNSUPP,
+                _ => STATUS_IOERR,
+            };
+            (status, 0)
+        }
+    };
+    if status_writer.write_all(&[status]).is_err() {
+        return 0;
+    }
+    (data_len + 1) as u32
+}
+
+fn check_range(sector: u64, len: u64, capacity_sectors: u64) -> Result<u64, RequestError> {
+    if len % SECTOR_SIZE != 0 {
+        return Err(RequestError::Malformed(
+            "data length is not a multiple of 512",
+        ));
+    }
+    let end = sector
+        .checked_add(len / SECTOR_SIZE)
+        .ok_or(RequestError::OutOfRange { sector, len })?;
+    if end > capacity_sectors {
+        return Err(RequestError::OutOfRange { sector, len });
+    }
+    Ok(sector * SECTOR_SIZE)
+}
+
+fn execute(
+    file: &File,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: &str,
+    buffer: &mut Vec<u8>,
+    reader: &mut Reader<'_, ()>,
+    writer: &mut Writer<'_, ()>,
+) -> Result<usize, RequestError> {
+    let mut header = [0u8; HEADER_LEN];
+    reader
+        .read_exact(&mut header)
+        .map_err(|_| RequestError::Malformed("header shorter than 16 bytes"))?;
+    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    match kind {
+        REQ_IN => {
+            let len = writer.available_bytes();
+            let mut offset = check_range(sector, len as u64, capacity_sectors)?;
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(CHUNK);
+                buffer.resize(n, 0);
+                file.read_exact_at(&mut buffer[..n], offset)
+                    .map_err(RequestError::Io)?;
+                writer.write_all(&buffer[..n]).map_err(RequestError::Io)?;
+                offset += n as u64;
+                left -= n;
+            }
+            Ok(len)
+        }
+        REQ_OUT => {
+            if read_only {
+                return Err(RequestError::ReadOnly);
+            }
+            let len = reader.available_bytes();
+            let mut offset = check_range(sector, len as u64, capacity_sectors)?;
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(CHUNK);
+                buffer.resize(n, 0);
+                reader
+                    .read_exact(&mut buffer[..n])
+                    .map_err(RequestError::Io)?;
+                file.write_all_at(&buffer[..n], offset)
+                    .map_err(RequestError::Io)?;
+                offset += n as u64;
+                left -= n;
+            }
+            Ok(0)
+        }
+        REQ_FLUSH => {
+            if !read_only {
+                file.sync_data().map_err(RequestError::Io)?;
+            }
+            Ok(0)
+        }
+        REQ_GET_ID => {
+            let mut bytes = [0u8; ID_BYTES];
+            let src = id.as_bytes();
+            let n = src.len().min(ID_BYTES);
+            bytes[..n].copy_from_slice(&src[..n]);
+            let room = writer.available_bytes().min(ID_BYTES);
+            writer.write_all(&bytes[..room]).map_err(RequestError::Io)?;
+            Ok(room)
+        }
+        other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn offered_features(&self) -> u64 {
+        let mut features = VIRTIO_BLK_F_FLUSH;
+        if self.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_space();
+        let start = offset as usize;
+        data.fill(0);
+        if let Some(src) = config.get(start..(start + data.len()).min(config.len())) {
+            data[..src.len()].copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!(
+            "virtio-block {}: ignoring config write at {offset:#x}",
+            self.id
+        );
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 1 || ctx.queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                got: ctx.queues.len(),
+                want: 1,
+            });
+        }
+        self.active = Some(Active {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            queue: ctx.queues.remove(0),
+            queue_evt: ctx.queue_evts.remove(0),
+            registered: false,
+        });
+        // The event loop owns epoll: it picks the queue up when this fires.
+        self.activate_evt.write(1).map_err(ActivateError::Event)
+    }
+
+    fn reset(&mut self) {
+        // The queue event is deregistered by the event loop on its next wake-up.
+        self.active = None;
+        let _ = self.activate_evt.write(1);
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            log::error!("virtio-block {}: cannot watch activation: {e}", self.id);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.activate_evt.as_raw_fd() {
+            let _ = self.activate_evt.read();
+            match self.active.as_mut() {
+                Some(active) if !active.registered => {
+                    if let Err(e) = ops.add(Events::new(&active.queue_evt, EventSet::IN)) {
+                        log::error!("virtio-block {}: cannot watch the queue: {e}", self.id);
+                    }
+                    active.registered = true;
+                    // Requests queued before we watched the event.
+                    if self.process_queue() {
+                        self.active
+                            .as_ref()
+                            .expect("active")
+                            .interrupt
+                            .signal_used_queue();
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
+        let Some(active) = self.active.as_ref() else {
+            // Reset: forget the stale queue event.
+            let _ = ops.remove(Events::new_raw(events.fd(), EventSet::IN));
+            return;
+        };
+        if events.fd() != active.queue_evt.as_raw_fd() {
+            let _ = ops.remove(Events::new_raw(events.fd(), EventSet::IN));
+            return;
+        }
+        let _ = active.queue_evt.read();
+        if self.process_queue() {
+            self.active
+                .as_ref()
+                .expect("active")
+                .interrupt
+                .signal_used_queue();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    struct Fixture {
+        mem: GuestMemoryMmap,
+        file: File,
+        path: PathBuf,
+    }
+
+    fn fixture(name: &str, sectors: u64) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("reapvm-blk-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk");
+        let content: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i / SECTOR_SIZE) as u8)
+            .collect();
+        std::fs::write(&path, content).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        Fixture {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
+            file,
+            path,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
+        let flags = if writable {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Runs one request made of `descs`; returns (used length, status byte).
+    fn run(f: &Fixture, read_only: bool, descs: &[RawDescriptor]) -> (u32, u8) {
+        let queue = MockSplitQueue::new(&f.mem, 16);
+        let chain = queue.build_desc_chain(descs).unwrap();
+        let mut buffer = Vec::new();
+        f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let len = serve_request(&f.file, read_only, 8, "rootfs", &mut buffer, &f.mem, chain);
+        (len, f.mem.read_obj(GuestAddress(STATUS)).unwrap())
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let f = fixture("rw", 8);
+        header(&f.mem, REQ_IN, 2);
+        let (len, status) = run(
+            &f,
+            false,
+            &[
+                desc(HDR, 16, false),
+                desc(DATA, 1024, true),
+                desc(STATUS, 1, true),
+            ],
+        );
+        assert_eq!((len, status), (1025, STATUS_OK));
+        assert_eq!(f.mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 2);
+        assert_eq!(f.mem.read_obj::<u8>(GuestAddress(DATA + 512)).unwrap(), 3);
+
+        f.mem.write_slice(&[0xaa; 512], GuestAddress(DATA)).unwrap();
+        header(&f.mem, REQ_OUT, 7);
+        let (len, status) = run(
+            &f,
+            false,
+            &[
+                desc(HDR, 16, false),
+                desc(DATA, 512, false),
+                desc(STATUS, 1, true),
+            ],
+        );
+        assert_eq!((len, status), (1, STATUS_OK));
+        let on_disk = std::fs::read(&f.path).unwrap();
+        assert!(on_disk[7 * 512..].iter().all(|b| *b == 0xaa));
+
+        header(&f.mem, REQ_FLUSH, 0);
+        assert_eq!(
+            run(&f, false, &[desc(HDR, 16, false), desc(STATUS, 1, true)]).1,
+            STATUS_OK
+        );
+
+        header(&f.mem, REQ_GET_ID, 0);
+        let (len, status) = run(
+            &f,
+            false,
+            &[
+                desc(HDR, 16, false),
+                desc(DATA, 20, true),
+                desc(STATUS, 1, true),
+            ],
+        );
+        assert_eq!((len, status), (21, STATUS_OK));
+        let mut id = [0u8; 6];
+        f.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"rootfs");
+    }
+
+    #[test]
+    fn bad_requests_fail_alone() {
+        let f = fixture("bad", 8);
+        // Past the end of the disk.
+        header(&f.mem, REQ_IN, 7);
+        let r = run(
+            &f,
+            false,
+            &[
+                desc(HDR, 16, false),
+                desc(DATA, 1024, true),
+                desc(STATUS, 1, true),
+            ],
+        );
+        assert_eq!(r, (1, STATUS_IOERR));
+        // Sector number that overflows.
+        header(&f.mem, REQ_IN, u64::MAX);
+        assert_eq!(
+            run(
+                &f,
+                false,
+                &[
+                    desc(HDR, 16, false),
+                    desc(DATA, 512, true),
+                    desc(STATUS, 1, true)
+                ]
+            )
+            .1,
+            STATUS_IOERR
+        );
+        // Length not a multiple of a sector.
+        header(&f.mem, REQ_IN, 0);
+        assert_eq!(
+            run(
+                &f,
+                false,
+                &[
+                    desc(HDR, 16, false),
+                    desc(DATA, 100, true),
+                    desc(STATUS, 1, true)
+                ]
+            )
+            .1,
+            STATUS_IOERR
+        );
+        // Write to a read-only drive.
+        header(&f.mem, REQ_OUT, 0);
+        assert_eq!(
+            run(
+                &f,
+                true,
+                &[
+                    desc(HDR, 16, false),
+                    desc(DATA, 512, false),
+                    desc(STATUS, 1, true)
+                ]
+            )
+            .1,
+            STATUS_IOERR
+        );
+        assert_eq!(std::fs::read(&f.path).unwrap()[0], 0, "nothing written");
+        // Unknown request type.
+        header(&f.mem, 99, 0);
+        assert_eq!(
+            run(&f, false, &[desc(HDR, 16, false), desc(STATUS, 1, true)]).1,
+            STATUS_UNSUPP
+        );
+        // Short header.
+        header(&f.mem, REQ_IN, 0);
+        assert_eq!(
+            run(&f, false, &[desc(HDR, 8, false), desc(STATUS, 1, true)]).1,
+            STATUS_IOERR
+        );
+        // No writable status byte: nothing to report, nothing used.
+        header(&f.mem, REQ_FLUSH, 0);
+        assert_eq!(run(&f, false, &[desc(HDR, 16, false)]).0, 0);
+        // Data descriptor outside guest memory.
+        header(&f.mem, REQ_IN, 0);
+        assert_eq!(
+            run(
+                &f,
+                false,
+                &[
+                    desc(HDR, 16, false),
+                    desc(0xffff_0000, 512, true),
+                    desc(STATUS, 1, true)
+                ]
+            )
+            .0,
+            0
+        );
+    }
+
+    #[test]
+    fn config_reports_capacity_and_features() {
+        let f = fixture("cfg", 8);
+        let rw = Block::new("d", &f.path, false).unwrap();
+        let mut cap = [0u8; 8];
+        rw.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let mut tail = [0xffu8; 4];
+        rw.read_config(6, &mut tail);
+        assert_eq!(tail, [0, 0, 0, 0]);
+        assert_eq!(rw.offered_features() & VIRTIO_BLK_F_RO, 0);
+        let ro = Block::new("d", &f.path, true).unwrap();
+        assert_ne!(ro.offered_features() & VIRTIO_BLK_F_RO, 0);
+        std::fs::write(&f.path, [0u8; 700]).unwrap();
+        assert!(matches!(
+            Block::new("d", &f.path, false),
+            Err(BlockError::Size { .. })
+        ));
+        assert!(matches!(
+            Block::new("d", Path::new("/nonexistent/disk"), false),
+            Err(BlockError::Open { .. })
+        ));
+    }
+}

@@ -1,0 +1,250 @@
+//! Shared by the whole-guest KVM test suites: where to run (hardware KVM or the KVM lab),
+//! the guest artifacts, and running `reapvm` with a deadline.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+pub use libtest_mimic::{Arguments, Failed, Trial};
+
+mod place;
+pub use place::{detect_place, repo_root, rerun_in_lab, Place};
+
+/// Paths of the guest kernel and initramfs built by scripts/build-guest.sh.
+#[derive(Debug, Clone)]
+pub struct GuestArtifacts {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl GuestArtifacts {
+    pub fn locate() -> Result<Self, String> {
+        let env_file = repo_root().join("target/guest/guest.env");
+        let from_file = std::fs::read_to_string(&env_file).unwrap_or_default();
+        let lookup = |key: &str| -> Option<String> {
+            std::env::var(key).ok().or_else(|| {
+                from_file
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
+            })
+        };
+        let missing = || {
+            format!(
+                "guest artifacts are not built ({} is missing): run scripts/test.sh, or scripts/build-guest.sh",
+                env_file.display()
+            )
+        };
+        let kernel_dir = PathBuf::from(lookup("REAPVM_KERNEL_DIR").ok_or_else(missing)?);
+        let initramfs = PathBuf::from(lookup("REAPVM_INITRAMFS").ok_or_else(missing)?);
+        let artifacts = Self {
+            vmlinux: kernel_dir.join("vmlinux"),
+            bzimage: kernel_dir.join("bzImage"),
+            initramfs,
+        };
+        for path in [&artifacts.vmlinux, &artifacts.bzimage, &artifacts.initramfs] {
+            if !path.is_file() {
+                return Err(format!(
+                    "{} does not exist: run scripts/build-guest.sh",
+                    path.display()
+                ));
+            }
+        }
+        Ok(artifacts)
+    }
+}
+
+/// Runs the suite where KVM can boot Linux: here, or by re-running this very test binary
+/// inside the KVM lab. Fails (never skips) when neither is possible.
+pub fn run_kvm_suite(suite: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCode {
+    let mut args = Arguments::from_args();
+    if args.list {
+        return libtest_mimic::run(&args, trials()).exit_code();
+    }
+    match detect_place() {
+        Place::NeedsLab => return rerun_in_lab(&format!("KVM suite `{suite}`")),
+        Place::HardwareKvm => {
+            println!("KVM suite `{suite}`: running directly on this host's hardware KVM")
+        }
+        Place::Lab => {
+            println!(
+                "KVM suite `{suite}`: running inside the KVM lab (QEMU TCG, emulated AMD SVM)"
+            );
+            // Two vCPUs in the lab: more parallel guests only slow each other down.
+            if args.test_threads.is_none() {
+                args.test_threads = Some(2);
+            }
+        }
+    }
+    if let Err(e) = GuestArtifacts::locate() {
+        eprintln!("KVM suite `{suite}`: {e}");
+        return ExitCode::FAILURE;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("KVM suite `{suite}`: /dev/kvm does not exist here");
+        return ExitCode::FAILURE;
+    }
+    libtest_mimic::run(&args, trials()).exit_code()
+}
+
+/// A scratch folder for one test, removed when dropped. Lives under target/ so that it is
+/// on the same (host-shared) filesystem inside and outside the lab, or in /tmp in the lab.
+pub struct Scratch {
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let base = if std::env::var_os("REAPVM_IN_LAB").is_some() {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("reapvm-test-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch folder");
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, content).expect("write scratch file");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a finished `reapvm` run left behind.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+impl RunOutput {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {:?}{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            if self.timed_out { " (timed out)" } else { "" },
+            tail(&self.stdout, 60),
+            tail(&self.stderr, 30)
+        )
+    }
+
+    /// The value of `key=` in the agent's report line.
+    pub fn agent_value(&self, key: &str) -> Option<String> {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("reapvm-agent: cpus="))?;
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+pub fn reapvm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_reapvm"))
+}
+
+/// Runs `reapvm` with `args`, stdin from /dev/null, killing it after `deadline`.
+pub fn run_reapvm(args: &[&str], deadline: Duration) -> RunOutput {
+    run_command(Command::new(reapvm_bin()).args(args), deadline)
+}
+
+pub fn run_command(cmd: &mut Command, deadline: Duration) -> RunOutput {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out_pipe.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().expect("wait after kill");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    RunOutput {
+        code: status.code(),
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        timed_out,
+    }
+}
+
+/// Boot arguments for test guests: serial console, quiet kernel, reset on reboot.
+pub fn test_boot_args(extra: &str) -> String {
+    format!(
+        "console=ttyS0 quiet reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd {extra}"
+    )
+}
+
+/// A Firecracker configuration file for a guest booting `kernel` with the agent initramfs.
+pub fn vm_config(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    vcpus: u32,
+    mem_mib: u64,
+    boot_args: &str,
+) -> String {
+    serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": boot_args,
+        },
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib, "smt": false},
+    })
+    .to_string()
+}
+
+/// The trial result of a check: Err with the message becomes a test failure.
+pub fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg().into())
+    }
+}
