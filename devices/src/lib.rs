@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod tap;
 pub mod trigger;
 pub mod virtio;
 

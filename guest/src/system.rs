@@ -1,12 +1,20 @@
 //! The init duties: kernel filesystems, a console on stdout, reaping orphans, rebooting.
 
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What to do once the guest is up.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExitAction {
     Stay,
     Reboot,
+}
+
+/// The value of `key=` on the kernel command line.
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix(key)?.strip_prefix('='))
 }
 
 impl ExitAction {
@@ -95,6 +103,7 @@ pub fn ensure_console() {
 }
 
 pub fn reboot() -> ! {
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     // SAFETY: sync and reboot take no pointers; as init we may reboot the machine.
     unsafe {
         libc::sync();
@@ -108,18 +117,53 @@ pub fn reboot() -> ! {
     reap_forever()
 }
 
-/// Init's last duty: collect every orphan that exits, forever.
+static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_shutdown_signal(_: libc::c_int) {
+    SHUTDOWN_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-Alt-Del (the kernel sends SIGINT to init once CAD is off) and SIGTERM shut down
+/// cleanly. PID 1 ignores signals it has no handler for, so install them.
+pub fn handle_shutdown_signals() {
+    // SAFETY: reboot(CAD_OFF) only changes how the kernel treats Ctrl-Alt-Del.
+    unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) };
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with a handler that only stores an atomic; no
+        // SA_RESTART, so a blocked waitpid returns and sees the request.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_shutdown_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Init's last duty: collect every orphan that exits, until a shutdown is requested.
 pub fn reap_forever() -> ! {
     loop {
+        if SHUTDOWN_REQUESTED.load(Ordering::SeqCst) {
+            println!("reapvm-agent: shutdown requested, syncing and rebooting");
+            reboot();
+        }
         let mut status = 0;
         // SAFETY: `status` is a valid out pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
-            // No children right now: sleep until a signal (SIGCHLD) arrives.
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            // No children right now: sleep until a signal arrives.
             // SAFETY: pause has no arguments.
             unsafe { libc::pause() };
         }
     }
+}
+
+/// Asks the init loop to shut down (used by the agent's `/shutdown` endpoint).
+pub fn request_shutdown() {
+    SHUTDOWN_REQUESTED.store(true, Ordering::SeqCst);
+    // Wake the init thread out of waitpid/pause.
+    // SAFETY: kill to our own process.
+    unsafe { libc::kill(std::process::id() as i32, libc::SIGTERM) };
 }
 
 #[cfg(test)]

@@ -9,13 +9,33 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${REAPVM_CACHE:-$HOME/.cache/reapvm}"
 log() { echo "[lab] $*" >&2; }
 
-need=(qemu-system-x86 busybox-static kmod cpio iproute2 e2fsprogs)
+need=(busybox-static kmod cpio iproute2 e2fsprogs)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
 fi
+
+# QEMU 7.2 (bookworm) livelocks now and then with nested SVM under multi-threaded TCG (the
+# lab freezes with soft lockups a few boots in); QEMU 10 from bookworm-backports ran 140
+# guest boots in a row without one. See docs/kvm-lab.md.
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | awk 'NR==1 {split($4, v, "."); print v[1]; exit}'; }
+if [ "$(qemu_major || echo 0)" -lt 10 ] 2>/dev/null || ! command -v qemu-system-x86_64 >/dev/null; then
+  if . /etc/os-release && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    src=/etc/apt/sources.list.d/reapvm-bookworm-backports.sources
+    if [ ! -f "$src" ]; then
+      log "adding bookworm-backports (for QEMU 10) as $src"
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > "$src"
+    fi
+    log "installing qemu-system-x86 from bookworm-backports"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-system-x86 >&2
+  else
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2
+  fi
+fi
+[ "$(qemu_major || echo 0)" -ge 10 ] || log "warning: QEMU $(qemu_major) is older than 10; the lab may freeze (soft lockups)"
 
 # linux-image-amd64 names the current ABI; its -unsigned twin has the same files.
 abi_pkg="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6/ {print $2; exit}')"

@@ -12,6 +12,8 @@ use devices::legacy::{
     BootTimer, I8042Device, SerialDevice, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
     I8042_PORT, I8042_PORT_LEN,
 };
+use devices::virtio::block::{Block, BlockError};
+use devices::virtio::net::{Net, NetError};
 use devices::{Bus, EventFdTrigger};
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +22,7 @@ use crate::arch::cpuid::Topology;
 use crate::arch::{boot_params, mptable};
 use crate::config::{ConfigError, VmConfig};
 use crate::console::StdinToSerial;
+use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::microvm::{MicroVm, Subscriber};
@@ -52,6 +55,20 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
+    #[error("root drive {id} at {path} is not an ext2/3/4 filesystem (no ext superblock magic)")]
+    RootNotExt4 { id: String, path: PathBuf },
+    #[error("cannot read the superblock of root drive {id} at {path}: {source}")]
+    RootRead {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create an event fd for {what}: {source}")]
     EventFd {
         what: &'static str,
@@ -97,7 +114,9 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         Some(path) => Some((loader::open("initrd", path)?, path.clone())),
         None => None,
     };
-    let cmdline = loader::build_cmdline(boot_source.boot_args())?;
+    let mut cmdline = loader::build_cmdline(boot_source.boot_args())?;
+    // Drives and taps are opened now too: a missing file or tap fails before KVM is touched.
+    let (blocks, nets) = open_devices(config)?;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     for (cap, name) in [
@@ -174,7 +193,29 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
             what: "the boot timer",
             source,
         })?;
-    let mmio_bus = Bus::new();
+    let mut mmio = MmioDeviceManager::new();
+    for block in blocks {
+        let id = block.id().to_string();
+        mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(block)))?;
+    }
+    for net in nets {
+        let id = net.id().to_string();
+        mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(net)))?;
+    }
+    if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
+        let mode = if root.is_read_only { "ro" } else { "rw" };
+        let device = match &root.partuuid {
+            Some(uuid) => format!("PARTUUID={uuid}"),
+            None => "/dev/vda".to_string(),
+        };
+        cmdline
+            .insert_str(format!("root={device} {mode}"))
+            .map_err(LoaderError::Cmdline)?;
+    }
+    for entry in mmio.cmdline_entries() {
+        cmdline.insert_str(entry).map_err(LoaderError::Cmdline)?;
+    }
+    let mmio_bus = mmio.bus().clone();
 
     // Kernel, command line, initrd, zero page, MP table.
     let kernel = loader::load_kernel(&guest_memory, &mut kernel_file, &kernel_path)?;
@@ -233,7 +274,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         source,
     })?);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut subscribers: Vec<Subscriber> = mmio.take_subscribers();
     if opts.console_in {
         subscribers.push(Arc::new(Mutex::new(StdinToSerial::new(serial))));
     }
@@ -259,4 +300,56 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         kernel.entry
     );
     Ok(microvm)
+}
+
+/// Opens every drive (root first, so it becomes /dev/vda) and every tap.
+fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError> {
+    let mut drives: Vec<_> = config.drives.iter().collect();
+    drives.sort_by_key(|d| !d.is_root_device);
+    let mut blocks = Vec::with_capacity(drives.len());
+    for d in drives {
+        if d.is_root_device && d.partuuid.is_none() {
+            check_ext_superblock(&d.drive_id, &d.path_on_host)?;
+        }
+        blocks.push(Block::new(&d.drive_id, &d.path_on_host, d.is_read_only)?);
+    }
+    let mut nets = Vec::with_capacity(config.network_interfaces.len());
+    for n in &config.network_interfaces {
+        nets.push(Net::new(
+            &n.iface_id,
+            &n.host_dev_name,
+            n.guest_mac.as_deref(),
+        )?);
+    }
+    Ok((blocks, nets))
+}
+
+/// A root drive that is not an ext filesystem would only make the guest kernel panic
+/// ("VFS: Unable to mount root fs"); say so before booting.
+fn check_ext_superblock(id: &str, path: &std::path::Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::FileExt;
+    const EXT_MAGIC_OFFSET: u64 = 1024 + 56;
+    const EXT_MAGIC: u16 = 0xef53;
+    let file = std::fs::File::open(path).map_err(|source| BlockError::Open {
+        id: id.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut magic = [0u8; 2];
+    match file.read_exact_at(&mut magic, EXT_MAGIC_OFFSET) {
+        Ok(()) if u16::from_le_bytes(magic) == EXT_MAGIC => Ok(()),
+        Ok(()) => Err(BuildError::RootNotExt4 {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(BuildError::RootNotExt4 {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(BuildError::RootRead {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }

@@ -41,6 +41,12 @@ pub enum ConfigError {
     CpuTemplate(String),
     #[error("config: huge_pages {0:?} is not supported (only \"None\")")]
     HugePages(String),
+    #[error("config: {kind} {id:?} is empty or used twice")]
+    DuplicateId { kind: &'static str, id: String },
+    #[error("config: more than one drive has is_root_device set")]
+    TwoRootDrives,
+    #[error("config: drive {id}: {what} is not supported by reapvm")]
+    DriveOption { id: String, what: &'static str },
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -88,6 +94,41 @@ impl Default for MachineConfig {
     }
 }
 
+/// One `drives[]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default)]
+    pub partuuid: Option<String>,
+    #[serde(default)]
+    pub cache_type: Option<String>,
+    #[serde(default)]
+    pub io_engine: Option<String>,
+    #[serde(default)]
+    pub rate_limiter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub socket: Option<String>,
+}
+
+/// One `network-interfaces[]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default)]
+    pub guest_mac: Option<String>,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoggerConfig {
@@ -113,9 +154,9 @@ pub struct VmConfig {
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
     #[serde(default)]
-    pub drives: Vec<serde_json::Value>,
+    pub drives: Vec<DriveConfig>,
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
     #[serde(default)]
     pub logger: Option<LoggerConfig>,
     #[serde(default)]
@@ -149,9 +190,9 @@ impl VmConfig {
         if self.boot_source.is_none() {
             return Err(ConfigError::MissingBootSource);
         }
+        self.validate_drives()?;
+        self.validate_network_interfaces()?;
         let unsupported = [
-            ("drives", !self.drives.is_empty()),
-            ("network-interfaces", !self.network_interfaces.is_empty()),
             ("metrics", self.metrics.is_some()),
             ("vsock", self.vsock.is_some()),
             ("balloon", self.balloon.is_some()),
@@ -186,6 +227,69 @@ impl VmConfig {
         match mc.huge_pages.as_deref() {
             None | Some("None") => {}
             Some(other) => return Err(ConfigError::HugePages(other.to_string())),
+        }
+        Ok(())
+    }
+
+    fn validate_drives(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut roots = 0;
+        for d in &self.drives {
+            if d.drive_id.is_empty() || !seen.insert(d.drive_id.as_str()) {
+                return Err(ConfigError::DuplicateId {
+                    kind: "drive_id",
+                    id: d.drive_id.clone(),
+                });
+            }
+            if d.is_root_device {
+                roots += 1;
+            }
+            let unsupported = [
+                (
+                    "rate_limiter",
+                    d.rate_limiter.as_ref().is_some_and(|v| !v.is_null()),
+                ),
+                ("socket (vhost-user)", d.socket.is_some()),
+                (
+                    "io_engine other than Sync",
+                    d.io_engine.as_deref().is_some_and(|e| e != "Sync"),
+                ),
+            ];
+            if let Some((what, _)) = unsupported.iter().find(|(_, on)| *on) {
+                return Err(ConfigError::DriveOption {
+                    id: d.drive_id.clone(),
+                    what,
+                });
+            }
+        }
+        if roots > 1 {
+            return Err(ConfigError::TwoRootDrives);
+        }
+        Ok(())
+    }
+
+    fn validate_network_interfaces(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut taps = std::collections::HashSet::new();
+        for n in &self.network_interfaces {
+            if n.iface_id.is_empty() || !seen.insert(n.iface_id.as_str()) {
+                return Err(ConfigError::DuplicateId {
+                    kind: "iface_id",
+                    id: n.iface_id.clone(),
+                });
+            }
+            if !taps.insert(n.host_dev_name.as_str()) {
+                return Err(ConfigError::DuplicateId {
+                    kind: "host_dev_name",
+                    id: n.host_dev_name.clone(),
+                });
+            }
+            let limited = [&n.rx_rate_limiter, &n.tx_rate_limiter]
+                .iter()
+                .any(|l| l.as_ref().is_some_and(|v| !v.is_null()));
+            if limited {
+                return Err(ConfigError::Unsupported("network rate limiters"));
+            }
         }
         Ok(())
     }
@@ -282,14 +386,51 @@ mod tests {
     }
 
     #[test]
-    fn later_features_are_named() {
+    fn drives_and_interfaces() {
         let cfg = parse(
-            r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [{"drive_id": "rootfs"}]}"#,
+            r#"{"boot-source": {"kernel_image_path": "k"},
+                "drives": [{"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true, "is_read_only": false},
+                           {"drive_id": "data", "path_on_host": "/d.img", "is_root_device": false, "rate_limiter": null}],
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}"#,
         )
         .unwrap();
+        cfg.validate(HOST).unwrap();
+        assert_eq!(cfg.drives.len(), 2);
+        assert_eq!(cfg.network_interfaces[0].host_dev_name, "tap0");
+        let two_roots = r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [
+            {"drive_id": "a", "path_on_host": "/a", "is_root_device": true},
+            {"drive_id": "b", "path_on_host": "/b", "is_root_device": true}]}"#;
+        assert!(matches!(
+            parse(two_roots).unwrap().validate(HOST),
+            Err(ConfigError::TwoRootDrives)
+        ));
+        let dup = r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [
+            {"drive_id": "a", "path_on_host": "/a", "is_root_device": false},
+            {"drive_id": "a", "path_on_host": "/b", "is_root_device": false}]}"#;
+        assert!(matches!(
+            parse(dup).unwrap().validate(HOST),
+            Err(ConfigError::DuplicateId { .. })
+        ));
+        let limited = r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [
+            {"drive_id": "a", "path_on_host": "/a", "is_root_device": false, "rate_limiter": {"bandwidth": {}}}]}"#;
+        assert!(matches!(
+            parse(limited).unwrap().validate(HOST),
+            Err(ConfigError::DriveOption { .. })
+        ));
+        assert!(
+            parse(r#"{"drives": [{"drive_id": "a"}]}"#).is_err(),
+            "path_on_host is required"
+        );
+    }
+
+    #[test]
+    fn later_features_are_named() {
+        let cfg =
+            parse(r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 3}}"#)
+                .unwrap();
         assert!(matches!(
             cfg.validate(HOST),
-            Err(ConfigError::Unsupported("drives"))
+            Err(ConfigError::Unsupported("vsock"))
         ));
         let cfg = parse(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#).unwrap();
         assert!(matches!(

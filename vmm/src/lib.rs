@@ -6,6 +6,7 @@ pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod loader;
 pub mod logger;
 pub mod memory;

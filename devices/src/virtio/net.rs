@@ -1,0 +1,401 @@
+//! virtio-net over a host tap. Frames carry the virtio-net header both ways, so checksum and
+//! TSO offloads pass through untouched. When the guest has posted no receive buffers the
+//! device stops watching the tap (no spinning) and keeps the frame it already read (no
+//! silent drop) until the guest posts buffers again.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_NET};
+use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+/// Largest frame either way: a 64 KiB GSO frame plus its Ethernet and virtio-net headers.
+const MAX_FRAME: usize = 65_562;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("network interface {id}: {source}")]
+    Tap { id: String, source: TapError },
+    #[error("network interface {id}: guest_mac {mac:?} is not a MAC address (xx:xx:xx:xx:xx:xx)")]
+    Mac { id: String, mac: String },
+    #[error("cannot create the activation event of network interface {0}: {1}")]
+    Event(String, std::io::Error),
+}
+
+pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in &mut out {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: [Queue; 2],
+    queue_evts: [EventFd; 2],
+    registered: bool,
+}
+
+pub struct Net {
+    id: String,
+    tap: Tap,
+    mac: Option<[u8; 6]>,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// A frame read from the tap that found no receive buffer yet.
+    pending_rx: Option<usize>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    tap_watched: bool,
+    /// Frames the guest's buffers were too small for (counted, logged once).
+    rx_truncated: u64,
+}
+
+impl Net {
+    pub fn new(id: &str, tap_name: &str, mac: Option<&str>) -> Result<Self, NetError> {
+        let mac = match mac {
+            Some(m) => Some(parse_mac(m).ok_or_else(|| NetError::Mac {
+                id: id.to_string(),
+                mac: m.to_string(),
+            })?),
+            None => None,
+        };
+        let tap = Tap::open(tap_name).map_err(|source| NetError::Tap {
+            id: id.to_string(),
+            source,
+        })?;
+        Ok(Self {
+            id: id.to_string(),
+            tap,
+            mac,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| NetError::Event(id.to_string(), e))?,
+            active: None,
+            pending_rx: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: vec![0; MAX_FRAME],
+            tap_watched: false,
+            rx_truncated: 0,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Moves frames from the tap into the guest's receive buffers until either runs out.
+    /// Returns (interrupt needed, receive buffers ran out).
+    fn process_rx(&mut self) -> (bool, bool) {
+        let Some(active) = self.active.as_mut() else {
+            return (false, false);
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[RX];
+        let mut used = false;
+        loop {
+            let len = match self.pending_rx.take() {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::warn!("virtio-net {}: tap read failed: {e}", self.id);
+                        break;
+                    }
+                },
+            };
+            if len < VNET_HDR_LEN {
+                continue;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+                self.pending_rx = Some(len);
+                return (used, true);
+            };
+            let head = chain.head_index();
+            // Without mergeable buffers there is exactly one buffer per frame.
+            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let written = match Writer::new(&mem, chain) {
+                Ok(mut w) => {
+                    let room = w.available_bytes();
+                    let n = len.min(room);
+                    if n < len {
+                        self.rx_truncated += 1;
+                        if self.rx_truncated == 1 {
+                            log::warn!("virtio-net {}: receive buffer of {room} bytes too small for a {len}-byte frame; frame dropped", self.id);
+                        }
+                        0
+                    } else if w.write_all(&self.rx_buf[..n]).is_ok() {
+                        n
+                    } else {
+                        0
+                    }
+                }
+                Err(e) => {
+                    log::warn!("virtio-net {}: bad receive buffer: {e}", self.id);
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(&mem, head, written as u32) {
+                log::error!(
+                    "virtio-net {}: cannot return receive buffer {head}: {e}",
+                    self.id
+                );
+            }
+            used = true;
+        }
+        let notify = used && queue.needs_notification(&mem).unwrap_or(true);
+        (notify, false)
+    }
+
+    /// Sends every frame the guest queued. Returns whether the guest must be interrupted.
+    fn process_tx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[TX];
+        let mut used = false;
+        loop {
+            if queue.disable_notification(&mem).is_err() {
+                break;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                match Reader::new(&mem, chain) {
+                    Ok(mut r) => {
+                        let len = r.available_bytes();
+                        if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+                            log::warn!(
+                                "virtio-net {}: dropping a {len}-byte frame from the guest",
+                                self.id
+                            );
+                        } else if r.read_exact(&mut self.tx_buf[..len]).is_ok() {
+                            if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
+                                // The host side is down or full: the frame is lost, as on a wire.
+                                log::debug!("virtio-net {}: tap write failed: {e}", self.id);
+                            }
+                        }
+                    }
+                    Err(e) => log::warn!("virtio-net {}: bad transmit buffer: {e}", self.id),
+                }
+                if let Err(e) = queue.add_used(&mem, head, 0) {
+                    log::error!(
+                        "virtio-net {}: cannot return transmit buffer {head}: {e}",
+                        self.id
+                    );
+                }
+                used = true;
+            }
+            match queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        used && queue.needs_notification(&mem).unwrap_or(true)
+    }
+
+    fn signal(&self) {
+        if let Some(active) = self.active.as_ref() {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
+    fn watch_tap(&mut self, ops: &mut EventOps, watch: bool) {
+        if watch == self.tap_watched {
+            return;
+        }
+        let events = Events::new(&self.tap, EventSet::IN);
+        let result = if watch {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match result {
+            Ok(()) => self.tap_watched = watch,
+            Err(e) => log::error!("virtio-net {}: cannot change tap watch: {e}", self.id),
+        }
+    }
+
+    fn on_rx_ready(&mut self, ops: &mut EventOps) {
+        let (notify, starved) = self.process_rx();
+        if notify {
+            self.signal();
+        }
+        // Out of buffers: stop watching the tap until the guest posts more.
+        self.watch_tap(ops, !starved);
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn offered_features(&self) -> u64 {
+        let mut f = VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6;
+        if self.mac.is_some() {
+            f |= VIRTIO_NET_F_MAC;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = self.mac.unwrap_or_default();
+        let start = offset as usize;
+        if let Some(src) = config.get(start..(start + data.len()).min(config.len())) {
+            data[..src.len()].copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!(
+            "virtio-net {}: ignoring config write at {offset:#x}",
+            self.id
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let (Ok(queues), Ok(queue_evts)) = (
+            <[Queue; 2]>::try_from(ctx.queues),
+            <[EventFd; 2]>::try_from(ctx.queue_evts),
+        ) else {
+            return Err(ActivateError::QueueCount { got, want: 2 });
+        };
+        let mut offload = 0;
+        if ctx.acked_features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+            offload |= TUN_F_CSUM;
+            if ctx.acked_features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if ctx.acked_features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        self.tap
+            .set_offload(offload)
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        debug_assert_eq!(
+            ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF,
+            0,
+            "never offered"
+        );
+        self.active = Some(Active {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            queues,
+            queue_evts,
+            registered: false,
+        });
+        self.activate_evt.write(1).map_err(ActivateError::Event)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.pending_rx = None;
+        let _ = self.activate_evt.write(1);
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            log::error!("virtio-net {}: cannot watch activation: {e}", self.id);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            let _ = self.activate_evt.read();
+            let Some(active) = self.active.as_mut() else {
+                // Reset: stop everything until the driver activates us again.
+                self.watch_tap(ops, false);
+                return;
+            };
+            if !active.registered {
+                for evt in &active.queue_evts {
+                    if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                        log::error!("virtio-net {}: cannot watch a queue: {e}", self.id);
+                    }
+                }
+                active.registered = true;
+                self.on_rx_ready(ops);
+                if self.process_tx() {
+                    self.signal();
+                }
+            }
+            return;
+        }
+        if fd == self.tap.as_raw_fd() {
+            self.on_rx_ready(ops);
+            return;
+        }
+        let Some(active) = self.active.as_ref() else {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+            return;
+        };
+        if fd == active.queue_evts[RX].as_raw_fd() {
+            let _ = active.queue_evts[RX].read();
+            // New receive buffers: deliver a waiting frame and watch the tap again.
+            self.on_rx_ready(ops);
+        } else if fd == active.queue_evts[TX].as_raw_fd() {
+            let _ = active.queue_evts[TX].read();
+            if self.process_tx() {
+                self.signal();
+            }
+        } else {
+            // A queue event of a previous activation.
+            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses() {
+        assert_eq!(
+            parse_mac("06:00:ac:10:00:02"),
+            Some([6, 0, 0xac, 0x10, 0, 2])
+        );
+        assert_eq!(parse_mac("06:00:ac:10:00"), None);
+        assert_eq!(parse_mac("06:00:ac:10:00:02:03"), None);
+        assert_eq!(parse_mac("06:00:ac:10:00:zz"), None);
+        assert_eq!(parse_mac("6:00:ac:10:00:02"), None);
+    }
+}
