@@ -5,7 +5,7 @@ set -euo pipefail
 need=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev  # guest kernel
   qemu-system-x86 busybox-static kmod cpio                              # KVM lab
-  e2fsprogs iproute2 util-linux procps                                  # images, netns, tests
+  e2fsprogs iproute2 util-linux procps curl mmdebstrap                  # images, netns, tests
 )
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

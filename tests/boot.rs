@@ -91,8 +91,6 @@ fn boot_and_check(
 /// The guest stays up when not told to reboot: the VMM is still running once the guest
 /// has signalled boot completion.
 fn guest_stays_up() -> Result<(), Failed> {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let guest = GuestArtifacts::locate()?;
     let scratch = Scratch::new("stay");
     let config = scratch.write(
@@ -105,32 +103,12 @@ fn guest_stays_up() -> Result<(), Failed> {
             &test_boot_args("reapvm.exit=stay"),
         ),
     );
-    let mut child = Command::new(reapvm_bin())
-        .args([
-            "--no-api",
-            "--boot-timer",
-            "--config-file",
-            config.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if line.contains("Guest-boot-time") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let booted = rx.recv_timeout(BOOT_DEADLINE);
+    let (mut child, booted) = start_until_booted(&config, BOOT_DEADLINE)?;
     std::thread::sleep(Duration::from_secs(2));
     let still_running = child.try_wait()?.is_none();
     let _ = child.kill();
     let _ = child.wait();
-    check(booted.is_ok(), || {
+    check(booted.is_some(), || {
         "the guest never signalled boot completion".into()
     })?;
     check(still_running, || {

@@ -6,8 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use support::*;
@@ -86,40 +85,15 @@ struct Sample {
 }
 
 fn boot_once(config: &std::path::Path, mem_mib: u64) -> Result<Sample, String> {
-    let mut child = Command::new(reapvm_bin())
-        .args([
-            "--no-api",
-            "--boot-timer",
-            "--config-file",
-            config.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start reapvm: {e}"))?;
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("Guest-boot-time =").nth(1) {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .and_then(|us| us.parse::<u64>().ok()),
-                );
-            }
-        }
-    });
-    let boot_us = rx.recv_timeout(Duration::from_secs(240));
+    let (mut child, boot_us) = start_until_booted(config, Duration::from_secs(240))?;
     // Let the guest settle so the RSS reflects a booted, idle VM.
     std::thread::sleep(Duration::from_millis(300));
     let rss_kib = vmm_rss_kib(child.id(), mem_mib << 20);
     let _ = child.kill();
     let _ = child.wait();
     match boot_us {
-        Ok(Some(boot_us)) => Ok(Sample { boot_us, rss_kib }),
-        _ => Err("the guest did not signal boot completion within 240 s".into()),
+        Some(boot_us) => Ok(Sample { boot_us, rss_kib }),
+        None => Err("the guest did not signal boot completion within 240 s".into()),
     }
 }
 

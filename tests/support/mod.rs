@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 pub use libtest_mimic::{Arguments, Failed, Trial};
 
+pub mod function_vm;
+pub mod http;
+pub mod netns;
 mod place;
 pub use place::{detect_place, repo_root, rerun_in_lab, Place};
 
@@ -19,6 +22,7 @@ pub struct GuestArtifacts {
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
     pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
 }
 
 impl GuestArtifacts {
@@ -40,12 +44,19 @@ impl GuestArtifacts {
         };
         let kernel_dir = PathBuf::from(lookup("REAPVM_KERNEL_DIR").ok_or_else(missing)?);
         let initramfs = PathBuf::from(lookup("REAPVM_INITRAMFS").ok_or_else(missing)?);
+        let rootfs = PathBuf::from(lookup("REAPVM_ROOTFS").ok_or_else(missing)?);
         let artifacts = Self {
             vmlinux: kernel_dir.join("vmlinux"),
             bzimage: kernel_dir.join("bzImage"),
             initramfs,
+            rootfs,
         };
-        for path in [&artifacts.vmlinux, &artifacts.bzimage, &artifacts.initramfs] {
+        for path in [
+            &artifacts.vmlinux,
+            &artifacts.bzimage,
+            &artifacts.initramfs,
+            &artifacts.rootfs,
+        ] {
             if !path.is_file() {
                 return Err(format!(
                     "{} does not exist: run scripts/build-guest.sh",
@@ -212,6 +223,39 @@ pub fn run_command(cmd: &mut Command, deadline: Duration) -> RunOutput {
         stderr: err_reader.join().unwrap_or_default(),
         timed_out,
     }
+}
+
+/// Starts `reapvm --boot-timer` on `config` (console discarded) and waits for the guest's
+/// boot-complete signal. Returns the running child and the boot time in microseconds, or
+/// None when the guest did not signal within `deadline`.
+pub fn start_until_booted(
+    config: &Path,
+    deadline: Duration,
+) -> Result<(std::process::Child, Option<u64>), String> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(reapvm_bin())
+        .args(["--no-api", "--boot-timer", "--config-file"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start reapvm: {e}"))?;
+    let stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("Guest-boot-time =").nth(1) {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .and_then(|us| us.parse::<u64>().ok()),
+                );
+            }
+        }
+    });
+    let boot_us = rx.recv_timeout(deadline).ok().flatten();
+    Ok((child, boot_us))
 }
 
 /// Boot arguments for test guests: serial console, quiet kernel, reset on reboot.

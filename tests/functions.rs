@@ -1,0 +1,278 @@
+//! Function VMs on real KVM: the Debian rootfs on virtio-block, the agent answering over
+//! virtio-net from inside a network namespace the test creates, block writes reaching the
+//! image, read-only roots, bulk transfers, and device errors.
+
+mod support;
+
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use support::function_vm::{config_json, private_rootfs, Drive, FunctionVm, VmSpec};
+use support::netns::NetNs;
+use support::*;
+
+fn invoke_helloworld_100_times() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let mut spec = VmSpec::read_only(&guest);
+    spec.function = Some("helloworld".into());
+    let scratch = Scratch::new("hello");
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    check(
+        vm.console().contains("reapvm-agent: ready: functions="),
+        || vm.describe(),
+    )?;
+    // 90 on one kept-alive connection, 10 on fresh connections, all through POST /invoke.
+    let mut conn = vm.conn()?;
+    for i in 0..100 {
+        let name = format!("reapvm-{i}");
+        let (status, body) = if i < 90 {
+            conn.request("POST", "/invoke", name.as_bytes())?
+        } else {
+            vm.conn()?.request("POST", "/invoke", name.as_bytes())?
+        };
+        check(
+            status == 200 && body == format!("Hello, {name}!").as_bytes(),
+            || {
+                format!(
+                    "invocation {i}: {status} {:?}",
+                    String::from_utf8_lossy(&body)
+                )
+            },
+        )?;
+    }
+    let (status, body) = conn.request("POST", "/invoke/nosuchfunction", b"")?;
+    check(status == 404, || {
+        format!("unknown function answered {status} {body:?}")
+    })
+}
+
+fn function_writes_file_and_host_reads_image() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("write");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.rootfs = private_rootfs(&guest, &scratch)?;
+    spec.root_read_only = false;
+    let image = spec.rootfs.clone();
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let content = format!(
+        "written by the guest at {:?}\n",
+        std::time::SystemTime::now()
+    );
+    let (status, body) = vm.invoke("writefile", content.as_bytes())?;
+    check(status == 200, || {
+        format!("writefile: {status} {}", String::from_utf8_lossy(&body))
+    })?;
+    let code = vm.shutdown(Duration::from_secs(120))?;
+    check(code == Some(0), || {
+        format!("reapvm exit code {code:?} after the guest shut down")
+    })?;
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&image).output()?;
+    check(fsck.status.success(), || {
+        format!(
+            "e2fsck -fn found problems:\n{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        )
+    })?;
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /var/lib/reapvm-test/out.txt"])
+        .arg(&image)
+        .output()?;
+    let got = String::from_utf8_lossy(&cat.stdout);
+    check(got == content, || {
+        format!("file in the image: {got:?}, expected {content:?}")
+    })
+}
+
+fn read_only_root_refuses_writes() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("ro");
+    let vm = FunctionVm::boot(&guest, &VmSpec::read_only(&guest), &scratch)?;
+    let (status, body) = vm.invoke("writefile", b"nope")?;
+    let msg = String::from_utf8_lossy(&body);
+    check(
+        status == 500 && msg.contains("Read-only file system"),
+        || format!("writefile on a read-only root answered {status} {msg:?}"),
+    )
+}
+
+/// Deterministic bytes, the same generator as resources/functions/blob.
+fn blob(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 256) as u8).collect()
+}
+
+fn sha256_hex(data: &[u8]) -> Result<String, Failed> {
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), data)?;
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+fn network_64_mib_each_way() -> Result<(), Failed> {
+    const SIZE: usize = 64 << 20;
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("net64");
+    let vm = FunctionVm::boot(&guest, &VmSpec::read_only(&guest), &scratch)?;
+    let mut payload = blob(SIZE);
+    // Not just the generator's pattern: mix in a position-dependent byte stream.
+    let mut x: u32 = 0x1234_5678;
+    for b in payload.iter_mut().step_by(7) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let want = sha256_hex(&payload)?;
+    let (status, body) = vm.invoke("sha256", &payload)?;
+    check(status == 200 && body == want.as_bytes(), || {
+        format!(
+            "host->guest: guest hashed {:?}, host {want}",
+            String::from_utf8_lossy(&body)
+        )
+    })?;
+    let (status, body) = vm.invoke("blob", SIZE.to_string().as_bytes())?;
+    check(status == 200 && body.len() == SIZE, || {
+        format!("guest->host: {status}, {} bytes", body.len())
+    })?;
+    check(body == blob(SIZE), || {
+        "guest->host: the bytes differ from the generator".into()
+    })
+}
+
+fn several_drives_with_their_modes() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("drives");
+    let data_rw = scratch.write("data-rw.img", vec![0u8; 3 << 20]);
+    let data_ro = scratch.write("data-ro.img", vec![0u8; 1 << 20]);
+    let mut spec = VmSpec::read_only(&guest);
+    spec.extra_drives = vec![
+        Drive {
+            id: "data1".into(),
+            path: data_rw,
+            read_only: false,
+        },
+        Drive {
+            id: "data2".into(),
+            path: data_ro,
+            read_only: true,
+        },
+    ];
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let (status, body) = vm.invoke("blockdevs", b"")?;
+    let list = String::from_utf8_lossy(&body);
+    let root_sectors = std::fs::metadata(&guest.rootfs)?.len() / 512;
+    let want = format!("vda {root_sectors} ro\nvdb 6144 rw\nvdc 2048 ro");
+    check(status == 200 && list == want, || {
+        format!("guest block devices:\n{list}\nexpected:\n{want}")
+    })
+}
+
+/// reapvm must refuse the configuration with one clear line, before booting anything.
+fn refused_in_netns(
+    mutate: impl FnOnce(&GuestArtifacts, &Scratch, &mut VmSpec) -> Option<String>,
+    want: &str,
+) -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("refused");
+    let mut spec = VmSpec::read_only(&guest);
+    let tap_override = mutate(&guest, &scratch, &mut spec);
+    let mut json = config_json(&guest.vmlinux, &spec);
+    if let Some(tap) = tap_override {
+        json = json.replace("\"tap0\"", &format!("\"{tap}\""));
+    }
+    let config = scratch.write("vm.json", json);
+    let ns = NetNs::with_tap("refused")?;
+    let out = run_command(
+        ns.command(reapvm_bin())
+            .args(["--no-api", "--config-file"])
+            .arg(&config),
+        Duration::from_secs(60),
+    );
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("reapvm: error:"))
+        .collect();
+    check(
+        out.code == Some(1) && errors.len() == 1 && errors[0].contains(want),
+        || format!("expected one error containing {want:?}; {}", out.describe()),
+    )
+}
+
+fn error_trials() -> Vec<Trial> {
+    vec![
+        Trial::test("error_missing_tap", || {
+            refused_in_netns(
+                |_, _, _| Some("nosuchtap0".into()),
+                "tap device nosuchtap0 does not exist",
+            )
+        }),
+        Trial::test("error_missing_drive_file", || {
+            refused_in_netns(
+                |_, _, spec| {
+                    spec.extra_drives.push(Drive {
+                        id: "data".into(),
+                        path: "/nonexistent/disk.img".into(),
+                        read_only: false,
+                    });
+                    None
+                },
+                "cannot open drive data at /nonexistent/disk.img: No such file or directory",
+            )
+        }),
+        Trial::test("error_unreadable_drive_file", || {
+            refused_in_netns(
+                |_, scratch, spec| {
+                    let dir = scratch.path("a-directory");
+                    std::fs::create_dir_all(&dir).unwrap();
+                    spec.extra_drives.push(Drive {
+                        id: "data".into(),
+                        path: dir,
+                        read_only: false,
+                    });
+                    None
+                },
+                "cannot open drive data at",
+            )
+        }),
+        Trial::test("error_root_drive_not_ext4", || {
+            refused_in_netns(
+                |_, scratch, spec| {
+                    spec.rootfs = scratch.write("zeros.img", vec![0u8; 4 << 20]);
+                    None
+                },
+                "is not an ext2/3/4 filesystem",
+            )
+        }),
+    ]
+}
+
+fn main() -> ExitCode {
+    run_kvm_suite("functions", || {
+        let mut trials = vec![
+            Trial::test("invoke_helloworld_100_times", invoke_helloworld_100_times),
+            Trial::test(
+                "function_writes_file_and_host_reads_image",
+                function_writes_file_and_host_reads_image,
+            ),
+            Trial::test(
+                "read_only_root_refuses_writes",
+                read_only_root_refuses_writes,
+            ),
+            Trial::test("network_64_mib_each_way", network_64_mib_each_way),
+            Trial::test(
+                "several_drives_with_their_modes",
+                several_drives_with_their_modes,
+            ),
+        ];
+        trials.extend(error_trials());
+        trials
+    })
+}

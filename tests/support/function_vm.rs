@@ -1,0 +1,221 @@
+//! A function VM for tests: the Debian rootfs with the agent, a tap in its own network
+//! namespace, `reapvm` running inside that namespace, and an HTTP connection to the agent.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::http::HttpConn;
+use super::netns::{NetNs, GUEST_IP, HOST_IP, TAP};
+use super::{reapvm_bin, test_boot_args, GuestArtifacts, Scratch};
+
+pub const AGENT_PORT: u16 = 8080;
+pub const READY_DEADLINE: Duration = Duration::from_secs(300);
+
+pub struct Drive {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub rootfs: PathBuf,
+    pub root_read_only: bool,
+    pub extra_drives: Vec<Drive>,
+    /// The function `POST /invoke` serves.
+    pub function: Option<String>,
+}
+
+impl VmSpec {
+    /// One vCPU, 256 MiB, the shared rootfs read-only.
+    pub fn read_only(guest: &GuestArtifacts) -> Self {
+        Self {
+            vcpus: 1,
+            mem_mib: 256,
+            rootfs: guest.rootfs.clone(),
+            root_read_only: true,
+            extra_drives: Vec::new(),
+            function: None,
+        }
+    }
+}
+
+/// A private copy of the rootfs for a guest that writes to it (sparse: only used blocks).
+pub fn private_rootfs(guest: &GuestArtifacts, scratch: &Scratch) -> Result<PathBuf, String> {
+    let path = scratch.path("rootfs.ext4");
+    let status = std::process::Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&guest.rootfs)
+        .arg(&path)
+        .status()
+        .map_err(|e| format!("cp: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "cannot copy {} to {}",
+            guest.rootfs.display(),
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
+    let mut drives = vec![serde_json::json!({
+        "drive_id": "rootfs",
+        "path_on_host": spec.rootfs,
+        "is_root_device": true,
+        "is_read_only": spec.root_read_only,
+    })];
+    for d in &spec.extra_drives {
+        drives.push(serde_json::json!({
+            "drive_id": d.id, "path_on_host": d.path, "is_root_device": false, "is_read_only": d.read_only,
+        }));
+    }
+    let mut extra = format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off");
+    if let Some(f) = &spec.function {
+        extra.push_str(&format!(" reapvm.function={f}"));
+    }
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": test_boot_args(&extra)},
+        "drives": drives,
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:ac:10:00:02"}],
+        "machine-config": {"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib},
+    })
+    .to_string()
+}
+
+fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+}
+
+pub struct FunctionVm {
+    pub ns: NetNs,
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl FunctionVm {
+    /// Boots the VM and waits until the agent answers `GET /ready` with 200.
+    /// `scratch` holds the configuration (and whatever else the caller put there); it must
+    /// outlive the VM.
+    pub fn boot(guest: &GuestArtifacts, spec: &VmSpec, scratch: &Scratch) -> Result<Self, String> {
+        let ns = NetNs::with_tap("fn")?;
+        let config = scratch.write("vm.json", config_json(&guest.vmlinux, spec));
+        let mut child = ns
+            .command(reapvm_bin())
+            .args(["--no-api", "--boot-timer", "--config-file"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start reapvm: {e}"))?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().unwrap(), stdout.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        let mut vm = Self {
+            ns,
+            child,
+            stdout,
+            stderr,
+        };
+        vm.wait_ready()?;
+        Ok(vm)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let start = Instant::now();
+        while start.elapsed() < READY_DEADLINE {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "reapvm exited ({status}) before the agent was ready; {}",
+                    self.describe()
+                ));
+            }
+            if let Ok(mut conn) = self.conn() {
+                if let Ok((200, _)) = conn.request("GET", "/ready", b"") {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Err(format!(
+            "the agent was not ready after {READY_DEADLINE:?}; {}",
+            self.describe()
+        ))
+    }
+
+    pub fn conn(&self) -> Result<HttpConn, String> {
+        let stream = self.ns.connect(AGENT_PORT, Duration::from_secs(5))?;
+        HttpConn::new(stream, Duration::from_secs(300))
+    }
+
+    pub fn invoke(&self, function: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        self.conn()?
+            .request("POST", &format!("/invoke/{function}"), body)
+    }
+
+    /// Asks the agent to shut the guest down; returns reapvm's exit code.
+    pub fn shutdown(mut self, deadline: Duration) -> Result<Option<i32>, String> {
+        let (status, _) = self.conn()?.request("POST", "/shutdown", b"")?;
+        if status != 200 {
+            return Err(format!("/shutdown answered {status}"));
+        }
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "reapvm still running {deadline:?} after /shutdown; {}",
+            self.describe()
+        ))
+    }
+
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    pub fn describe(&self) -> String {
+        let out = self.console();
+        let err = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
+        let tail = |s: &str, n: usize| {
+            s.lines()
+                .rev()
+                .take(n)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "--- console ---\n{}\n--- reapvm ---\n{}",
+            tail(&out, 40),
+            tail(&err, 20)
+        )
+    }
+}
+
+impl Drop for FunctionVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

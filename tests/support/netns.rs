@@ -1,0 +1,94 @@
+//! A network namespace per test, with a tap for the guest: all guest traffic stays inside it.
+//! Created with `ip netns add`, removed when dropped.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub const HOST_IP: &str = "172.16.0.1";
+pub const GUEST_IP: &str = "172.16.0.2";
+pub const TAP: &str = "tap0";
+
+pub struct NetNs {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// A namespace with `lo` up and a tap `tap0` at 172.16.0.1/24 (the guest is .2).
+    pub fn with_tap(tag: &str) -> Result<Self, String> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "reapvm-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.exec_ip(&["link", "set", "lo", "up"])?;
+        ns.exec_ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+        ns.exec_ip(&["link", "set", TAP, "up"])?;
+        Ok(ns)
+    }
+
+    fn exec_ip(&self, args: &[&str]) -> Result<(), String> {
+        let mut full = vec!["netns", "exec", &self.name, "ip"];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has joined the namespace (setns affects one thread only).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+                // SAFETY: setns on a namespace file we hold open; it changes this thread only.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| "namespace thread panicked".to_string())?
+        })
+    }
+
+    /// A TCP connection to the guest made from inside the namespace.
+    pub fn connect(&self, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+        let addr: SocketAddr = format!("{GUEST_IP}:{port}").parse().expect("address");
+        self.run(|| TcpStream::connect_timeout(&addr, timeout))?
+            .map_err(|e| format!("connect {addr}: {e}"))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
