@@ -1,6 +1,7 @@
 //! reapvm: a microVM monitor on KVM that speaks Firecracker's interfaces, with REAP
 //! (record-and-prefetch) snapshot restores.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;

@@ -1,0 +1,217 @@
+//! Turns an HTTP method, path and body into an [`ApiRequest`], with Firecracker's paths,
+//! bodies and error messages (`400 {"fault_message": ...}`).
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::config::{BootSource, DriveConfig, LoggerConfig, MachineConfig, NetworkInterfaceConfig};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("Invalid request method and/or path: {method} {path}.")]
+    InvalidPath { method: String, path: String },
+    #[error("The body of {method} {path} is not valid JSON for this request: {reason}")]
+    Body {
+        method: String,
+        path: String,
+        reason: String,
+    },
+    #[error("The id in the path ({path_id}) does not match the id in the body ({body_id}).")]
+    IdMismatch { path_id: String, body_id: String },
+    #[error("Empty request body for {method} {path}.")]
+    EmptyBody { method: String, path: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Action {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum VmStateChange {
+    Paused,
+    Resumed,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmBody {
+    state: VmStateChange,
+}
+
+/// `PATCH /machine-config`: only the fields given change.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    pub vcpu_count: Option<u64>,
+    pub mem_size_mib: Option<u64>,
+    pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    pub cpu_template: Option<String>,
+    pub huge_pages: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiRequest {
+    GetInstanceInfo,
+    GetVersion,
+    GetMachineConfig,
+    GetVmConfig,
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    PutBootSource(BootSource),
+    PutDrive(DriveConfig),
+    PutNetworkInterface(NetworkInterfaceConfig),
+    PutLogger(LoggerConfig),
+    PutMetrics(MetricsConfig),
+    Action(Action),
+    PatchVm(VmStateChange),
+    /// Snapshot bodies are kept as JSON until the snapshot module reads them.
+    CreateSnapshot(serde_json::Value),
+    LoadSnapshot(serde_json::Value),
+}
+
+fn body<T: DeserializeOwned>(method: &str, path: &str, bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::EmptyBody {
+            method: method.to_string(),
+            path: path.to_string(),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Body {
+        method: method.to_string(),
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn same_id(path_id: &str, body_id: &str) -> Result<(), ApiError> {
+    if path_id == body_id {
+        Ok(())
+    } else {
+        Err(ApiError::IdMismatch {
+            path_id: path_id.to_string(),
+            body_id: body_id.to_string(),
+        })
+    }
+}
+
+/// Parses one API request. `path` may carry a query string, which is ignored.
+pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiError> {
+    let path = path.split('?').next().unwrap_or("");
+    let trimmed = path.trim_end_matches('/');
+    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+    let m = method;
+    let invalid = || ApiError::InvalidPath {
+        method: method.to_string(),
+        path: path.to_string(),
+    };
+    let request = match (method, segments.as_slice()) {
+        ("GET", [] | [""]) => ApiRequest::GetInstanceInfo,
+        ("GET", ["version"]) => ApiRequest::GetVersion,
+        ("GET", ["machine-config"]) => ApiRequest::GetMachineConfig,
+        ("GET", ["vm", "config"]) => ApiRequest::GetVmConfig,
+        ("PUT", ["machine-config"]) => ApiRequest::PutMachineConfig(body(m, path, bytes)?),
+        ("PATCH", ["machine-config"]) => ApiRequest::PatchMachineConfig(body(m, path, bytes)?),
+        ("PUT", ["boot-source"]) => ApiRequest::PutBootSource(body(m, path, bytes)?),
+        ("PUT", ["drives", id]) if !id.is_empty() => {
+            let drive: DriveConfig = body(m, path, bytes)?;
+            same_id(id, &drive.drive_id)?;
+            ApiRequest::PutDrive(drive)
+        }
+        ("PUT", ["network-interfaces", id]) if !id.is_empty() => {
+            let iface: NetworkInterfaceConfig = body(m, path, bytes)?;
+            same_id(id, &iface.iface_id)?;
+            ApiRequest::PutNetworkInterface(iface)
+        }
+        ("PUT", ["logger"]) => ApiRequest::PutLogger(body(m, path, bytes)?),
+        ("PUT", ["metrics"]) => ApiRequest::PutMetrics(body(m, path, bytes)?),
+        ("PUT", ["actions"]) => ApiRequest::Action(body::<ActionBody>(m, path, bytes)?.action_type),
+        ("PATCH", ["vm"]) => ApiRequest::PatchVm(body::<VmBody>(m, path, bytes)?.state),
+        ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(body(m, path, bytes)?),
+        ("PUT", ["snapshot", "load"]) => ApiRequest::LoadSnapshot(body(m, path, bytes)?),
+        _ => return Err(invalid()),
+    };
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gets() {
+        assert_eq!(parse("GET", "/", b""), Ok(ApiRequest::GetInstanceInfo));
+        assert_eq!(parse("GET", "/version", b""), Ok(ApiRequest::GetVersion));
+        assert_eq!(parse("GET", "/machine-config", b""), Ok(ApiRequest::GetMachineConfig));
+        assert_eq!(parse("GET", "/vm/config", b""), Ok(ApiRequest::GetVmConfig));
+    }
+
+    #[test]
+    fn firecracker_bodies() {
+        let r = parse(
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PutBootSource(b) if b.boot_args() == "console=ttyS0"));
+        let r = parse(
+            "PUT",
+            "/drives/rootfs",
+            br#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PutDrive(d) if d.is_root_device));
+        let r = parse("PUT", "/actions", br#"{"action_type": "InstanceStart"}"#).unwrap();
+        assert_eq!(r, ApiRequest::Action(Action::InstanceStart));
+        let r = parse("PATCH", "/vm", br#"{"state": "Paused"}"#).unwrap();
+        assert_eq!(r, ApiRequest::PatchVm(VmStateChange::Paused));
+        let r = parse("PATCH", "/machine-config", br#"{"vcpu_count": 2}"#).unwrap();
+        assert!(matches!(r, ApiRequest::PatchMachineConfig(u) if u.vcpu_count == Some(2) && u.mem_size_mib.is_none()));
+        let r = parse("PUT", "/metrics", br#"{"metrics_path": "/m"}"#).unwrap();
+        assert!(matches!(r, ApiRequest::PutMetrics(_)));
+        let r = parse(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, ApiRequest::LoadSnapshot(_)));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = parse("PUT", "/drives/a", br#"{"drive_id": "b", "path_on_host": "/r", "is_root_device": false}"#);
+        assert_eq!(
+            e,
+            Err(ApiError::IdMismatch {
+                path_id: "a".into(),
+                body_id: "b".into()
+            })
+        );
+        let e = parse("PUT", "/actions", br#"{"action_type": "Reboot"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `Reboot`"), "{e}");
+        let e = parse("PUT", "/machine-config", br#"{"vcpu_count": 2, "mem_size_mib": 128, "bogus": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+        assert!(matches!(parse("PUT", "/boot-source", b""), Err(ApiError::EmptyBody { .. })));
+        assert!(matches!(parse("DELETE", "/drives/a", b""), Err(ApiError::InvalidPath { .. })));
+        assert!(matches!(parse("GET", "/nope", b""), Err(ApiError::InvalidPath { .. })));
+        assert!(matches!(parse("PUT", "/drives/", b"{}"), Err(ApiError::InvalidPath { .. })));
+        assert!(matches!(parse("PUT", "/boot-source", b"{not json"), Err(ApiError::Body { .. })));
+    }
+}
