@@ -181,7 +181,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         EventFdTrigger::new(kbd_irq),
     )));
     pio_bus
-        .insert(i8042, I8042_PORT, I8042_PORT_LEN)
+        .insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
         .map_err(|source| BuildError::Bus {
             what: "the i8042 controller",
             source,
@@ -283,6 +283,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         stop: stop.clone(),
         exit: exit.clone(),
         reset_evt,
+        i8042,
         subscribers,
         vm,
         guest_memory,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::arch::layout::MAX_VCPUS;
 
@@ -49,7 +49,7 @@ pub enum ConfigError {
     DriveOption { id: String, what: &'static str },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BootSource {
     pub kernel_image_path: PathBuf,
@@ -65,7 +65,7 @@ impl BootSource {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     pub vcpu_count: u64,
@@ -78,6 +78,37 @@ pub struct MachineConfig {
     pub cpu_template: Option<String>,
     #[serde(default)]
     pub huge_pages: Option<String>,
+}
+
+impl MachineConfig {
+    /// Checks vCPU and memory limits; `host_ram_bytes` bounds the memory.
+    pub fn validate(&self, host_ram_bytes: u64) -> Result<(), ConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::VcpuCount(self.vcpu_count));
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(ConfigError::SmtOddVcpus(self.vcpu_count as u8));
+        }
+        if self.mem_size_mib < MIN_MEM_SIZE_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.mem_size_mib));
+        }
+        let host_mib = host_ram_bytes >> 20;
+        if self.mem_size_mib > host_mib {
+            return Err(ConfigError::MemoryTooLarge {
+                size_mib: self.mem_size_mib,
+                host_mib,
+            });
+        }
+        match self.cpu_template.as_deref() {
+            None | Some("None") => {}
+            Some(other) => return Err(ConfigError::CpuTemplate(other.to_string())),
+        }
+        match self.huge_pages.as_deref() {
+            None | Some("None") => {}
+            Some(other) => return Err(ConfigError::HugePages(other.to_string())),
+        }
+        Ok(())
+    }
 }
 
 impl Default for MachineConfig {
@@ -95,7 +126,7 @@ impl Default for MachineConfig {
 }
 
 /// One `drives[]` entry.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
     pub drive_id: String,
@@ -116,7 +147,7 @@ pub struct DriveConfig {
 }
 
 /// One `network-interfaces[]` entry.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceConfig {
     pub iface_id: String,
@@ -129,7 +160,7 @@ pub struct NetworkInterfaceConfig {
     pub tx_rate_limiter: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoggerConfig {
     #[serde(default)]
@@ -146,7 +177,7 @@ pub struct LoggerConfig {
 
 /// The whole file. Keys of features reapvm does not have yet parse, and are refused by
 /// [`VmConfig::validate`] with a message naming them.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     #[serde(rename = "boot-source")]
@@ -203,32 +234,13 @@ impl VmConfig {
         if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ConfigError::Unsupported(key));
         }
-        let mc = &self.machine_config;
-        if mc.vcpu_count == 0 || mc.vcpu_count > u64::from(MAX_VCPUS) {
-            return Err(ConfigError::VcpuCount(mc.vcpu_count));
-        }
-        if mc.smt && mc.vcpu_count > 1 && mc.vcpu_count % 2 == 1 {
-            return Err(ConfigError::SmtOddVcpus(mc.vcpu_count as u8));
-        }
-        if mc.mem_size_mib < MIN_MEM_SIZE_MIB {
-            return Err(ConfigError::MemoryTooSmall(mc.mem_size_mib));
-        }
-        let host_mib = host_ram_bytes >> 20;
-        if mc.mem_size_mib > host_mib {
-            return Err(ConfigError::MemoryTooLarge {
-                size_mib: mc.mem_size_mib,
-                host_mib,
-            });
-        }
-        match mc.cpu_template.as_deref() {
-            None | Some("None") => {}
-            Some(other) => return Err(ConfigError::CpuTemplate(other.to_string())),
-        }
-        match mc.huge_pages.as_deref() {
-            None | Some("None") => {}
-            Some(other) => return Err(ConfigError::HugePages(other.to_string())),
-        }
-        Ok(())
+        self.machine_config.validate(host_ram_bytes)
+    }
+
+    /// Checks the drives and network interfaces alone (used by the API on each PUT).
+    pub fn validate_devices(&self) -> Result<(), ConfigError> {
+        self.validate_drives()?;
+        self.validate_network_interfaces()
     }
 
     fn validate_drives(&self) -> Result<(), ConfigError> {

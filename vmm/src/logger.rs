@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -39,22 +39,21 @@ enum Sink {
     File(File),
 }
 
-struct Logger {
-    instance_id: String,
+struct Options {
     show_level: bool,
     show_origin: bool,
-    sink: Mutex<Sink>,
+    sink: Sink,
 }
 
-/// Logs go to `path` (appended; a FIFO works too) or to stderr.
-pub fn init(
-    instance_id: &str,
-    level: LevelFilter,
-    path: Option<&Path>,
-    show_level: bool,
-    show_origin: bool,
-) -> Result<(), LoggerError> {
-    let sink = match path {
+struct Logger {
+    instance_id: String,
+    options: Mutex<Options>,
+}
+
+static LOGGER: OnceLock<Logger> = OnceLock::new();
+
+fn open_sink(path: Option<&Path>) -> Result<Sink, LoggerError> {
+    Ok(match path {
         Some(path) => Sink::File(
             OpenOptions::new()
                 .create(true)
@@ -66,15 +65,54 @@ pub fn init(
                 })?,
         ),
         None => Sink::Stderr,
-    };
-    let logger = Logger {
+    })
+}
+
+/// Logs go to `path` (appended; a FIFO works too) or to stderr.
+pub fn init(
+    instance_id: &str,
+    level: LevelFilter,
+    path: Option<&Path>,
+    show_level: bool,
+    show_origin: bool,
+) -> Result<(), LoggerError> {
+    let sink = open_sink(path)?;
+    let logger = LOGGER.get_or_init(|| Logger {
         instance_id: instance_id.to_string(),
-        show_level,
-        show_origin,
-        sink: Mutex::new(sink),
-    };
-    log::set_boxed_logger(Box::new(logger)).map_err(|_| LoggerError::AlreadySet)?;
+        options: Mutex::new(Options {
+            show_level,
+            show_origin,
+            sink,
+        }),
+    });
+    log::set_logger(logger).map_err(|_| LoggerError::AlreadySet)?;
     log::set_max_level(level);
+    Ok(())
+}
+
+/// Changes where and what the running logger writes (`PUT /logger`). `None` keeps a setting.
+pub fn reconfigure(
+    level: Option<LevelFilter>,
+    path: Option<&Path>,
+    show_level: Option<bool>,
+    show_origin: Option<bool>,
+) -> Result<(), LoggerError> {
+    let new_sink = path.map(|p| open_sink(Some(p))).transpose()?;
+    if let Some(logger) = LOGGER.get() {
+        let mut options = logger.options.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sink) = new_sink {
+            options.sink = sink;
+        }
+        if let Some(v) = show_level {
+            options.show_level = v;
+        }
+        if let Some(v) = show_origin {
+            options.show_origin = v;
+        }
+    }
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
     Ok(())
 }
 
@@ -126,17 +164,18 @@ impl Log for Logger {
             return;
         }
         let thread = std::thread::current();
+        let mut options = self.options.lock().unwrap_or_else(|p| p.into_inner());
         let mut line = format!(
             "{} [{}:{}",
             timestamp(SystemTime::now()),
             self.instance_id,
             thread.name().unwrap_or("?")
         );
-        if self.show_level {
+        if options.show_level {
             line.push(':');
             line.push_str(level_name(record.level()));
         }
-        if self.show_origin {
+        if options.show_origin {
             line.push_str(&format!(
                 ":{}:{}",
                 record.file().unwrap_or("?"),
@@ -144,16 +183,15 @@ impl Log for Logger {
             ));
         }
         line.push_str(&format!("] {}\n", record.args()));
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         // Logging must never stop the VMM: a full pipe or disk loses the line.
-        let _ = match &mut *sink {
+        let _ = match &mut options.sink {
             Sink::Stderr => std::io::stderr().write_all(line.as_bytes()),
             Sink::File(f) => f.write_all(line.as_bytes()),
         };
     }
 
     fn flush(&self) {
-        if let Sink::File(f) = &mut *self.sink.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Sink::File(f) = &mut self.options.lock().unwrap_or_else(|p| p.into_inner()).sink {
             let _ = f.flush();
         }
     }

@@ -3,10 +3,16 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vmm::api::controller::{handle_preboot, RunningApi};
+use vmm::api::server::{ApiInbox, ApiResponse};
+use vmm::api::{Action, ApiRequest};
 use vmm::builder::{build_and_start, BuildError, StartOptions};
 use vmm::cli::{exit_code, Cli};
 use vmm::config::VmConfig;
-use vmm::{logger, VmExitReason};
+use vmm::{api, logger, MicroVm, VmExitReason};
 
 fn fail(code: i32, message: impl std::fmt::Display) -> ExitCode {
     log::error!("{message}");
@@ -68,16 +74,6 @@ fn main() -> ExitCode {
         log::warn!("--metrics-path given, but reapvm writes no metrics yet");
     }
 
-    if !cli.no_api {
-        return fail(
-            exit_code::GENERIC_ERROR,
-            "the API server is not available yet: start with --no-api --config-file FILE",
-        );
-    }
-    let Some(config) = config else {
-        return fail(exit_code::ARG_PARSING, "--no-api needs --config-file");
-    };
-
     let start_time = match cli.start_time_us {
         Some(wall_us) => devices::legacy::StartTime {
             wall_us,
@@ -85,17 +81,57 @@ fn main() -> ExitCode {
         },
         None => start_time,
     };
-    let opts = StartOptions {
+    let opts = || StartOptions {
         console_out: Box::new(std::io::stdout()),
         console_in: true,
         boot_timer: cli.boot_timer,
         start_time,
         ready: None,
     };
-    let microvm = match build_and_start(&config, opts) {
-        Ok(vm) => vm,
-        Err(e @ BuildError::Config(_)) => return fail(exit_code::BAD_CONFIGURATION, e),
-        Err(e) => return fail(exit_code::GENERIC_ERROR, e),
+    let start = |config: &VmConfig| -> Result<MicroVm, ExitCode> {
+        build_and_start(config, opts()).map_err(|e| match e {
+            e @ BuildError::Config(_) => fail(exit_code::BAD_CONFIGURATION, e),
+            e => fail(exit_code::GENERIC_ERROR, e),
+        })
+    };
+
+    // Lives until main returns: the socket file goes away with the process.
+    let mut _socket = None;
+    let microvm = if cli.no_api {
+        let Some(config) = config else {
+            return fail(exit_code::ARG_PARSING, "--no-api needs --config-file");
+        };
+        match start(&config) {
+            Ok(vm) => vm,
+            Err(code) => return code,
+        }
+    } else {
+        let (inbox, _api_thread) =
+            match api::server::start(&cli.api_sock, cli.http_api_max_payload_size) {
+                Ok(api) => api,
+                Err(e) => return fail(exit_code::GENERIC_ERROR, e),
+            };
+        _socket = Some(SocketFile(cli.api_sock.clone()));
+        let (mut microvm, config) = match config {
+            // With a config file the VM starts at once, and the API serves the running VM.
+            Some(config) => match start(&config) {
+                Ok(vm) => (vm, config),
+                Err(code) => return code,
+            },
+            None => match configure_through_api(&inbox, &cli.id, &opts) {
+                Some(started) => started,
+                None => {
+                    return fail(
+                        exit_code::GENERIC_ERROR,
+                        "the API thread stopped before InstanceStart",
+                    )
+                }
+            },
+        };
+        let i8042 = microvm.i8042();
+        let api = RunningApi::new(inbox, config, cli.id.clone(), i8042);
+        microvm.add_subscriber(Arc::new(Mutex::new(api)));
+        microvm
     };
     match microvm.run() {
         Ok(VmExitReason::GuestReset) => {
@@ -106,5 +142,43 @@ fn main() -> ExitCode {
             fail(exit_code::GENERIC_ERROR, format!("the VM stopped: {e}"))
         }
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
+    }
+}
+
+/// Removes the API socket when the process ends normally.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Serves pre-boot API requests until an InstanceStart succeeds; None if the API thread died.
+fn configure_through_api(
+    inbox: &ApiInbox,
+    id: &str,
+    opts: &dyn Fn() -> StartOptions,
+) -> Option<(MicroVm, VmConfig)> {
+    let mut config = VmConfig::default();
+    loop {
+        let message = inbox.requests.recv().ok()?;
+        let _ = inbox.wake.read();
+        if message.request == ApiRequest::Action(Action::InstanceStart) {
+            // A failed start leaves the VMM waiting for a corrected configuration.
+            match build_and_start(&config, opts()) {
+                Ok(vm) => {
+                    let _ = message.reply.send(ApiResponse::no_content());
+                    return Some((vm, config));
+                }
+                Err(e) => {
+                    log::error!("InstanceStart failed: {e}");
+                    let _ = message.reply.send(ApiResponse::fault(e));
+                }
+            }
+        } else {
+            let response = handle_preboot(&mut config, id, message.request);
+            let _ = message.reply.send(response);
+        }
     }
 }

@@ -10,6 +10,8 @@ use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use devices::legacy::I8042Device;
+
 use crate::vcpu::{ExitSignal, VcpuHandle, VmExitReason};
 use crate::vm::Vm;
 
@@ -61,6 +63,7 @@ pub struct MicroVm {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) reset_evt: EventFd,
+    pub(crate) i8042: Arc<Mutex<I8042Device>>,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) vm: Vm,
     pub(crate) guest_memory: GuestMemoryMmap,
@@ -74,6 +77,16 @@ impl MicroVm {
 
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// The keyboard controller, for injecting Ctrl-Alt-Del.
+    pub fn i8042(&self) -> Arc<Mutex<I8042Device>> {
+        self.i8042.clone()
+    }
+
+    /// Adds an event-loop subscriber (e.g. the API) before `run`.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.subscribers.push(subscriber);
     }
 
     /// Serves devices until the VM stops, then stops and joins every vCPU thread.

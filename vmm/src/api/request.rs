@@ -157,7 +157,10 @@ mod tests {
     fn gets() {
         assert_eq!(parse("GET", "/", b""), Ok(ApiRequest::GetInstanceInfo));
         assert_eq!(parse("GET", "/version", b""), Ok(ApiRequest::GetVersion));
-        assert_eq!(parse("GET", "/machine-config", b""), Ok(ApiRequest::GetMachineConfig));
+        assert_eq!(
+            parse("GET", "/machine-config", b""),
+            Ok(ApiRequest::GetMachineConfig)
+        );
         assert_eq!(parse("GET", "/vm/config", b""), Ok(ApiRequest::GetVmConfig));
     }
 
@@ -182,7 +185,9 @@ mod tests {
         let r = parse("PATCH", "/vm", br#"{"state": "Paused"}"#).unwrap();
         assert_eq!(r, ApiRequest::PatchVm(VmStateChange::Paused));
         let r = parse("PATCH", "/machine-config", br#"{"vcpu_count": 2}"#).unwrap();
-        assert!(matches!(r, ApiRequest::PatchMachineConfig(u) if u.vcpu_count == Some(2) && u.mem_size_mib.is_none()));
+        assert!(
+            matches!(r, ApiRequest::PatchMachineConfig(u) if u.vcpu_count == Some(2) && u.mem_size_mib.is_none())
+        );
         let r = parse("PUT", "/metrics", br#"{"metrics_path": "/m"}"#).unwrap();
         assert!(matches!(r, ApiRequest::PutMetrics(_)));
         let r = parse(
@@ -196,7 +201,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        let e = parse("PUT", "/drives/a", br#"{"drive_id": "b", "path_on_host": "/r", "is_root_device": false}"#);
+        let e = parse(
+            "PUT",
+            "/drives/a",
+            br#"{"drive_id": "b", "path_on_host": "/r", "is_root_device": false}"#,
+        );
         assert_eq!(
             e,
             Err(ApiError::IdMismatch {
@@ -206,12 +215,32 @@ mod tests {
         );
         let e = parse("PUT", "/actions", br#"{"action_type": "Reboot"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown variant `Reboot`"), "{e}");
-        let e = parse("PUT", "/machine-config", br#"{"vcpu_count": 2, "mem_size_mib": 128, "bogus": 1}"#).unwrap_err();
+        let e = parse(
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count": 2, "mem_size_mib": 128, "bogus": 1}"#,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
-        assert!(matches!(parse("PUT", "/boot-source", b""), Err(ApiError::EmptyBody { .. })));
-        assert!(matches!(parse("DELETE", "/drives/a", b""), Err(ApiError::InvalidPath { .. })));
-        assert!(matches!(parse("GET", "/nope", b""), Err(ApiError::InvalidPath { .. })));
-        assert!(matches!(parse("PUT", "/drives/", b"{}"), Err(ApiError::InvalidPath { .. })));
-        assert!(matches!(parse("PUT", "/boot-source", b"{not json"), Err(ApiError::Body { .. })));
+        assert!(matches!(
+            parse("PUT", "/boot-source", b""),
+            Err(ApiError::EmptyBody { .. })
+        ));
+        assert!(matches!(
+            parse("DELETE", "/drives/a", b""),
+            Err(ApiError::InvalidPath { .. })
+        ));
+        assert!(matches!(
+            parse("GET", "/nope", b""),
+            Err(ApiError::InvalidPath { .. })
+        ));
+        assert!(matches!(
+            parse("PUT", "/drives/", b"{}"),
+            Err(ApiError::InvalidPath { .. })
+        ));
+        assert!(matches!(
+            parse("PUT", "/boot-source", b"{not json"),
+            Err(ApiError::Body { .. })
+        ));
     }
 }

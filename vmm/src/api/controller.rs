@@ -1,0 +1,347 @@
+//! What the VMM thread does with API requests: before InstanceStart it edits the VM's
+//! configuration (each PUT validated at once, as Firecracker does); afterwards it serves
+//! the requests a running VM supports from the event loop.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::I8042Device;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde_json::json;
+
+use super::request::{Action, ApiRequest, MachineConfigUpdate};
+use super::server::{ApiInbox, ApiResponse};
+use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
+use crate::logger;
+use crate::memory::host_ram_bytes;
+
+/// The Firecracker API version reapvm speaks (for clients that gate features on it).
+pub const FIRECRACKER_API_VERSION: &str = "1.10.1";
+
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+const SNAPSHOTS_NOT_YET: &str = "Pausing and snapshots are not supported by reapvm yet.";
+const METRICS_NOT_YET: &str = "Metrics are not supported by reapvm yet.";
+
+fn instance_info(id: &str, state: &str) -> ApiResponse {
+    ApiResponse::ok(json!({
+        "app_name": "reapvm",
+        "id": id,
+        "state": state,
+        "vmm_version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+fn version() -> ApiResponse {
+    ApiResponse::ok(json!({
+        "firecracker_version": FIRECRACKER_API_VERSION,
+        "reapvm_version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> ApiResponse {
+    match serde_json::to_value(value) {
+        Ok(v) => ApiResponse::ok(v),
+        Err(e) => ApiResponse::fault(format!("cannot encode the configuration: {e}")),
+    }
+}
+
+fn put_logger(cfg: &crate::config::LoggerConfig) -> ApiResponse {
+    let level = match cfg.level.as_deref().map(logger::parse_level).transpose() {
+        Ok(level) => level,
+        Err(e) => return ApiResponse::fault(e),
+    };
+    match logger::reconfigure(
+        level,
+        cfg.log_path.as_deref(),
+        cfg.show_level,
+        cfg.show_log_origin,
+    ) {
+        Ok(()) => ApiResponse::no_content(),
+        Err(e) => ApiResponse::fault(e),
+    }
+}
+
+fn check_readable(what: &str, path: &std::path::Path) -> Result<(), ApiResponse> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| ApiResponse::fault(format!("cannot open {what} {}: {e}", path.display())))
+}
+
+fn upsert_drive(drives: &mut Vec<DriveConfig>, drive: DriveConfig) {
+    match drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+        Some(slot) => *slot = drive,
+        None => drives.push(drive),
+    }
+}
+
+fn upsert_interface(ifaces: &mut Vec<NetworkInterfaceConfig>, iface: NetworkInterfaceConfig) {
+    match ifaces.iter_mut().find(|n| n.iface_id == iface.iface_id) {
+        Some(slot) => *slot = iface,
+        None => ifaces.push(iface),
+    }
+}
+
+fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiResponse {
+    let mut mc = config.machine_config.clone();
+    if let Some(v) = update.vcpu_count {
+        mc.vcpu_count = v;
+    }
+    if let Some(v) = update.mem_size_mib {
+        mc.mem_size_mib = v;
+    }
+    if let Some(v) = update.smt {
+        mc.smt = v;
+    }
+    if let Some(v) = update.track_dirty_pages {
+        mc.track_dirty_pages = v;
+    }
+    if update.cpu_template.is_some() {
+        mc.cpu_template = update.cpu_template;
+    }
+    if update.huge_pages.is_some() {
+        mc.huge_pages = update.huge_pages;
+    }
+    match mc.validate(host_ram_bytes()) {
+        Ok(()) => {
+            config.machine_config = mc;
+            ApiResponse::no_content()
+        }
+        Err(e) => ApiResponse::fault(e),
+    }
+}
+
+/// Applies one pre-boot request to `config`. InstanceStart is the caller's.
+pub fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiResponse {
+    match request {
+        ApiRequest::GetInstanceInfo => instance_info(id, "Not started"),
+        ApiRequest::GetVersion => version(),
+        ApiRequest::GetMachineConfig => to_json(&config.machine_config),
+        ApiRequest::GetVmConfig => to_json(config),
+        ApiRequest::PutMachineConfig(mc) => match mc.validate(host_ram_bytes()) {
+            Ok(()) => {
+                config.machine_config = mc;
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::fault(e),
+        },
+        ApiRequest::PatchMachineConfig(update) => patch_machine(config, update),
+        ApiRequest::PutBootSource(boot) => {
+            if let Err(r) = check_readable("kernel image", &boot.kernel_image_path) {
+                return r;
+            }
+            if let Some(initrd) = &boot.initrd_path {
+                if let Err(r) = check_readable("initrd", initrd) {
+                    return r;
+                }
+            }
+            if let Err(e) = crate::loader::build_cmdline(boot.boot_args()) {
+                return ApiResponse::fault(e);
+            }
+            config.boot_source = Some(boot);
+            ApiResponse::no_content()
+        }
+        ApiRequest::PutDrive(drive) => {
+            if let Err(r) =
+                check_readable(&format!("drive {}", drive.drive_id), &drive.path_on_host)
+            {
+                return r;
+            }
+            let mut candidate = config.clone();
+            upsert_drive(&mut candidate.drives, drive);
+            match candidate.validate_devices() {
+                Ok(()) => {
+                    *config = candidate;
+                    ApiResponse::no_content()
+                }
+                Err(e) => ApiResponse::fault(e),
+            }
+        }
+        ApiRequest::PutNetworkInterface(iface) => {
+            let mut candidate = config.clone();
+            upsert_interface(&mut candidate.network_interfaces, iface);
+            match candidate.validate_devices() {
+                Ok(()) => {
+                    *config = candidate;
+                    ApiResponse::no_content()
+                }
+                Err(e) => ApiResponse::fault(e),
+            }
+        }
+        ApiRequest::PutLogger(cfg) => put_logger(&cfg),
+        ApiRequest::PutMetrics(_) | ApiRequest::Action(Action::FlushMetrics) => {
+            ApiResponse::fault(METRICS_NOT_YET)
+        }
+        ApiRequest::Action(Action::SendCtrlAltDel) => {
+            ApiResponse::fault("The microVM is not running yet.")
+        }
+        ApiRequest::Action(Action::InstanceStart) => {
+            ApiResponse::fault("InstanceStart is handled by the VMM thread (internal error)")
+        }
+        ApiRequest::PatchVm(_) | ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => {
+            ApiResponse::fault(SNAPSHOTS_NOT_YET)
+        }
+    }
+}
+
+/// Serves the API of a running microVM from the event loop.
+pub struct RunningApi {
+    inbox: ApiInbox,
+    config: VmConfig,
+    id: String,
+    i8042: Arc<Mutex<I8042Device>>,
+}
+
+impl RunningApi {
+    pub fn new(
+        inbox: ApiInbox,
+        config: VmConfig,
+        id: String,
+        i8042: Arc<Mutex<I8042Device>>,
+    ) -> Self {
+        Self {
+            inbox,
+            config,
+            id,
+            i8042,
+        }
+    }
+
+    fn handle(&mut self, request: ApiRequest) -> ApiResponse {
+        match request {
+            ApiRequest::GetInstanceInfo => instance_info(&self.id, "Running"),
+            ApiRequest::GetVersion => version(),
+            ApiRequest::GetMachineConfig => to_json(&self.config.machine_config),
+            ApiRequest::GetVmConfig => to_json(&self.config),
+            ApiRequest::PutLogger(cfg) => put_logger(&cfg),
+            ApiRequest::Action(Action::SendCtrlAltDel) => {
+                self.i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send_ctrl_alt_del();
+                ApiResponse::no_content()
+            }
+            ApiRequest::Action(Action::InstanceStart) => {
+                ApiResponse::fault("The microVM is already running.")
+            }
+            ApiRequest::PutMetrics(_) | ApiRequest::Action(Action::FlushMetrics) => {
+                ApiResponse::fault(METRICS_NOT_YET)
+            }
+            ApiRequest::PatchVm(_)
+            | ApiRequest::CreateSnapshot(_)
+            | ApiRequest::LoadSnapshot(_) => ApiResponse::fault(SNAPSHOTS_NOT_YET),
+            ApiRequest::PutMachineConfig(_)
+            | ApiRequest::PatchMachineConfig(_)
+            | ApiRequest::PutBootSource(_)
+            | ApiRequest::PutDrive(_)
+            | ApiRequest::PutNetworkInterface(_) => ApiResponse::fault(NOT_AFTER_START),
+        }
+    }
+}
+
+impl MutEventSubscriber for RunningApi {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.inbox.wake, EventSet::IN)) {
+            log::error!("API: cannot watch for requests: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() != self.inbox.wake.as_raw_fd() {
+            return;
+        }
+        let _ = self.inbox.wake.read();
+        while let Ok(message) = self.inbox.requests.try_recv() {
+            let response = self.handle(message.request);
+            // The API thread may have given up on a closed connection; nothing to do then.
+            let _ = message.reply.send(response);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::request::parse;
+
+    fn put(config: &mut VmConfig, path: &str, body: &str) -> ApiResponse {
+        handle_preboot(config, "t", parse("PUT", path, body.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn preboot_configuration_is_validated_per_request() {
+        let mut config = VmConfig::default();
+        let r = put(
+            &mut config,
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(config.machine_config.vcpu_count, 2);
+        let r = put(
+            &mut config,
+            "/machine-config",
+            r#"{"vcpu_count": 0, "mem_size_mib": 256}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            config.machine_config.vcpu_count, 2,
+            "a refused PUT changes nothing"
+        );
+        let r = handle_preboot(
+            &mut config,
+            "t",
+            parse("PATCH", "/machine-config", br#"{"mem_size_mib": 512}"#).unwrap(),
+        );
+        assert_eq!((r.status, config.machine_config.mem_size_mib), (204, 512));
+
+        let r = put(
+            &mut config,
+            "/boot-source",
+            r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert!(r.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/vmlinux"));
+        let r = put(
+            &mut config,
+            "/boot-source",
+            r#"{"kernel_image_path": "/proc/self/exe"}"#,
+        );
+        assert_eq!(r.status, 204);
+
+        let drive =
+            r#"{"drive_id": "d1", "path_on_host": "/proc/self/exe", "is_root_device": true}"#;
+        assert_eq!(put(&mut config, "/drives/d1", drive).status, 204);
+        assert_eq!(
+            put(&mut config, "/drives/d1", drive).status,
+            204,
+            "PUT replaces"
+        );
+        assert_eq!(config.drives.len(), 1);
+        let second_root =
+            r#"{"drive_id": "d2", "path_on_host": "/proc/self/exe", "is_root_device": true}"#;
+        assert_eq!(put(&mut config, "/drives/d2", second_root).status, 400);
+        assert_eq!(config.drives.len(), 1);
+
+        let iface = r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#;
+        assert_eq!(
+            put(&mut config, "/network-interfaces/eth0", iface).status,
+            204
+        );
+        let same_tap = r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#;
+        assert_eq!(
+            put(&mut config, "/network-interfaces/eth1", same_tap).status,
+            400
+        );
+
+        let r = handle_preboot(&mut config, "t", ApiRequest::GetVmConfig);
+        let body = r.body.unwrap();
+        assert_eq!(body["machine-config"]["mem_size_mib"], 512);
+        assert_eq!(body["drives"][0]["drive_id"], "d1");
+        let r = handle_preboot(&mut config, "vm-7", ApiRequest::GetInstanceInfo);
+        assert_eq!(r.body.unwrap()["state"], "Not started");
+    }
+}
