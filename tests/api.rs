@@ -236,6 +236,57 @@ fn bad_requests_get_400_and_a_fault_message() -> Result<(), Failed> {
     check(answer.contains("already running"), || answer.clone())
 }
 
+/// Pausing stops the guest (an invocation sent while paused gets no answer) and resuming
+/// lets it finish, with the function's state intact.
+fn pause_and_resume_a_function_vm() -> Result<(), Failed> {
+    use support::function_vm::{FunctionVm, VmSpec};
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("api-pause");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.function = Some("counter".into());
+    spec.api = true;
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let socket = scratch.path("api.sock");
+    let api = |method: &str, path: &str, body: &str| unix_request(&socket, method, path, body);
+    let (status, body) = vm.invoke("counter", b"")?;
+    check(status == 200 && body == b"1", || {
+        format!("first count: {status} {body:?}")
+    })?;
+
+    // Connect first: a paused guest cannot answer a TCP handshake either.
+    let mut conn = vm.conn()?;
+    let (status, answer) = api("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+    check(status == 204, || format!("pause: {status} {answer}"))?;
+    let (_, info) = api("GET", "/", "")?;
+    check(info.contains("\"state\":\"Paused\""), || info.clone())?;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(conn.request("POST", "/invoke", b""));
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    check(rx.try_recv().is_err(), || {
+        "a paused guest answered an invocation".into()
+    })?;
+
+    let (status, answer) = api("PATCH", "/vm", r#"{"state": "Resumed"}"#)?;
+    check(status == 204, || format!("resume: {status} {answer}"))?;
+    let answered = rx
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| "no answer after resume")??;
+    check(answered == (200, b"2".to_vec()), || {
+        format!("count after resume: {answered:?}")
+    })?;
+    let (status, body) = vm.invoke("counter", b"")?;
+    check(status == 200 && body == b"3", || {
+        format!("third count: {status} {body:?}")
+    })?;
+    let (status, answer) = api("PATCH", "/vm", r#"{"state": "Resumed"}"#)?;
+    check(status == 400 && answer.contains("not paused"), || {
+        format!("resume twice: {status} {answer}")
+    })
+}
+
 fn live_socket_is_not_taken_over() -> Result<(), Failed> {
     let scratch = Scratch::new("api-busy");
     let first = ApiVmm::start(&scratch)?;
@@ -266,6 +317,10 @@ fn main() -> ExitCode {
             Trial::test(
                 "live_socket_is_not_taken_over",
                 live_socket_is_not_taken_over,
+            ),
+            Trial::test(
+                "pause_and_resume_a_function_vm",
+                pause_and_resume_a_function_vm,
             ),
         ]
     })

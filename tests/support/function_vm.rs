@@ -28,6 +28,8 @@ pub struct VmSpec {
     pub extra_drives: Vec<Drive>,
     /// The function `POST /invoke` serves.
     pub function: Option<String>,
+    /// Serve the API on `api.sock` in the scratch folder (the VM still boots from the file).
+    pub api: bool,
 }
 
 impl VmSpec {
@@ -40,6 +42,7 @@ impl VmSpec {
             root_read_only: true,
             extra_drives: Vec::new(),
             function: None,
+            api: false,
         }
     }
 }
@@ -114,9 +117,14 @@ impl FunctionVm {
     pub fn boot(guest: &GuestArtifacts, spec: &VmSpec, scratch: &Scratch) -> Result<Self, String> {
         let ns = NetNs::with_tap("fn")?;
         let config = scratch.write("vm.json", config_json(&guest.vmlinux, spec));
-        let mut child = ns
-            .command(reapvm_bin())
-            .args(["--no-api", "--boot-timer", "--config-file"])
+        let mut command = ns.command(reapvm_bin());
+        if spec.api {
+            command.arg("--api-sock").arg(scratch.path("api.sock"));
+        } else {
+            command.arg("--no-api");
+        }
+        let mut child = command
+            .args(["--boot-timer", "--config-file"])
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

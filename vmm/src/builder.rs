@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +25,7 @@ use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::microvm::{MicroVm, Subscriber};
-use crate::vcpu::{ExitSignal, Vcpu, VcpuError};
+use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
 use crate::vm::{Vm, VmError};
 
 const I8042_KBD_IRQ: u32 = 1;
@@ -273,17 +272,17 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         what: "VM exits",
         source,
     })?);
-    let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(RunControl::new());
     let mut subscribers: Vec<Subscriber> = mmio.take_subscribers();
     if opts.console_in {
         subscribers.push(Arc::new(Mutex::new(StdinToSerial::new(serial))));
     }
-    let mut microvm = MicroVm {
-        vcpus: Vec::with_capacity(vcpus.len()),
-        stop: stop.clone(),
+    let microvm = MicroVm {
+        vcpus: Arc::new(VcpuGroup::new(control.clone())),
         exit: exit.clone(),
         reset_evt,
         i8042,
+        devices: mmio.devices(),
         subscribers,
         vm,
         guest_memory,
@@ -291,7 +290,9 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     };
     for vcpu in vcpus {
         // If a later thread fails to start, dropping `microvm` stops the ones already running.
-        microvm.vcpus.push(vcpu.start(stop.clone(), exit.clone())?);
+        microvm
+            .vcpus
+            .push(vcpu.start(control.clone(), exit.clone())?);
     }
     log::info!(
         "started: {} vCPU(s), {} MiB, kernel {} entry {:#x}",

@@ -62,6 +62,7 @@ pub struct MmioDeviceManager {
     next_irq: u32,
     slots: Vec<MmioSlot>,
     subscribers: Vec<Subscriber>,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
 }
 
 impl Default for MmioDeviceManager {
@@ -78,6 +79,7 @@ impl MmioDeviceManager {
             next_irq: FIRST_IRQ,
             slots: Vec::new(),
             subscribers: Vec::new(),
+            devices: Vec::new(),
         }
     }
 
@@ -128,7 +130,8 @@ impl MmioDeviceManager {
                 id: id.to_string(),
                 source,
             })?;
-        self.subscribers.push(device);
+        self.subscribers.push(device.clone());
+        self.devices.push(device);
         let slot = MmioSlot {
             id: id.to_string(),
             addr,
@@ -154,5 +157,10 @@ impl MmioDeviceManager {
 
     pub fn take_subscribers(&mut self) -> Vec<Subscriber> {
         std::mem::take(&mut self.subscribers)
+    }
+
+    /// The attached devices, for pausing and resuming them with the VM.
+    pub fn devices(&self) -> Vec<Arc<Mutex<dyn VirtioDevice>>> {
+        self.devices.clone()
     }
 }

@@ -128,8 +128,7 @@ fn main() -> ExitCode {
                 }
             },
         };
-        let i8042 = microvm.i8042();
-        let api = RunningApi::new(inbox, config, cli.id.clone(), i8042);
+        let api = RunningApi::new(inbox, config, cli.id.clone(), &microvm);
         microvm.add_subscriber(Arc::new(Mutex::new(api)));
         microvm
     };

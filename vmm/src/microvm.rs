@@ -4,6 +4,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
@@ -11,8 +12,47 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::legacy::I8042Device;
+use devices::virtio::VirtioDevice;
 
-use crate::vcpu::{ExitSignal, VcpuHandle, VmExitReason};
+use crate::vcpu::{ExitSignal, PauseError, VcpuGroup, VmExitReason};
+
+/// How long a pause waits for every vCPU to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pauses and resumes a running VM: vCPUs first, then devices (and the reverse on resume),
+/// so nothing touches guest memory while paused.
+pub struct PauseHandle {
+    vcpus: Arc<VcpuGroup>,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+}
+
+impl PauseHandle {
+    pub fn pause(&self) -> Result<(), PauseError> {
+        if let Err(e) = self.vcpus.pause(PAUSE_TIMEOUT) {
+            // Do not leave some vCPUs parked and others running.
+            let _ = self.vcpus.resume();
+            return Err(e);
+        }
+        for device in &self.devices {
+            device.lock().unwrap_or_else(|p| p.into_inner()).pause();
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), PauseError> {
+        if !self.vcpus.is_paused() {
+            return Err(PauseError::NotPaused);
+        }
+        for device in &self.devices {
+            device.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+        self.vcpus.resume()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
+    }
+}
 use crate::vm::Vm;
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -59,11 +99,11 @@ impl MutEventSubscriber for ExitWatcher {
 pub struct MicroVm {
     // Field order is drop order: vCPU threads are joined in `run` before KVM state and guest
     // memory go away.
-    pub(crate) vcpus: Vec<VcpuHandle>,
-    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) vcpus: Arc<VcpuGroup>,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) reset_evt: EventFd,
     pub(crate) i8042: Arc<Mutex<I8042Device>>,
+    pub(crate) devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) vm: Vm,
     pub(crate) guest_memory: GuestMemoryMmap,
@@ -120,12 +160,14 @@ impl MicroVm {
     }
 
     fn stop_vcpus(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        for vcpu in &self.vcpus {
-            vcpu.kick();
-        }
-        for vcpu in self.vcpus.drain(..) {
-            vcpu.join();
+        self.vcpus.stop();
+    }
+
+    /// What pauses and resumes this VM (vCPUs and devices) from the event loop.
+    pub fn pause_handle(&self) -> PauseHandle {
+        PauseHandle {
+            vcpus: self.vcpus.clone(),
+            devices: self.devices.clone(),
         }
     }
 }

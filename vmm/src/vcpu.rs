@@ -2,9 +2,9 @@
 //! the buses until the VM stops.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::Bus;
 use kvm_bindings::{kvm_run, CpuId};
@@ -138,25 +138,35 @@ impl Vcpu {
         lapic::set_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })
     }
 
-    /// Starts the vCPU's thread. It runs until the VM stops (reported to `exit`) or `stop`
-    /// is set and the thread is kicked.
+    /// Starts the vCPU's thread. It runs, pauses and stops as `control` says (the thread is
+    /// kicked out of KVM_RUN to notice), or until the VM stops (reported to `exit`).
     pub fn start(
         self,
-        stop: Arc<AtomicBool>,
+        control: Arc<RunControl>,
         exit: Arc<ExitSignal>,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
-        let thread = std::thread::Builder::new()
+        control.thread_started();
+        let thread_control = control.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("fc_vcpu {index}"))
-            .spawn(move || self.run(&stop, &exit))
-            .map_err(|source| VcpuError::Spawn { index, source })?;
-        Ok(VcpuHandle { thread })
+            .spawn(move || {
+                self.run(&thread_control, &exit);
+                thread_control.thread_exited();
+            });
+        match spawned {
+            Ok(thread) => Ok(VcpuHandle { thread }),
+            Err(source) => {
+                control.thread_exited();
+                Err(VcpuError::Spawn { index, source })
+            }
+        }
     }
 
-    fn run(mut self, stop: &AtomicBool, exit: &ExitSignal) {
+    fn run(mut self, control: &RunControl, exit: &ExitSignal) {
         KVM_RUN.with(|ptr| ptr.set(self.fd.get_kvm_run() as *mut kvm_run));
-        while !stop.load(Ordering::Acquire) {
+        while control.wait_until_runnable() {
             match self.run_once() {
                 Ok(None) => {}
                 Ok(Some(reason)) => {
@@ -226,12 +236,199 @@ impl Vcpu {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Desired {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct RunState {
+    desired: Desired,
+    /// vCPU threads alive, and how many of them are parked in the paused state.
+    live: usize,
+    parked: usize,
+}
+
+/// Tells the vCPU threads whether to run, pause or stop, and lets the VMM wait until they
+/// have all paused.
+#[derive(Debug)]
+pub struct RunControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RunControl {
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(RunState {
+                desired: Desired::Run,
+                live: 0,
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn thread_started(&self) {
+        self.lock().live += 1;
+    }
+
+    fn thread_exited(&self) {
+        self.lock().live -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused; false when it must stop.
+    fn wait_until_runnable(&self) -> bool {
+        let mut state = self.lock();
+        let mut parked = false;
+        loop {
+            match state.desired {
+                Desired::Run => break,
+                Desired::Stop => break,
+                Desired::Pause => {
+                    if !parked {
+                        parked = true;
+                        state.parked += 1;
+                        self.changed.notify_all();
+                    }
+                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+        if parked {
+            state.parked -= 1;
+        }
+        state.desired == Desired::Run
+    }
+
+    fn set(&self, desired: Desired) {
+        self.lock().desired = desired;
+        self.changed.notify_all();
+    }
+
+    /// Waits until every live vCPU thread is parked; false on timeout.
+    fn wait_all_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while state.parked < state.live {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().desired == Desired::Pause
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the vCPUs did not pause within {0:?}")]
+    Timeout(Duration),
+    #[error("the microVM is not paused")]
+    NotPaused,
+}
+
+/// The vCPU threads of one VM, shared by the event loop and the API.
+pub struct VcpuGroup {
+    control: Arc<RunControl>,
+    handles: Mutex<Vec<VcpuHandle>>,
+}
+
+impl VcpuGroup {
+    pub fn new(control: Arc<RunControl>) -> Self {
+        Self {
+            control,
+            handles: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn push(&self, handle: VcpuHandle) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+    }
+
+    fn kick_all(&self) {
+        for handle in self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            handle.kick();
+        }
+    }
+
+    /// Stops every vCPU between two KVM_RUNs. An exit in flight is handled first (the thread
+    /// finishes the exit it is serving before it looks at the request); the kick makes a
+    /// running KVM_RUN return at once.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        self.control.set(Desired::Pause);
+        self.kick_all();
+        if self.control.wait_all_parked(timeout) {
+            Ok(())
+        } else {
+            Err(PauseError::Timeout(timeout))
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), PauseError> {
+        if !self.control.is_paused() {
+            return Err(PauseError::NotPaused);
+        }
+        self.control.set(Desired::Run);
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&self) {
+        self.control.set(Desired::Stop);
+        self.kick_all();
+        let handles: Vec<VcpuHandle> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for handle in handles {
+            handle.join();
+        }
+    }
+}
+
 pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
 impl VcpuHandle {
-    /// Interrupts KVM_RUN so that the thread sees the stop flag.
+    /// Interrupts KVM_RUN so that the thread sees a pause or stop request.
     pub fn kick(&self) {
         if self.thread.is_finished() {
             return;
@@ -259,7 +456,7 @@ fn kick_signal() -> i32 {
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Setting immediate_exit makes a KVM_RUN that is about to start return EINTR at once, so a
-    // kick that lands between the stop-flag check and KVM_RUN is not lost.
+    // kick that lands between the run-state check and KVM_RUN is not lost.
     KVM_RUN.with(|ptr| {
         let run = ptr.get();
         if !run.is_null() {

@@ -84,6 +84,7 @@ pub struct Block {
     activate_evt: EventFd,
     active: Option<Active>,
     buffer: Vec<u8>,
+    paused: bool,
 }
 
 impl Block {
@@ -122,6 +123,7 @@ impl Block {
                 .map_err(|e| BlockError::Event(id.to_string(), e))?,
             active: None,
             buffer: Vec::new(),
+            paused: false,
         })
     }
 
@@ -378,6 +380,16 @@ impl VirtioDevice for Block {
         self.active = None;
         let _ = self.activate_evt.write(1);
     }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        // Wake the event loop to serve requests queued while paused.
+        let _ = self.activate_evt.write(1);
+    }
 }
 
 impl MutEventSubscriber for Block {
@@ -419,6 +431,10 @@ impl MutEventSubscriber for Block {
             return;
         }
         let _ = active.queue_evt.read();
+        if self.paused {
+            // Served on resume.
+            return;
+        }
         if self.process_queue() {
             self.active
                 .as_ref()

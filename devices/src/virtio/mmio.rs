@@ -369,6 +369,8 @@ mod tests {
         fn reset(&mut self) {
             self.resets += 1;
         }
+        fn pause(&mut self) {}
+        fn resume(&mut self) {}
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {

@@ -110,4 +110,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving and forget the queues.
     fn reset(&mut self);
+    /// The VM is paused: touch neither the queues nor guest memory until `resume`.
+    fn pause(&mut self);
+    /// Serve again, including whatever arrived while paused.
+    fn resume(&mut self);
 }

@@ -73,6 +73,7 @@ pub struct Net {
     tap_watched: bool,
     /// Frames the guest's buffers were too small for (counted, logged once).
     rx_truncated: u64,
+    paused: bool,
 }
 
 impl Net {
@@ -100,6 +101,7 @@ impl Net {
             tx_buf: vec![0; MAX_FRAME],
             tap_watched: false,
             rx_truncated: 0,
+            paused: false,
         })
     }
 
@@ -327,6 +329,16 @@ impl VirtioDevice for Net {
         self.pending_rx = None;
         let _ = self.activate_evt.write(1);
     }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        // Wake the event loop: watch the tap again and send what the guest queued.
+        let _ = self.activate_evt.write(1);
+    }
 }
 
 impl MutEventSubscriber for Net {
@@ -352,9 +364,24 @@ impl MutEventSubscriber for Net {
                     }
                 }
                 active.registered = true;
-                self.on_rx_ready(ops);
-                if self.process_tx() {
-                    self.signal();
+            }
+            if self.paused {
+                return;
+            }
+            self.on_rx_ready(ops);
+            if self.process_tx() {
+                self.signal();
+            }
+            return;
+        }
+        if self.paused {
+            // Leave frames in the tap and requests in the queues until resume.
+            self.watch_tap(ops, false);
+            if let Some(active) = self.active.as_ref() {
+                for evt in &active.queue_evts {
+                    if evt.as_raw_fd() == fd {
+                        let _ = evt.read();
+                    }
                 }
             }
             return;

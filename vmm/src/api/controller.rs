@@ -9,18 +9,19 @@ use devices::legacy::I8042Device;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::json;
 
-use super::request::{Action, ApiRequest, MachineConfigUpdate};
+use super::request::{Action, ApiRequest, MachineConfigUpdate, VmStateChange};
 use super::server::{ApiInbox, ApiResponse};
 use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
 use crate::logger;
 use crate::memory::host_ram_bytes;
+use crate::microvm::{MicroVm, PauseHandle};
 
 /// The Firecracker API version reapvm speaks (for clients that gate features on it).
 pub const FIRECRACKER_API_VERSION: &str = "1.10.1";
 
 const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
-const SNAPSHOTS_NOT_YET: &str = "Pausing and snapshots are not supported by reapvm yet.";
+const SNAPSHOTS_NOT_YET: &str = "Snapshots are not supported by reapvm yet.";
 const METRICS_NOT_YET: &str = "Metrics are not supported by reapvm yet.";
 
 fn instance_info(id: &str, state: &str) -> ApiResponse {
@@ -178,7 +179,8 @@ pub fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> A
         ApiRequest::Action(Action::InstanceStart) => {
             ApiResponse::fault("InstanceStart is handled by the VMM thread (internal error)")
         }
-        ApiRequest::PatchVm(_) | ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => {
+        ApiRequest::PatchVm(_) => ApiResponse::fault("The microVM is not running yet."),
+        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => {
             ApiResponse::fault(SNAPSHOTS_NOT_YET)
         }
     }
@@ -190,26 +192,44 @@ pub struct RunningApi {
     config: VmConfig,
     id: String,
     i8042: Arc<Mutex<I8042Device>>,
+    pause: PauseHandle,
 }
 
 impl RunningApi {
-    pub fn new(
-        inbox: ApiInbox,
-        config: VmConfig,
-        id: String,
-        i8042: Arc<Mutex<I8042Device>>,
-    ) -> Self {
+    pub fn new(inbox: ApiInbox, config: VmConfig, id: String, microvm: &MicroVm) -> Self {
         Self {
             inbox,
             config,
             id,
-            i8042,
+            i8042: microvm.i8042(),
+            pause: microvm.pause_handle(),
         }
     }
 
     fn handle(&mut self, request: ApiRequest) -> ApiResponse {
         match request {
-            ApiRequest::GetInstanceInfo => instance_info(&self.id, "Running"),
+            ApiRequest::GetInstanceInfo => instance_info(
+                &self.id,
+                if self.pause.is_paused() {
+                    "Paused"
+                } else {
+                    "Running"
+                },
+            ),
+            ApiRequest::PatchVm(VmStateChange::Paused) => match self.pause.pause() {
+                Ok(()) => {
+                    log::info!("the microVM is paused");
+                    ApiResponse::no_content()
+                }
+                Err(e) => ApiResponse::fault(e),
+            },
+            ApiRequest::PatchVm(VmStateChange::Resumed) => match self.pause.resume() {
+                Ok(()) => {
+                    log::info!("the microVM is resumed");
+                    ApiResponse::no_content()
+                }
+                Err(e) => ApiResponse::fault(e),
+            },
             ApiRequest::GetVersion => version(),
             ApiRequest::GetMachineConfig => to_json(&self.config.machine_config),
             ApiRequest::GetVmConfig => to_json(&self.config),
@@ -227,9 +247,9 @@ impl RunningApi {
             ApiRequest::PutMetrics(_) | ApiRequest::Action(Action::FlushMetrics) => {
                 ApiResponse::fault(METRICS_NOT_YET)
             }
-            ApiRequest::PatchVm(_)
-            | ApiRequest::CreateSnapshot(_)
-            | ApiRequest::LoadSnapshot(_) => ApiResponse::fault(SNAPSHOTS_NOT_YET),
+            ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => {
+                ApiResponse::fault(SNAPSHOTS_NOT_YET)
+            }
             ApiRequest::PutMachineConfig(_)
             | ApiRequest::PatchMachineConfig(_)
             | ApiRequest::PutBootSource(_)
