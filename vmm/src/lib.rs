@@ -14,6 +14,7 @@ pub mod memory;
 pub mod microvm;
 pub mod vcpu;
 pub mod vm;
+pub mod vstate;
 
 pub use builder::{build_and_start, BuildError, StartOptions};
 pub use config::VmConfig;

@@ -114,6 +114,10 @@ impl Vcpu {
         &self.fd
     }
 
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
     /// Sets CPUID, boot MSRs, registers for the 64-bit entry at `entry`, FPU and LAPIC LINTs,
     /// in this order (CPUID first: KVM checks MSRs and XSAVE state against it).
     pub fn configure_for_boot(
