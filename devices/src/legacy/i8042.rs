@@ -60,12 +60,21 @@ const CTRL_ALT_DEL_SET2: [u8; 11] = [
 ];
 
 /// What the next byte written to the data port means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum PendingData {
     KeyboardCommand,
     ControllerConfig,
     OutputPort,
     Swallow,
+}
+
+/// The controller's state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    ctr: u8,
+    status: u8,
+    output: Vec<u8>,
+    pending: PendingData,
 }
 
 pub struct I8042Device {
@@ -88,6 +97,28 @@ impl I8042Device {
             output: VecDeque::new(),
             pending: PendingData::KeyboardCommand,
         }
+    }
+
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            pending: self.pending,
+        }
+    }
+
+    /// Takes over a saved state; an output queue longer than the device keeps is cut.
+    pub fn restore(&mut self, state: &I8042State) {
+        self.ctr = state.ctr;
+        self.status = state.status;
+        self.output = state
+            .output
+            .iter()
+            .copied()
+            .take(OUTPUT_QUEUE_MAX)
+            .collect();
+        self.pending = state.pending;
     }
 
     /// Presses and releases Ctrl-Alt-Del, as `SendCtrlAltDel` does in Firecracker.
@@ -284,6 +315,26 @@ mod tests {
         assert_eq!(read(&mut dev, DATA_OFFSET), KBD_SELF_TEST_PASSED);
         dev.write(DATA_OFFSET, &[0xed]);
         assert_eq!(read(&mut dev, DATA_OFFSET), KBD_ACK);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut dev, _, _) = device();
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        dev.write(DATA_OFFSET, &[0x45]);
+        dev.write(DATA_OFFSET, &[KBD_GET_ID]);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        let saved = serde_json::to_string(&dev.state()).unwrap();
+        let (mut copy, _, _) = device();
+        copy.restore(&serde_json::from_str(&saved).unwrap());
+        assert_eq!(copy.state(), dev.state());
+        // The pending CTR write and the queued keyboard answer carry over.
+        copy.write(DATA_OFFSET, &[0x47]);
+        assert_eq!(read(&mut copy, DATA_OFFSET), KBD_ACK);
+        assert_eq!(read(&mut copy, DATA_OFFSET), KBD_ID[0]);
+        copy.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        read(&mut copy, DATA_OFFSET);
+        assert_eq!(read(&mut copy, DATA_OFFSET), 0x47);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::{BusDevice, EventFdTrigger};
@@ -10,6 +10,21 @@ use crate::{BusDevice, EventFdTrigger};
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_PORT_LEN: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
+
+/// The UART's registers and receive FIFO in a snapshot (vm-superio's SerialState).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
 
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
@@ -21,6 +36,45 @@ impl SerialDevice {
         Self {
             uart: Serial::new(interrupt, out),
         }
+    }
+
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state; an oversized receive FIFO is refused by vm-superio.
+    pub fn from_state(
+        state: &SerialSnapshot,
+        interrupt: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, interrupt, NoEvents, out)
+            .map_err(|e| format!("serial state refused: {e}"))?;
+        Ok(Self { uart })
     }
 
     /// Queues console input for the guest; returns how many bytes fit in the receive FIFO.
@@ -105,5 +159,40 @@ mod tests {
         assert_eq!(byte[0], b'o');
         dev.read(0, &mut byte);
         assert_eq!(byte[0], b'k');
+    }
+
+    #[test]
+    fn state_round_trips_with_pending_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(
+            EventFdTrigger::new(irq.try_clone().unwrap()),
+            Box::new(std::io::sink()),
+        );
+        dev.write(3, &[0x03]); // 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"xy");
+        let saved = serde_json::to_string(&dev.state()).unwrap();
+        let restored: SerialSnapshot = serde_json::from_str(&saved).unwrap();
+        let mut copy = SerialDevice::from_state(
+            &restored,
+            EventFdTrigger::new(irq),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        assert_eq!(copy.state(), dev.state());
+        let mut byte = [0u8];
+        copy.read(0, &mut byte);
+        assert_eq!(byte[0], b'x');
+        copy.read(7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        let mut oversized = restored.clone();
+        oversized.in_buffer = vec![0; 1 << 20];
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialDevice::from_state(
+            &oversized,
+            EventFdTrigger::new(irq2),
+            Box::new(std::io::sink())
+        )
+        .is_err());
     }
 }

@@ -385,6 +385,10 @@ impl VirtioDevice for Block {
         self.paused = true;
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     fn resume(&mut self) {
         self.paused = false;
         // Wake the event loop to serve requests queued while paused.

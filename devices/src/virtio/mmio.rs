@@ -3,7 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,6 +26,71 @@ pub enum MmioError {
         queue: usize,
         source: std::io::Error,
     },
+    #[error("saved state has {saved} queues, the device has {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("saved queue {queue} is invalid: {reason}")]
+    BadQueue { queue: usize, reason: String },
+    #[error("the device refused its saved queues: {0}")]
+    Activate(String),
+}
+
+/// A queue in a snapshot (virtio-queue's QueueState, which has no serde of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's registers and its device's queues, in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    pub device_status: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
 }
 
 pub struct MmioTransport {
@@ -75,6 +141,92 @@ impl MmioTransport {
             device_status: 0,
             config_generation: 0,
         })
+    }
+
+    /// The state to save; taken while the VM is paused. An active device reports its own
+    /// queues, whose ring positions have moved on since activation.
+    pub fn state(&self) -> MmioTransportState {
+        let live = lock(&self.device).queue_states();
+        let queues = live
+            .unwrap_or_else(|| self.queues.iter().map(Queue::state).collect())
+            .into_iter()
+            .map(QueueSnapshot::from)
+            .collect();
+        MmioTransportState {
+            device_status: self.device_status,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// A transport in a saved state. Saved state is untrusted: each queue is checked (sizes,
+    /// addresses inside guest memory) before an active device gets it back.
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        state: &MmioTransportState,
+    ) -> Result<Self, MmioError> {
+        let mut transport = Self::new(device, mem, interrupt)?;
+        if state.queues.len() != transport.queues.len() {
+            return Err(MmioError::QueueCount {
+                saved: state.queues.len(),
+                device: transport.queues.len(),
+            });
+        }
+        for (i, (saved, current)) in state
+            .queues
+            .iter()
+            .zip(transport.queues.iter_mut())
+            .enumerate()
+        {
+            if saved.max_size != current.max_size() {
+                return Err(MmioError::BadQueue {
+                    queue: i,
+                    reason: format!(
+                        "max size {} differs from the device's {}",
+                        saved.max_size,
+                        current.max_size()
+                    ),
+                });
+            }
+            let queue =
+                Queue::try_from(QueueState::from(*saved)).map_err(|e| MmioError::BadQueue {
+                    queue: i,
+                    reason: e.to_string(),
+                })?;
+            if queue.ready() && !queue.is_valid(&transport.mem) {
+                return Err(MmioError::BadQueue {
+                    queue: i,
+                    reason: "its rings lie outside guest memory".into(),
+                });
+            }
+            *current = queue;
+        }
+        transport.device_status = state.device_status;
+        transport.driver_features = state.driver_features;
+        transport.queue_select = state.queue_select;
+        transport.device_features_select = state.device_features_select;
+        transport.driver_features_select = state.driver_features_select;
+        transport.config_generation = state.config_generation;
+        transport.interrupt.set_status(state.interrupt_status);
+        if state.device_status & status::DRIVER_OK != 0
+            && state.device_status & status::DEVICE_NEEDS_RESET == 0
+        {
+            transport.activate();
+            if transport.device_status & status::DEVICE_NEEDS_RESET != 0 {
+                return Err(MmioError::Activate(format!(
+                    "device {} could not be reactivated",
+                    lock(&transport.device).device_type()
+                )));
+            }
+        }
+        Ok(transport)
     }
 
     /// The notification event of each queue, for the VMM to bind as ioeventfds.
@@ -371,6 +523,23 @@ mod tests {
         }
         fn pause(&mut self) {}
         fn resume(&mut self) {}
+        fn queue_states(&self) -> Option<Vec<QueueState>> {
+            self.activated.map(|n| {
+                (0..n)
+                    .map(|i| QueueState {
+                        max_size: [16, 32][i],
+                        next_avail: 5,
+                        next_used: 5,
+                        size: 16,
+                        ready: true,
+                        desc_table: 0x1000 * (i as u64 + 1),
+                        avail_ring: 0x1000 * (i as u64 + 1) + 0x100,
+                        used_ring: 0x1000 * (i as u64 + 1) + 0x200,
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
@@ -442,6 +611,81 @@ mod tests {
         assert_eq!(r(&mut t, 0x70), 0);
         assert_eq!(dev.lock().unwrap().resets, 1);
         assert!(!t.queues[0].ready());
+    }
+
+    fn activated() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let (mut t, dev) = transport();
+        w(&mut t, 0x70, status::ACKNOWLEDGE);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        w(&mut t, 0x70, 0xf);
+        (t, dev)
+    }
+
+    #[test]
+    fn state_round_trip_reactivates_with_ring_positions() {
+        let (t, _) = activated();
+        let saved = t.state();
+        assert_eq!(
+            saved.queues[0].next_avail, 5,
+            "the device's live queue, not the transport's copy"
+        );
+        let json = serde_json::to_string(&saved).unwrap();
+        let state: MmioTransportState = serde_json::from_str(&json).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dev = Arc::new(Mutex::new(Dummy::default()));
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let restored = MmioTransport::restore(dev.clone(), mem, irq, &state).unwrap();
+        assert_eq!(
+            dev.lock().unwrap().activated,
+            Some(2),
+            "the device serves again"
+        );
+        assert_eq!(restored.state(), saved);
+    }
+
+    #[test]
+    fn corrupt_queue_state_is_refused() {
+        let (t, _) = activated();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let new_irq = || Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut bad = t.state();
+        bad.queues[0].size = 3; // not a power of two
+        assert!(matches!(
+            MmioTransport::restore(
+                Arc::new(Mutex::new(Dummy::default())),
+                mem.clone(),
+                new_irq(),
+                &bad
+            ),
+            Err(MmioError::BadQueue { queue: 0, .. })
+        ));
+        let mut bad = t.state();
+        bad.queues[1].used_ring = 0xffff_0000;
+        assert!(MmioTransport::restore(
+            Arc::new(Mutex::new(Dummy::default())),
+            mem.clone(),
+            new_irq(),
+            &bad
+        )
+        .is_err());
+        let mut bad = t.state();
+        bad.queues.pop();
+        assert!(matches!(
+            MmioTransport::restore(Arc::new(Mutex::new(Dummy::default())), mem, new_irq(), &bad),
+            Err(MmioError::QueueCount {
+                saved: 1,
+                device: 2
+            })
+        ));
     }
 
     #[test]

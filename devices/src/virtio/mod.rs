@@ -75,6 +75,12 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Puts back a saved InterruptStatus without raising the line (a pending interrupt is in
+    /// the restored interrupt controller state).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// Everything a device needs to start serving its queues.
@@ -114,4 +120,7 @@ pub trait VirtioDevice: Send {
     fn pause(&mut self);
     /// Serve again, including whatever arrived while paused.
     fn resume(&mut self);
+    /// The live state of the queues the device serves (None before activation): what a
+    /// snapshot must carry, ring positions included.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
 }

@@ -334,6 +334,12 @@ impl VirtioDevice for Net {
         self.paused = true;
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(Queue::state).collect())
+    }
+
     fn resume(&mut self) {
         self.paused = false;
         // Wake the event loop: watch the tap again and send what the guest queued.
