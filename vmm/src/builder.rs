@@ -54,6 +54,8 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot list the MSRs to save: {0}")]
+    MsrList(crate::vstate::VcpuStateError),
     #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
@@ -251,8 +253,9 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         1
     };
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    let mut msrs_to_save = None;
     for index in 0..vcpu_count {
-        let vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;
+        let mut vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;
         let topology = Topology {
             cpu_index: index,
             vcpu_count,
@@ -265,6 +268,15 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
             tsc_deadline,
             kernel.entry,
         )?;
+        // Which MSRs can be read depends on the CPUID just set; probe once per VM.
+        if msrs_to_save.is_none() {
+            let msrs = crate::vstate::vcpu_state::msrs_to_save(&kvm, vcpu.fd())
+                .map_err(BuildError::MsrList)?;
+            msrs_to_save = Some(Arc::new(msrs));
+        }
+        if let Some(msrs) = &msrs_to_save {
+            vcpu.set_msrs_to_save(msrs.clone());
+        }
         vcpus.push(vcpu);
     }
 

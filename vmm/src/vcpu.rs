@@ -15,6 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::cpuid::{self, Topology};
 use crate::arch::{lapic, msr, regs};
+use crate::vstate::{self, VcpuState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -95,6 +96,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     pio_bus: Bus,
     mmio_bus: Bus,
+    /// The MSRs a saved state of this vCPU carries.
+    msrs_to_save: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -107,6 +110,7 @@ impl Vcpu {
             fd,
             pio_bus,
             mmio_bus,
+            msrs_to_save: Arc::new(Vec::new()),
         })
     }
 
@@ -116,6 +120,11 @@ impl Vcpu {
 
     pub fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// Which MSRs this vCPU's saved state carries (see `vstate::vcpu_state::msrs_to_save`).
+    pub fn set_msrs_to_save(&mut self, msrs: Arc<Vec<u32>>) {
+        self.msrs_to_save = msrs;
     }
 
     /// Sets CPUID, boot MSRs, registers for the 64-bit entry at `entry`, FPU and LAPIC LINTs,
@@ -170,7 +179,7 @@ impl Vcpu {
 
     fn run(mut self, control: &RunControl, exit: &ExitSignal) {
         KVM_RUN.with(|ptr| ptr.set(self.fd.get_kvm_run() as *mut kvm_run));
-        while control.wait_until_runnable() {
+        while control.wait_until_runnable(&mut self) {
             match self.run_once() {
                 Ok(None) => {}
                 Ok(Some(reason)) => {
@@ -253,6 +262,9 @@ struct RunState {
     /// vCPU threads alive, and how many of them are parked in the paused state.
     live: usize,
     parked: usize,
+    /// Bumped to ask parked vCPUs for their state; each answers in `saved[index]`.
+    save_generation: u64,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Tells the vCPU threads whether to run, pause or stop, and lets the VMM wait until they
@@ -276,6 +288,8 @@ impl RunControl {
                 desired: Desired::Run,
                 live: 0,
                 parked: 0,
+                save_generation: 0,
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
         }
@@ -295,19 +309,39 @@ impl RunControl {
     }
 
     /// Called by a vCPU thread between KVM_RUNs: parks while paused; false when it must stop.
-    fn wait_until_runnable(&self) -> bool {
+    /// `vcpu` is the calling thread's vCPU: before parking it finishes the exit it served
+    /// (so its registers are those of the next instruction), and while parked it answers
+    /// state-save requests.
+    fn wait_until_runnable(&self, vcpu: &mut Vcpu) -> bool {
         let mut state = self.lock();
         let mut parked = false;
+        let mut answered_generation = state.save_generation;
         loop {
             match state.desired {
                 Desired::Run => break,
                 Desired::Stop => break,
-                Desired::Pause => {
-                    if !parked {
-                        parked = true;
-                        state.parked += 1;
-                        self.changed.notify_all();
+                Desired::Pause if !parked => {
+                    drop(state);
+                    if let Err(e) = vstate::complete_pending_io(&mut vcpu.fd) {
+                        log::warn!("vCPU {}: {e}", vcpu.index);
                     }
+                    state = self.lock();
+                    parked = true;
+                    state.parked += 1;
+                    self.changed.notify_all();
+                }
+                Desired::Pause if state.save_generation != answered_generation => {
+                    answered_generation = state.save_generation;
+                    drop(state);
+                    let saved =
+                        VcpuState::save(&vcpu.fd, &vcpu.msrs_to_save).map_err(|e| e.to_string());
+                    state = self.lock();
+                    if let Some(slot) = state.saved.get_mut(usize::from(vcpu.index)) {
+                        *slot = Some(saved);
+                    }
+                    self.changed.notify_all();
+                }
+                Desired::Pause => {
                     state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
             }
@@ -344,6 +378,41 @@ impl RunControl {
     pub fn is_paused(&self) -> bool {
         self.lock().desired == Desired::Pause
     }
+
+    /// Asks every parked vCPU for its KVM state and waits for all `count` answers.
+    fn collect_states(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, PauseError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        if state.desired != Desired::Pause || state.parked < state.live {
+            return Err(PauseError::NotPaused);
+        }
+        state.saved = (0..count).map(|_| None).collect();
+        state.save_generation += 1;
+        self.changed.notify_all();
+        while state.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(PauseError::Timeout(timeout));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut states = Vec::with_capacity(count);
+        for (index, slot) in state.saved.drain(..).enumerate() {
+            match slot.expect("all answered") {
+                Ok(s) => states.push(s),
+                Err(reason) => return Err(PauseError::Save { index, reason }),
+            }
+        }
+        Ok(states)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -352,6 +421,8 @@ pub enum PauseError {
     Timeout(Duration),
     #[error("the microVM is not paused")]
     NotPaused,
+    #[error("cannot save the state of vCPU {index}: {reason}")]
+    Save { index: usize, reason: String },
 }
 
 /// The vCPU threads of one VM, shared by the event loop and the API.
@@ -409,6 +480,12 @@ impl VcpuGroup {
 
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
+    }
+
+    /// The KVM state of every vCPU, in index order; the VM must be paused.
+    pub fn save_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, PauseError> {
+        let count = self.handles.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.control.collect_states(count, timeout)
     }
 
     /// Stops and joins every vCPU thread.
@@ -526,6 +603,44 @@ mod kvm_tests {
         );
         // MXCSR is not compared: kvm-pvm hosts report it as 0 through KVM_GET_FPU.
         assert_eq!(vcpu.fd().get_fpu().unwrap().fcw, 0x37f);
+    }
+
+    /// A vCPU thread running a guest loop pauses, answers state requests while parked, and
+    /// resumes where it stopped.
+    #[test]
+    fn running_vcpu_pauses_saves_and_resumes() {
+        let code = [
+            0x48, 0xff, 0xc0, // inc rax
+            0xeb, 0xfb, // jmp back to the inc
+        ];
+        let (kvm, _vm, _mem, mut vcpu) = boot_vcpu(&code);
+        let msrs = crate::vstate::vcpu_state::msrs_to_save(&kvm, vcpu.fd()).unwrap();
+        vcpu.set_msrs_to_save(Arc::new(msrs));
+        let control = Arc::new(RunControl::new());
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let group = VcpuGroup::new(control.clone());
+        group.push(vcpu.start(control, exit.clone()).unwrap());
+        let count = |group: &VcpuGroup| {
+            std::thread::sleep(Duration::from_millis(200));
+            group.pause(Duration::from_secs(5)).expect("pause");
+            let states = group.save_states(Duration::from_secs(5)).expect("save");
+            states[0].regs.rax
+        };
+        let first = count(&group);
+        assert!(first > 0, "the loop ran before the pause");
+        let again = group.save_states(Duration::from_secs(5)).unwrap()[0]
+            .regs
+            .rax;
+        assert_eq!(again, first, "nothing runs while paused");
+        group.resume().unwrap();
+        let second = count(&group);
+        assert!(
+            second > first,
+            "the loop went on after resume ({first} -> {second})"
+        );
+        assert!(matches!(group.resume(), Ok(())));
+        group.stop();
+        assert_eq!(exit.reason(), None, "pausing is not an exit");
     }
 
     /// Runs real guest code in the boot state: a 64-bit load through RSI (zero page), a
