@@ -1,5 +1,8 @@
 //! A TAP network interface opened by name, with virtio-net headers (IFF_VNET_HDR) so that
 //! checksum and segmentation offloads pass straight through between the guest and the host.
+//! The tap is looked up in the network namespace reapvm runs in: tests, the demo and the
+//! benchmarks create a namespace (`ip netns add`) with the tap inside and start reapvm there,
+//! so guest traffic never reaches the host's own interfaces.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
