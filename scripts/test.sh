@@ -24,5 +24,16 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
 step "cargo test (KVM suites run: $place)"
-cargo test --workspace
-step "all tests passed"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+# No doctests in this workspace; every suite's own closing line is summed below.
+set +e
+cargo test --workspace --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# libtest lines look like "test result: ok. 17 passed; 0 failed; ..." (some with colours).
+read -r passed failed < <(sed 's/\x1b\[[0-9;]*m//g' "$log" |
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p+0, f+0 }')
+step "cargo test finished with exit code $rc"
+echo "summary: $passed passed, $failed failed"
+exit "$rc"
