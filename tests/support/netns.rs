@@ -10,6 +10,9 @@ use std::time::Duration;
 pub const HOST_IP: &str = "172.16.0.1";
 pub const GUEST_IP: &str = "172.16.0.2";
 pub const TAP: &str = "tap0";
+/// Every host-side tap gets the same MAC, so a guest restored from a snapshot (with the
+/// host's MAC in its ARP cache) reaches the tap of a new namespace at once.
+pub const HOST_TAP_MAC: &str = "02:00:ac:10:00:01";
 
 pub struct NetNs {
     pub name: String,
@@ -44,6 +47,7 @@ impl NetNs {
         let ns = Self { name };
         ns.exec_ip(&["link", "set", "lo", "up"])?;
         ns.exec_ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        ns.exec_ip(&["link", "set", TAP, "address", HOST_TAP_MAC])?;
         ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
         ns.exec_ip(&["link", "set", TAP, "up"])?;
         Ok(ns)

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{
-    BootTimer, I8042Device, SerialDevice, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
-    I8042_PORT, I8042_PORT_LEN,
+    BootTimer, I8042Device, I8042State, SerialDevice, SerialSnapshot, BOOT_TIMER_PORT, COM1_IRQ,
+    COM1_PORT, COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
@@ -54,6 +54,10 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("device state: {0}")]
+    DeviceState(String),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
     #[error("cannot list the MSRs to save: {0}")]
     MsrList(crate::vstate::VcpuStateError),
     #[error(transparent)]
@@ -151,57 +155,23 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     let guest_memory = memory::create_guest_memory(ram_size)?;
     vm.register_memory(&guest_memory)?;
 
-    // Legacy devices on the port I/O bus, their interrupt lines as irqfds.
-    let mut pio_bus = Bus::new();
-    let serial_irq = event_fd("the serial interrupt")?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        EventFdTrigger::new(serial_irq),
+    let legacy = legacy_devices(
+        &vm,
         opts.console_out,
-    )));
-    pio_bus
-        .insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
-        .map_err(|source| BuildError::Bus {
-            what: "the serial port",
-            source,
-        })?;
-    let reset_evt = event_fd("the i8042 reset line")?;
-    let kbd_irq = event_fd("the keyboard interrupt")?;
-    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
-    let reset_trigger =
-        EventFdTrigger::new(
-            reset_evt
-                .try_clone()
-                .map_err(|source| BuildError::EventFd {
-                    what: "the i8042 reset line",
-                    source,
-                })?,
-        );
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(
-        reset_trigger,
-        EventFdTrigger::new(kbd_irq),
-    )));
-    pio_bus
-        .insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
-        .map_err(|source| BuildError::Bus {
-            what: "the i8042 controller",
-            source,
-        })?;
-    let boot_timer = BootTimer::new(opts.start_time, opts.boot_timer, opts.ready);
-    pio_bus
-        .insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)
-        .map_err(|source| BuildError::Bus {
-            what: "the boot timer",
-            source,
-        })?;
+        opts.start_time,
+        opts.boot_timer,
+        opts.ready,
+        None,
+    )?;
+    let pio_bus = legacy.bus.clone();
     let mut mmio = MmioDeviceManager::new();
     for block in blocks {
         let id = block.id().to_string();
-        mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(block)))?;
+        mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(block)), None)?;
     }
     for net in nets {
         let id = net.id().to_string();
-        mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(net)))?;
+        mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(net)), None)?;
     }
     if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
         let mode = if root.is_read_only { "ro" } else { "rw" };
@@ -280,23 +250,136 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         vcpus.push(vcpu);
     }
 
+    let microvm = assemble(
+        kvm,
+        vm,
+        guest_memory,
+        legacy,
+        mmio,
+        vcpus,
+        config.clone(),
+        opts.console_in,
+        RunControl::new(),
+    )?;
+    log::info!(
+        "started: {} vCPU(s), {} MiB, kernel {} entry {:#x}",
+        vcpu_count,
+        ram_size >> 20,
+        kernel_path.display(),
+        kernel.entry
+    );
+    Ok(microvm)
+}
+
+/// The port I/O devices: serial (COM1), i8042 and the boot timer, with their irqfds.
+pub(crate) struct LegacyDevices {
+    pub bus: Bus,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042Device>>,
+    pub reset_evt: EventFd,
+}
+
+fn legacy_devices(
+    vm: &Vm,
+    console_out: Box<dyn Write + Send>,
+    start_time: devices::legacy::StartTime,
+    boot_timer: bool,
+    ready: Option<Sender<Duration>>,
+    saved: Option<(&SerialSnapshot, &I8042State)>,
+) -> Result<LegacyDevices, BuildError> {
+    let mut bus = Bus::new();
+    let serial_irq = event_fd("the serial interrupt")?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let serial = match saved {
+        Some((state, _)) => {
+            SerialDevice::from_state(state, EventFdTrigger::new(serial_irq), console_out)
+                .map_err(BuildError::DeviceState)?
+        }
+        None => SerialDevice::new(EventFdTrigger::new(serial_irq), console_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
+        .map_err(|source| BuildError::Bus {
+            what: "the serial port",
+            source,
+        })?;
+    let reset_evt = event_fd("the i8042 reset line")?;
+    let kbd_irq = event_fd("the keyboard interrupt")?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let reset_trigger =
+        EventFdTrigger::new(
+            reset_evt
+                .try_clone()
+                .map_err(|source| BuildError::EventFd {
+                    what: "the i8042 reset line",
+                    source,
+                })?,
+        );
+    let mut i8042 = I8042Device::new(reset_trigger, EventFdTrigger::new(kbd_irq));
+    if let Some((_, state)) = saved {
+        i8042.restore(state);
+    }
+    let i8042 = Arc::new(Mutex::new(i8042));
+    bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
+        .map_err(|source| BuildError::Bus {
+            what: "the i8042 controller",
+            source,
+        })?;
+    let timer = BootTimer::new(start_time, boot_timer, ready);
+    bus.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)
+        .map_err(|source| BuildError::Bus {
+            what: "the boot timer",
+            source,
+        })?;
+    Ok(LegacyDevices {
+        bus,
+        serial,
+        i8042,
+        reset_evt,
+    })
+}
+
+/// Puts the parts together and starts the vCPU threads (running, or parked when `control`
+/// says so).
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    kvm: Kvm,
+    vm: Vm,
+    guest_memory: vm_memory::GuestMemoryMmap,
+    legacy: LegacyDevices,
+    mut mmio: MmioDeviceManager,
+    vcpus: Vec<Vcpu>,
+    config: VmConfig,
+    console_in: bool,
+    control: RunControl,
+) -> Result<MicroVm, BuildError> {
     let exit = Arc::new(ExitSignal::new().map_err(|source| BuildError::EventFd {
         what: "VM exits",
         source,
     })?);
-    let control = Arc::new(RunControl::new());
+    let control = Arc::new(control);
     let mut subscribers: Vec<Subscriber> = mmio.take_subscribers();
-    if opts.console_in {
-        subscribers.push(Arc::new(Mutex::new(StdinToSerial::new(serial))));
+    if console_in {
+        subscribers.push(Arc::new(Mutex::new(StdinToSerial::new(
+            legacy.serial.clone(),
+        ))));
     }
+    let cpu_vendor = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map(|c| format!("{:?}", crate::arch::cpuid::vendor_of(&c)))
+        .map_err(BuildError::SupportedCpuid)?;
     let microvm = MicroVm {
         vcpus: Arc::new(VcpuGroup::new(control.clone())),
         exit: exit.clone(),
-        reset_evt,
-        i8042,
+        reset_evt: legacy.reset_evt,
+        i8042: legacy.i8042,
+        serial: legacy.serial,
         devices: mmio.devices(),
+        transports: mmio.transports(),
         subscribers,
-        vm,
+        config,
+        cpu_vendor,
+        vm: Arc::new(vm),
         guest_memory,
         _kvm: kvm,
     };
@@ -306,13 +389,6 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
             .vcpus
             .push(vcpu.start(control.clone(), exit.clone())?);
     }
-    log::info!(
-        "started: {} vCPU(s), {} MiB, kernel {} entry {:#x}",
-        vcpu_count,
-        ram_size >> 20,
-        kernel_path.display(),
-        kernel.entry
-    );
     Ok(microvm)
 }
 
@@ -366,4 +442,224 @@ fn check_ext_superblock(id: &str, path: &std::path::Path) -> Result<(), BuildErr
             source,
         }),
     }
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// The memory file mapped MAP_PRIVATE: the host kernel pages it in on fault.
+    File(PathBuf),
+}
+
+/// Builds a VM from a snapshot: KVM and device state as saved, memory from `backend`,
+/// taps renamed by `network_overrides` (iface_id, host_dev_name). The vCPUs start running
+/// when `resume`, parked otherwise. Nothing is left running on error.
+pub fn restore_from_snapshot(
+    state: &crate::persist::MicrovmState,
+    backend: &MemoryBackend,
+    network_overrides: &[(String, String)],
+    resume: bool,
+    opts: StartOptions,
+) -> Result<MicroVm, BuildError> {
+    let MemoryBackend::File(mem_path) = backend;
+    let mut config = state.config.clone();
+    for (iface_id, tap) in network_overrides {
+        match config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| &n.iface_id == iface_id)
+        {
+            Some(n) => n.host_dev_name = tap.clone(),
+            None => {
+                return Err(BuildError::Restore(format!(
+                    "network_overrides names {iface_id}, which the snapshot does not have"
+                )))
+            }
+        }
+    }
+    let want = state.memory_file_len();
+    let mem_file = std::fs::File::open(mem_path).map_err(|e| {
+        BuildError::Restore(format!(
+            "cannot open memory file {}: {e}",
+            mem_path.display()
+        ))
+    })?;
+    let have = mem_file.metadata().map(|m| m.len()).unwrap_or(0);
+    if have < want {
+        return Err(BuildError::Restore(format!(
+            "memory file {} is {have} bytes; the snapshot needs {want} (truncated?)",
+            mem_path.display()
+        )));
+    }
+    if state.vcpus.len() != usize::from(config.vcpu_count()) {
+        return Err(BuildError::Restore(format!(
+            "the snapshot holds {} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            config.vcpu_count()
+        )));
+    }
+    let (blocks, nets) = open_devices(&config)?;
+
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let vendor = format!("{:?}", crate::arch::cpuid::vendor_of(&supported));
+    if vendor != state.cpu_vendor {
+        return Err(BuildError::Restore(format!(
+            "the snapshot was taken on a {} CPU, this host is {vendor}",
+            state.cpu_vendor
+        )));
+    }
+    let vm = Vm::new(&kvm)?;
+    let guest_memory = map_memory_file(&mem_file, mem_path, &state.memory)?;
+    vm.register_memory(&guest_memory)?;
+    state
+        .vm
+        .restore(vm.fd())
+        .map_err(|e| BuildError::Restore(e.to_string()))?;
+
+    let legacy = legacy_devices(
+        &vm,
+        opts.console_out,
+        opts.start_time,
+        opts.boot_timer,
+        opts.ready,
+        Some((&state.serial, &state.i8042)),
+    )?;
+    let mut mmio = MmioDeviceManager::new();
+    let mut saved = state.devices.iter();
+    for block in blocks {
+        let id = block.id().to_string();
+        let dev = next_saved(&mut saved, &id)?;
+        let slot = mmio.attach(
+            &vm,
+            &guest_memory,
+            &id,
+            Arc::new(Mutex::new(block)),
+            Some(&dev.transport),
+        )?;
+        check_slot(&slot, dev)?;
+    }
+    for net in nets {
+        let id = net.id().to_string();
+        let dev = next_saved(&mut saved, &id)?;
+        let slot = mmio.attach(
+            &vm,
+            &guest_memory,
+            &id,
+            Arc::new(Mutex::new(net)),
+            Some(&dev.transport),
+        )?;
+        check_slot(&slot, dev)?;
+    }
+    if let Some(extra) = saved.next() {
+        return Err(BuildError::Restore(format!(
+            "the snapshot has a device {} the configuration lacks",
+            extra.id
+        )));
+    }
+
+    let mmio_bus = mmio.bus().clone();
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    let mut msrs_to_save = None;
+    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+        let mut vcpu = Vcpu::new(vm.fd(), index as u8, legacy.bus.clone(), mmio_bus.clone())?;
+        vcpu.restore_state(vcpu_state)
+            .map_err(|e| BuildError::Restore(format!("vCPU {index}: {e}")))?;
+        if msrs_to_save.is_none() {
+            let msrs = crate::vstate::vcpu_state::msrs_to_save(&kvm, vcpu.fd())
+                .map_err(BuildError::MsrList)?;
+            msrs_to_save = Some(Arc::new(msrs));
+        }
+        if let Some(msrs) = &msrs_to_save {
+            vcpu.set_msrs_to_save(msrs.clone());
+        }
+        vcpus.push(vcpu);
+    }
+    let control = if resume {
+        RunControl::new()
+    } else {
+        RunControl::new_paused()
+    };
+    let microvm = assemble(
+        kvm,
+        vm,
+        guest_memory,
+        legacy,
+        mmio,
+        vcpus,
+        config,
+        opts.console_in,
+        control,
+    )?;
+    log::info!(
+        "restored from a snapshot: {} vCPU(s), {} MiB, memory file {} ({})",
+        state.vcpus.len(),
+        state.config.machine_config.mem_size_mib,
+        mem_path.display(),
+        if resume { "running" } else { "paused" }
+    );
+    Ok(microvm)
+}
+
+fn next_saved<'a>(
+    saved: &mut std::slice::Iter<'a, crate::persist::DeviceState>,
+    id: &str,
+) -> Result<&'a crate::persist::DeviceState, BuildError> {
+    match saved.next() {
+        Some(dev) if dev.id == id => Ok(dev),
+        Some(dev) => Err(BuildError::Restore(format!(
+            "device order differs: the snapshot has {} where the configuration has {id}",
+            dev.id
+        ))),
+        None => Err(BuildError::Restore(format!(
+            "the snapshot has no state for device {id}"
+        ))),
+    }
+}
+
+fn check_slot(
+    slot: &crate::device_manager::MmioSlot,
+    saved: &crate::persist::DeviceState,
+) -> Result<(), BuildError> {
+    if slot.addr != saved.addr || slot.irq != saved.irq {
+        return Err(BuildError::Restore(format!(
+            "device {} landed at {:#x} IRQ {}, the snapshot had it at {:#x} IRQ {}",
+            slot.id, slot.addr, slot.irq, saved.addr, saved.irq
+        )));
+    }
+    Ok(())
+}
+
+/// Maps each region of the memory file privately: reads come from the file (paged in by
+/// the host kernel on first touch), writes stay in this process.
+fn map_memory_file(
+    file: &std::fs::File,
+    path: &std::path::Path,
+    layout: &[crate::persist::MemoryRegionState],
+) -> Result<vm_memory::GuestMemoryMmap, BuildError> {
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+    let mut regions = Vec::with_capacity(layout.len());
+    for r in layout {
+        let fd = file
+            .try_clone()
+            .map_err(|e| BuildError::Restore(format!("memory file {}: {e}", path.display())))?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(fd, r.file_offset)),
+            r.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| {
+            BuildError::Restore(format!("cannot map memory file {}: {e}", path.display()))
+        })?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                BuildError::Restore(format!("memory region at {:#x} overflows", r.guest_addr))
+            })?;
+        regions.push(region);
+    }
+    vm_memory::GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| BuildError::Restore(format!("bad memory layout in the snapshot: {e}")))
 }

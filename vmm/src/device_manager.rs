@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::Bus;
 use event_manager::MutEventSubscriber;
@@ -63,6 +63,7 @@ pub struct MmioDeviceManager {
     slots: Vec<MmioSlot>,
     subscribers: Vec<Subscriber>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl Default for MmioDeviceManager {
@@ -80,15 +81,19 @@ impl MmioDeviceManager {
             slots: Vec::new(),
             subscribers: Vec::new(),
             devices: Vec::new(),
+            transports: Vec::new(),
         }
     }
 
+    /// Attaches `device` at the next free slot; with `saved`, its transport takes over a
+    /// snapshot's state (and a running device is reactivated).
     pub fn attach<D>(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
         id: &str,
         device: Arc<Mutex<D>>,
+        saved: Option<&MmioTransportState>,
     ) -> Result<MmioSlot, DeviceManagerError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
@@ -104,13 +109,14 @@ impl MmioDeviceManager {
             })?;
         vm.register_irqfd(&irqfd, irq)?;
         let interrupt = Arc::new(Interrupt::new(irqfd));
-        let transport =
-            MmioTransport::new(device.clone(), mem.clone(), interrupt).map_err(|source| {
-                DeviceManagerError::Transport {
-                    id: id.to_string(),
-                    source,
-                }
-            })?;
+        let transport = match saved {
+            Some(state) => MmioTransport::restore(device.clone(), mem.clone(), interrupt, state),
+            None => MmioTransport::new(device.clone(), mem.clone(), interrupt),
+        }
+        .map_err(|source| DeviceManagerError::Transport {
+            id: id.to_string(),
+            source,
+        })?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
                 .register_ioevent(
@@ -124,8 +130,9 @@ impl MmioDeviceManager {
                     source,
                 })?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         self.bus
-            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_LEN)
+            .insert(transport.clone(), addr, MMIO_LEN)
             .map_err(|source| DeviceManagerError::Bus {
                 id: id.to_string(),
                 source,
@@ -138,6 +145,7 @@ impl MmioDeviceManager {
             irq,
         };
         self.slots.push(slot.clone());
+        self.transports.push((slot.clone(), transport));
         self.next_addr += MMIO_LEN;
         self.next_irq += 1;
         Ok(slot)
@@ -157,6 +165,11 @@ impl MmioDeviceManager {
 
     pub fn take_subscribers(&mut self) -> Vec<Subscriber> {
         std::mem::take(&mut self.subscribers)
+    }
+
+    /// Each device's slot and transport, for snapshots.
+    pub fn transports(&self) -> Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)> {
+        self.transports.clone()
     }
 
     /// The attached devices, for pausing and resuming them with the VM.

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod logger;
 pub mod memory;
 pub mod microvm;
+pub mod persist;
 pub mod vcpu;
 pub mod vm;
 pub mod vstate;

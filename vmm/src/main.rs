@@ -7,11 +7,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use vmm::api::controller::{handle_preboot, RunningApi};
+use vmm::api::request::LoadSnapshotParams;
 use vmm::api::server::{ApiInbox, ApiResponse};
 use vmm::api::{Action, ApiRequest};
-use vmm::builder::{build_and_start, BuildError, StartOptions};
+use vmm::builder::{
+    build_and_start, restore_from_snapshot, BuildError, MemoryBackend, StartOptions,
+};
 use vmm::cli::{exit_code, Cli};
 use vmm::config::VmConfig;
+use vmm::persist::read_vmstate;
 use vmm::{api, logger, MicroVm, VmExitReason};
 
 fn fail(code: i32, message: impl std::fmt::Display) -> ExitCode {
@@ -163,7 +167,18 @@ fn configure_through_api(
     loop {
         let message = inbox.requests.recv().ok()?;
         let _ = inbox.wake.read();
-        if message.request == ApiRequest::Action(Action::InstanceStart) {
+        if let ApiRequest::LoadSnapshot(params) = &message.request {
+            match load_snapshot(params, opts()) {
+                Ok((vm, loaded_config)) => {
+                    let _ = message.reply.send(ApiResponse::no_content());
+                    return Some((vm, loaded_config));
+                }
+                Err(fault) => {
+                    log::error!("LoadSnapshot failed: {fault}");
+                    let _ = message.reply.send(ApiResponse::fault(fault));
+                }
+            }
+        } else if message.request == ApiRequest::Action(Action::InstanceStart) {
             // A failed start leaves the VMM waiting for a corrected configuration.
             match build_and_start(&config, opts()) {
                 Ok(vm) => {
@@ -180,4 +195,35 @@ fn configure_through_api(
             let _ = message.reply.send(response);
         }
     }
+}
+
+/// `PUT /snapshot/load`: reads and checks the vmstate, then builds the VM from it.
+fn load_snapshot(
+    params: &LoadSnapshotParams,
+    opts: StartOptions,
+) -> Result<(MicroVm, VmConfig), String> {
+    let backend = match (&params.mem_backend, &params.mem_file_path) {
+        (Some(b), None) if b.backend_type == "File" => MemoryBackend::File(b.backend_path.clone()),
+        (Some(b), None) => {
+            return Err(format!(
+                "memory backend {:?} is not supported yet (File is)",
+                b.backend_type
+            ))
+        }
+        (None, Some(path)) => MemoryBackend::File(path.clone()),
+        (Some(_), Some(_)) => return Err("give mem_backend or mem_file_path, not both".into()),
+        (None, None) => return Err("mem_backend (or mem_file_path) is missing".into()),
+    };
+    if params.enable_diff_snapshots || params.track_dirty_pages {
+        return Err("dirty page tracking (Diff snapshots) is not supported yet".into());
+    }
+    let state = read_vmstate(&params.snapshot_path).map_err(|e| e.to_string())?;
+    let overrides: Vec<(String, String)> = params
+        .network_overrides
+        .iter()
+        .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+        .collect();
+    let vm = restore_from_snapshot(&state, &backend, &overrides, params.resume_vm, opts)
+        .map_err(|e| e.to_string())?;
+    Ok((vm, state.config))
 }

@@ -11,16 +11,89 @@ use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use devices::legacy::I8042Device;
+use devices::legacy::{I8042Device, SerialDevice};
+use devices::virtio::mmio::MmioTransport;
 use devices::virtio::VirtioDevice;
 
+use crate::config::VmConfig;
+use crate::device_manager::MmioSlot;
+use crate::persist::{self, DeviceState, MicrovmState, PersistError};
 use crate::vcpu::{ExitSignal, PauseError, VcpuGroup, VmExitReason};
+use crate::vstate::{VmState, VmStateError};
 
 /// How long a pause waits for every vCPU to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pauses and resumes a running VM: vCPUs first, then devices (and the reverse on resume),
 /// so nothing touches guest memory while paused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the microVM must be paused first")]
+    NotPaused,
+    #[error(transparent)]
+    Vcpus(#[from] PauseError),
+    #[error(transparent)]
+    Vm(#[from] VmStateError),
+    #[error(transparent)]
+    Files(#[from] PersistError),
+}
+
+/// Everything a snapshot reads, shared with the running VM.
+pub struct SnapshotSource {
+    vm: Arc<Vm>,
+    mem: GuestMemoryMmap,
+    vcpus: Arc<VcpuGroup>,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042Device>>,
+    transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
+    config: VmConfig,
+    cpu_vendor: String,
+}
+
+impl SnapshotSource {
+    /// Writes a Full snapshot of the paused VM: the memory file first, the vmstate last, each
+    /// renamed into place only once complete.
+    pub fn create(
+        &self,
+        vmstate_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<(), SnapshotError> {
+        if !self.vcpus.is_paused() {
+            return Err(SnapshotError::NotPaused);
+        }
+        let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
+        let vm = VmState::save(self.vm.fd())?;
+        let devices = self
+            .transports
+            .iter()
+            .map(|(slot, transport)| DeviceState {
+                id: slot.id.clone(),
+                addr: slot.addr,
+                irq: slot.irq,
+                transport: transport.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            })
+            .collect();
+        let memory = persist::memory_layout(&self.mem);
+        let state = MicrovmState {
+            config: self.config.clone(),
+            cpu_vendor: self.cpu_vendor.clone(),
+            memory: memory.clone(),
+            vm,
+            vcpus,
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            devices,
+        };
+        persist::write_memory_file(&self.mem, &memory, mem_path)?;
+        persist::write_vmstate(&state, vmstate_path)?;
+        Ok(())
+    }
+}
+
 pub struct PauseHandle {
     vcpus: Arc<VcpuGroup>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
@@ -103,9 +176,13 @@ pub struct MicroVm {
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) reset_evt: EventFd,
     pub(crate) i8042: Arc<Mutex<I8042Device>>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub(crate) transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
     pub(crate) subscribers: Vec<Subscriber>,
-    pub(crate) vm: Vm,
+    pub(crate) config: VmConfig,
+    pub(crate) cpu_vendor: String,
+    pub(crate) vm: Arc<Vm>,
     pub(crate) guest_memory: GuestMemoryMmap,
     pub(crate) _kvm: Kvm,
 }
@@ -117,6 +194,20 @@ impl MicroVm {
 
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// What takes snapshots of this VM from the event loop.
+    pub fn snapshot_source(&self) -> SnapshotSource {
+        SnapshotSource {
+            vm: self.vm.clone(),
+            mem: self.guest_memory.clone(),
+            vcpus: self.vcpus.clone(),
+            serial: self.serial.clone(),
+            i8042: self.i8042.clone(),
+            transports: self.transports.clone(),
+            config: self.config.clone(),
+            cpu_vendor: self.cpu_vendor.clone(),
+        }
     }
 
     /// The keyboard controller, for injecting Ctrl-Alt-Del.

@@ -122,6 +122,11 @@ impl Vcpu {
         &mut self.fd
     }
 
+    /// Puts back a saved KVM state (instead of `configure_for_boot`).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), vstate::VcpuStateError> {
+        state.restore(&self.fd)
+    }
+
     /// Which MSRs this vCPU's saved state carries (see `vstate::vcpu_state::msrs_to_save`).
     pub fn set_msrs_to_save(&mut self, msrs: Arc<Vec<u32>>) {
         self.msrs_to_save = msrs;
@@ -293,6 +298,13 @@ impl RunControl {
             }),
             changed: Condvar::new(),
         }
+    }
+
+    /// vCPUs that park as soon as they start (a restored VM loaded with `resume_vm: false`).
+    pub fn new_paused() -> Self {
+        let control = Self::new();
+        control.lock().desired = Desired::Pause;
+        control
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {

@@ -6,5 +6,5 @@ mod i8042;
 mod serial;
 
 pub use boot_timer::{now as start_time_now, BootTimer, StartTime, BOOT_TIMER_PORT};
-pub use i8042::{I8042Device, I8042_PORT, I8042_PORT_LEN};
-pub use serial::{SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+pub use i8042::{I8042Device, I8042State, I8042_PORT, I8042_PORT_LEN};
+pub use serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};

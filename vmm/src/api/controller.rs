@@ -14,14 +14,13 @@ use super::server::{ApiInbox, ApiResponse};
 use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
 use crate::logger;
 use crate::memory::host_ram_bytes;
-use crate::microvm::{MicroVm, PauseHandle};
+use crate::microvm::{MicroVm, PauseHandle, SnapshotSource};
 
 /// The Firecracker API version reapvm speaks (for clients that gate features on it).
 pub const FIRECRACKER_API_VERSION: &str = "1.10.1";
 
 const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
-const SNAPSHOTS_NOT_YET: &str = "Snapshots are not supported by reapvm yet.";
 const METRICS_NOT_YET: &str = "Metrics are not supported by reapvm yet.";
 
 fn instance_info(id: &str, state: &str) -> ApiResponse {
@@ -179,9 +178,11 @@ pub fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> A
         ApiRequest::Action(Action::InstanceStart) => {
             ApiResponse::fault("InstanceStart is handled by the VMM thread (internal error)")
         }
-        ApiRequest::PatchVm(_) => ApiResponse::fault("The microVM is not running yet."),
-        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => {
-            ApiResponse::fault(SNAPSHOTS_NOT_YET)
+        ApiRequest::PatchVm(_) | ApiRequest::CreateSnapshot(_) => {
+            ApiResponse::fault("The microVM is not running yet.")
+        }
+        ApiRequest::LoadSnapshot(_) => {
+            ApiResponse::fault("LoadSnapshot is handled by the VMM thread (internal error)")
         }
     }
 }
@@ -193,6 +194,7 @@ pub struct RunningApi {
     id: String,
     i8042: Arc<Mutex<I8042Device>>,
     pause: PauseHandle,
+    snapshots: SnapshotSource,
 }
 
 impl RunningApi {
@@ -203,6 +205,7 @@ impl RunningApi {
             id,
             i8042: microvm.i8042(),
             pause: microvm.pause_handle(),
+            snapshots: microvm.snapshot_source(),
         }
     }
 
@@ -247,9 +250,31 @@ impl RunningApi {
             ApiRequest::PutMetrics(_) | ApiRequest::Action(Action::FlushMetrics) => {
                 ApiResponse::fault(METRICS_NOT_YET)
             }
-            ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => {
-                ApiResponse::fault(SNAPSHOTS_NOT_YET)
+            ApiRequest::CreateSnapshot(params) => {
+                match params.snapshot_type.as_deref() {
+                    None | Some("Full") => {}
+                    Some(other) => {
+                        return ApiResponse::fault(format!(
+                            "snapshot_type {other:?} is not supported yet (only Full)"
+                        ))
+                    }
+                }
+                match self
+                    .snapshots
+                    .create(&params.snapshot_path, &params.mem_file_path)
+                {
+                    Ok(()) => {
+                        log::info!(
+                            "snapshot written to {} and {}",
+                            params.snapshot_path.display(),
+                            params.mem_file_path.display()
+                        );
+                        ApiResponse::no_content()
+                    }
+                    Err(e) => ApiResponse::fault(e),
+                }
             }
+            ApiRequest::LoadSnapshot(_) => ApiResponse::fault(NOT_AFTER_START),
             ApiRequest::PutMachineConfig(_)
             | ApiRequest::PatchMachineConfig(_)
             | ApiRequest::PutBootSource(_)

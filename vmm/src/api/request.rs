@@ -80,9 +80,54 @@ pub enum ApiRequest {
     PutMetrics(MetricsConfig),
     Action(Action),
     PatchVm(VmStateChange),
-    /// Snapshot bodies are kept as JSON until the snapshot module reads them.
-    CreateSnapshot(serde_json::Value),
-    LoadSnapshot(serde_json::Value),
+    CreateSnapshot(CreateSnapshotParams),
+    LoadSnapshot(LoadSnapshotParams),
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotParams {
+    #[serde(default)]
+    pub snapshot_type: Option<String>,
+    pub snapshot_path: std::path::PathBuf,
+    pub mem_file_path: std::path::PathBuf,
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackendParams {
+    pub backend_type: String,
+    pub backend_path: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSnapshotParams {
+    pub snapshot_path: std::path::PathBuf,
+    /// Firecracker's older form of `mem_backend: {File, path}`.
+    #[serde(default)]
+    pub mem_file_path: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackendParams>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
 }
 
 fn body<T: DeserializeOwned>(method: &str, path: &str, bytes: &[u8]) -> Result<T, ApiError> {

@@ -1,0 +1,183 @@
+//! Snapshots on real KVM: a function VM with state is paused and snapshotted through the
+//! API, a fresh reapvm process loads it (memory file mapped privately) and the function's
+//! state carries on; damaged snapshot files are refused with 400 while the VMM stays up.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
+use support::http::{unix_request, HttpConn};
+use support::netns::NetNs;
+use support::*;
+
+/// A counter VM, invoked twice, paused and snapshotted into `scratch`.
+fn snapshot_counter_vm(
+    guest: &GuestArtifacts,
+    scratch: &Scratch,
+) -> Result<(PathBuf, PathBuf), Failed> {
+    let mut spec = VmSpec::read_only(guest);
+    spec.function = Some("counter".into());
+    spec.api = true;
+    let vm = FunctionVm::boot(guest, &spec, scratch)?;
+    for want in [b"1", b"2"] {
+        let (status, body) = vm.invoke("counter", b"")?;
+        check(status == 200 && body == want, || {
+            format!("count: {status} {body:?}")
+        })?;
+    }
+    let socket = scratch.path("api.sock");
+    let (status, answer) = unix_request(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+    check(status == 204, || format!("pause: {status} {answer}"))?;
+    let vmstate = scratch.path("vmstate");
+    let mem = scratch.path("memory");
+    let body = serde_json::json!({"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem});
+    let (status, answer) = unix_request(&socket, "PUT", "/snapshot/create", &body.to_string())?;
+    check(status == 204, || {
+        format!("snapshot/create: {status} {answer}")
+    })?;
+    check(std::fs::metadata(&mem)?.len() == 256 << 20, || {
+        "memory file size".into()
+    })?;
+    Ok((vmstate, mem))
+}
+
+/// A reapvm waiting on its API socket, inside `ns`.
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn start(ns: &NetNs, socket: &Path) -> Result<Self, String> {
+        let _ = std::fs::remove_file(socket);
+        let child = ns
+            .command(reapvm_bin())
+            .arg("--api-sock")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        while !socket.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("the API socket never appeared".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    fn load(&self, vmstate: &Path, mem: &Path) -> Result<(u16, String), String> {
+        let body = serde_json::json!({
+            "snapshot_path": vmstate,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        });
+        unix_request(&self.socket, "PUT", "/snapshot/load", &body.to_string())
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn restored_vm_continues_its_state() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("snap");
+    let (vmstate, mem) = snapshot_counter_vm(&guest, &scratch)?;
+    // The original VM and its namespace are gone; the clone gets a namespace of its own.
+    let ns = NetNs::with_tap("restore")?;
+    let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
+    let started = Instant::now();
+    let (status, answer) = vmm.load(&vmstate, &mem)?;
+    check(status == 204, || {
+        format!("snapshot/load: {status} {answer}")
+    })?;
+    let load_time = started.elapsed();
+    let (_, info) = unix_request(&vmm.socket, "GET", "/", "")?;
+    check(info.contains("\"state\":\"Running\""), || info.clone())?;
+    let stream = ns.connect(AGENT_PORT, Duration::from_secs(30))?;
+    let mut conn = HttpConn::new(stream, Duration::from_secs(120))?;
+    let (status, body) = conn.request("POST", "/invoke", b"")?;
+    check(status == 200 && body == b"3", || {
+        format!(
+            "the restored counter answered {status} {:?} (expected 3)",
+            String::from_utf8_lossy(&body)
+        )
+    })?;
+    let (status, body) = conn.request("POST", "/invoke", b"")?;
+    check(status == 200 && body == b"4", || {
+        format!("next count: {status} {body:?}")
+    })?;
+    eprintln!("snapshot/load answered after {load_time:?} (lab time)");
+    Ok(())
+}
+
+fn damaged_snapshots_are_refused() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("snap-bad");
+    let (vmstate, mem) = snapshot_counter_vm(&guest, &scratch)?;
+    let good = std::fs::read(&vmstate)?;
+    let ns = NetNs::with_tap("bad")?;
+    let vmm = Vmm::start(&ns, &scratch.path("bad.sock"))?;
+
+    let flipped = scratch.path("flipped");
+    let mut bytes = good.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&flipped, &bytes)?;
+    let (status, answer) = vmm.load(&flipped, &mem)?;
+    check(
+        status == 400 && answer.contains("checksum mismatch"),
+        || format!("flipped byte: {status} {answer}"),
+    )?;
+
+    let wrong_version = scratch.path("version");
+    let mut bytes = good.clone();
+    bytes[8] = 99;
+    std::fs::write(&wrong_version, &bytes)?;
+    let (status, answer) = vmm.load(&wrong_version, &mem)?;
+    check(
+        status == 400 && answer.contains("format version 99"),
+        || format!("wrong version: {status} {answer}"),
+    )?;
+
+    let truncated = scratch.path("truncated-memory");
+    let file = std::fs::File::create(&truncated)?;
+    file.set_len(64 << 20)?;
+    let (status, answer) = vmm.load(&vmstate, &truncated)?;
+    check(status == 400 && answer.contains("truncated"), || {
+        format!("truncated memory: {status} {answer}")
+    })?;
+
+    let (status, info) = unix_request(&vmm.socket, "GET", "/", "")?;
+    check(status == 200 && info.contains("Not started"), || {
+        format!("the VMM must stay up: {status} {info}")
+    })
+}
+
+fn main() -> ExitCode {
+    run_kvm_suite("snapshots", || {
+        vec![
+            Trial::test(
+                "restored_vm_continues_its_state",
+                restored_vm_continues_its_state,
+            ),
+            Trial::test(
+                "damaged_snapshots_are_refused",
+                damaged_snapshots_are_refused,
+            ),
+        ]
+    })
+}
