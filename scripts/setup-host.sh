@@ -6,6 +6,7 @@ need=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev  # guest kernel
   qemu-system-x86 busybox-static kmod cpio                              # KVM lab
   e2fsprogs iproute2 util-linux procps curl mmdebstrap                  # images, netns, tests
+  libclang-dev                                                          # userfaultfd-sys (bindgen)
 )
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -76,9 +76,18 @@ impl Vmm {
     }
 
     fn load(&self, vmstate: &Path, mem: &Path) -> Result<(u16, String), String> {
+        self.load_with("File", vmstate, mem)
+    }
+
+    fn load_with(
+        &self,
+        backend: &str,
+        vmstate: &Path,
+        backend_path: &Path,
+    ) -> Result<(u16, String), String> {
         let body = serde_json::json!({
             "snapshot_path": vmstate,
-            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "mem_backend": {"backend_type": backend, "backend_path": backend_path},
             "resume_vm": true,
         });
         unix_request(&self.socket, "PUT", "/snapshot/load", &body.to_string())
@@ -92,7 +101,15 @@ impl Drop for Vmm {
     }
 }
 
-fn restored_vm_continues_its_state() -> Result<(), Failed> {
+/// Which memory backend a restore uses.
+enum Backend {
+    File,
+    OnDemand,
+    /// An external handler in this test process, reached over a Unix socket.
+    External,
+}
+
+fn restore_and_count(backend: Backend) -> Result<(), Failed> {
     let guest = GuestArtifacts::locate()?;
     let scratch = Scratch::new("snap");
     let (vmstate, mem) = snapshot_counter_vm(&guest, &scratch)?;
@@ -100,7 +117,17 @@ fn restored_vm_continues_its_state() -> Result<(), Failed> {
     let ns = NetNs::with_tap("restore")?;
     let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
     let started = Instant::now();
-    let (status, answer) = vmm.load(&vmstate, &mem)?;
+    let (status, answer) = match backend {
+        Backend::File => vmm.load_with("File", &vmstate, &mem)?,
+        Backend::OnDemand => vmm.load_with("OnDemand", &vmstate, &mem)?,
+        Backend::External => {
+            let socket = scratch.path("uffd.sock");
+            let handler = external_handler::listen(&socket, mem.clone())?;
+            let answer = vmm.load_with("Uffd", &vmstate, &socket)?;
+            handler.wait_connected()?;
+            answer
+        }
+    };
     check(status == 204, || {
         format!("snapshot/load: {status} {answer}")
     })?;
@@ -122,6 +149,102 @@ fn restored_vm_continues_its_state() -> Result<(), Failed> {
     })?;
     eprintln!("snapshot/load answered after {load_time:?} (lab time)");
     Ok(())
+}
+
+/// An external page-fault handler speaking Firecracker's handshake: it receives the region
+/// list (JSON) and the userfaultfd over a Unix socket, then fills faulting pages from the
+/// memory file.
+mod external_handler {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::net::UnixListener;
+    use std::path::{Path, PathBuf};
+    use std::sync::mpsc::{channel, Receiver};
+    use std::time::Duration;
+
+    use userfaultfd::{Event, Uffd};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    /// A guest region: host address, size, offset in the memory file.
+    type Region = (u64, u64, u64);
+
+    pub struct Handler {
+        connected: Receiver<Result<(), String>>,
+    }
+
+    impl Handler {
+        pub fn wait_connected(&self) -> Result<(), String> {
+            self.connected
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| "the VMM never handed over its userfaultfd".to_string())?
+        }
+    }
+
+    pub fn listen(socket: &Path, mem_file: PathBuf) -> Result<Handler, String> {
+        let listener =
+            UnixListener::bind(socket).map_err(|e| format!("bind {}: {e}", socket.display()))?;
+        let (tx, connected) = channel();
+        std::thread::spawn(move || {
+            let setup = (|| -> Result<(Uffd, Vec<Region>), String> {
+                let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; 4096];
+                let (n, fd) = stream
+                    .recv_with_fd(&mut buf[..])
+                    .map_err(|e| e.to_string())?;
+                let fd = fd.ok_or("no file descriptor came with the handshake")?;
+                // SAFETY: the descriptor just arrived over SCM_RIGHTS and is a userfaultfd.
+                let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
+                let regions: serde_json::Value =
+                    serde_json::from_slice(&buf[..n]).map_err(|e| e.to_string())?;
+                let regions = regions
+                    .as_array()
+                    .ok_or("the handshake is not a JSON list")?
+                    .iter()
+                    .map(|r| {
+                        let field = |k: &str| r[k].as_u64().ok_or(format!("mapping without {k}"));
+                        assert_eq!(field("page_size")?, 4096);
+                        Ok((
+                            field("base_host_virt_addr")?,
+                            field("size")?,
+                            field("offset")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok((uffd, regions))
+            })();
+            let (uffd, regions) = match setup {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let file = std::fs::File::open(&mem_file).expect("memory file");
+            let mut page = vec![0u8; 4096];
+            while let Ok(event) = uffd.read_event() {
+                let Some(Event::Pagefault { addr, .. }) = event else {
+                    continue;
+                };
+                let addr = addr as u64 & !4095;
+                let Some((base, _, offset)) = regions
+                    .iter()
+                    .find(|(b, size, _)| addr >= *b && addr < b + size)
+                else {
+                    continue;
+                };
+                file.read_exact_at(&mut page, offset + (addr - base))
+                    .expect("read the memory file");
+                // SAFETY: `addr` is a page of a region the VMM registered; `page` is 4 KiB.
+                if unsafe { uffd.copy(page.as_ptr().cast(), addr as *mut _, 4096, true) }.is_err() {
+                    let _ = uffd.wake(addr as *mut _, 4096);
+                }
+            }
+        });
+        Ok(Handler { connected })
+    }
 }
 
 fn damaged_snapshots_are_refused() -> Result<(), Failed> {
@@ -170,10 +293,15 @@ fn damaged_snapshots_are_refused() -> Result<(), Failed> {
 fn main() -> ExitCode {
     run_kvm_suite("snapshots", || {
         vec![
-            Trial::test(
-                "restored_vm_continues_its_state",
-                restored_vm_continues_its_state,
-            ),
+            Trial::test("restored_with_file_backend_continues_its_state", || {
+                restore_and_count(Backend::File)
+            }),
+            Trial::test("restored_with_on_demand_uffd_continues_its_state", || {
+                restore_and_count(Backend::OnDemand)
+            }),
+            Trial::test("restored_through_an_external_uffd_handler", || {
+                restore_and_count(Backend::External)
+            }),
             Trial::test(
                 "damaged_snapshots_are_refused",
                 damaged_snapshots_are_refused,

@@ -25,6 +25,7 @@ use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::microvm::{MicroVm, Subscriber};
+use crate::uffd_backend;
 use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
 use crate::vm::{Vm, VmError};
 
@@ -449,6 +450,12 @@ fn check_ext_superblock(id: &str, path: &std::path::Path) -> Result<(), BuildErr
 pub enum MemoryBackend {
     /// The memory file mapped MAP_PRIVATE: the host kernel pages it in on fault.
     File(PathBuf),
+    /// Anonymous memory behind a userfaultfd; reapvm's own thread fills each faulting page
+    /// from the memory file.
+    OnDemand(PathBuf),
+    /// Anonymous memory behind a userfaultfd handed to an external handler listening on this
+    /// Unix socket (Firecracker's handshake).
+    Uffd(PathBuf),
 }
 
 /// Builds a VM from a snapshot: KVM and device state as saved, memory from `backend`,
@@ -461,7 +468,6 @@ pub fn restore_from_snapshot(
     resume: bool,
     opts: StartOptions,
 ) -> Result<MicroVm, BuildError> {
-    let MemoryBackend::File(mem_path) = backend;
     let mut config = state.config.clone();
     for (iface_id, tap) in network_overrides {
         match config
@@ -477,20 +483,12 @@ pub fn restore_from_snapshot(
             }
         }
     }
-    let want = state.memory_file_len();
-    let mem_file = std::fs::File::open(mem_path).map_err(|e| {
-        BuildError::Restore(format!(
-            "cannot open memory file {}: {e}",
-            mem_path.display()
-        ))
-    })?;
-    let have = mem_file.metadata().map(|m| m.len()).unwrap_or(0);
-    if have < want {
-        return Err(BuildError::Restore(format!(
-            "memory file {} is {have} bytes; the snapshot needs {want} (truncated?)",
-            mem_path.display()
-        )));
-    }
+    let mem_file = match backend {
+        MemoryBackend::File(path) | MemoryBackend::OnDemand(path) => {
+            Some((open_memory_file(path, state.memory_file_len())?, path))
+        }
+        MemoryBackend::Uffd(_) => None,
+    };
     if state.vcpus.len() != usize::from(config.vcpu_count()) {
         return Err(BuildError::Restore(format!(
             "the snapshot holds {} vCPU states for {} vCPUs",
@@ -512,7 +510,30 @@ pub fn restore_from_snapshot(
         )));
     }
     let vm = Vm::new(&kvm)?;
-    let guest_memory = map_memory_file(&mem_file, mem_path, &state.memory)?;
+    let guest_memory = match (backend, mem_file) {
+        (MemoryBackend::File(_), Some((file, path))) => {
+            map_memory_file(&file, path, &state.memory)?
+        }
+        (MemoryBackend::OnDemand(_), Some((file, _))) => {
+            let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+            uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+            mem
+        }
+        (MemoryBackend::Uffd(socket), _) => {
+            let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+            uffd_backend::send_to_external_handler(socket, &uffd, &mappings)
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+            mem
+        }
+        _ => {
+            return Err(BuildError::Restore(
+                "memory file missing (internal error)".into(),
+            ))
+        }
+    };
     vm.register_memory(&guest_memory)?;
     state
         .vm
@@ -594,10 +615,10 @@ pub fn restore_from_snapshot(
         control,
     )?;
     log::info!(
-        "restored from a snapshot: {} vCPU(s), {} MiB, memory file {} ({})",
+        "restored from a snapshot: {} vCPU(s), {} MiB, memory backend {:?} ({})",
         state.vcpus.len(),
         state.config.machine_config.mem_size_mib,
-        mem_path.display(),
+        backend,
         if resume { "running" } else { "paused" }
     );
     Ok(microvm)
@@ -630,6 +651,20 @@ fn check_slot(
         )));
     }
     Ok(())
+}
+
+fn open_memory_file(path: &std::path::Path, want: u64) -> Result<std::fs::File, BuildError> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        BuildError::Restore(format!("cannot open memory file {}: {e}", path.display()))
+    })?;
+    let have = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if have < want {
+        return Err(BuildError::Restore(format!(
+            "memory file {} is {have} bytes; the snapshot needs {want} (truncated?)",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Maps each region of the memory file privately: reads come from the file (paged in by

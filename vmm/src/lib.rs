@@ -13,6 +13,7 @@ pub mod logger;
 pub mod memory;
 pub mod microvm;
 pub mod persist;
+pub mod uffd_backend;
 pub mod vcpu;
 pub mod vm;
 pub mod vstate;

@@ -203,13 +203,16 @@ fn load_snapshot(
     opts: StartOptions,
 ) -> Result<(MicroVm, VmConfig), String> {
     let backend = match (&params.mem_backend, &params.mem_file_path) {
-        (Some(b), None) if b.backend_type == "File" => MemoryBackend::File(b.backend_path.clone()),
-        (Some(b), None) => {
-            return Err(format!(
-                "memory backend {:?} is not supported yet (File is)",
-                b.backend_type
-            ))
-        }
+        (Some(b), None) => match b.backend_type.as_str() {
+            "File" => MemoryBackend::File(b.backend_path.clone()),
+            "OnDemand" => MemoryBackend::OnDemand(b.backend_path.clone()),
+            "Uffd" => MemoryBackend::Uffd(b.backend_path.clone()),
+            other => {
+                return Err(format!(
+                    "memory backend {other:?} is not supported (File, Uffd, OnDemand)"
+                ))
+            }
+        },
         (None, Some(path)) => MemoryBackend::File(path.clone()),
         (Some(_), Some(_)) => return Err("give mem_backend or mem_file_path, not both".into()),
         (None, None) => return Err("mem_backend (or mem_file_path) is missing".into()),
