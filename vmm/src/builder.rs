@@ -552,27 +552,11 @@ pub fn restore_from_snapshot(
     let mut saved = state.devices.iter();
     for block in blocks {
         let id = block.id().to_string();
-        let dev = next_saved(&mut saved, &id)?;
-        let slot = mmio.attach(
-            &vm,
-            &guest_memory,
-            &id,
-            Arc::new(Mutex::new(block)),
-            Some(&dev.transport),
-        )?;
-        check_slot(&slot, dev)?;
+        attach_saved(&mut mmio, &vm, &guest_memory, &mut saved, &id, block)?;
     }
     for net in nets {
         let id = net.id().to_string();
-        let dev = next_saved(&mut saved, &id)?;
-        let slot = mmio.attach(
-            &vm,
-            &guest_memory,
-            &id,
-            Arc::new(Mutex::new(net)),
-            Some(&dev.transport),
-        )?;
-        check_slot(&slot, dev)?;
+        attach_saved(&mut mmio, &vm, &guest_memory, &mut saved, &id, net)?;
     }
     if let Some(extra) = saved.next() {
         return Err(BuildError::Restore(format!(
@@ -622,6 +606,30 @@ pub fn restore_from_snapshot(
         if resume { "running" } else { "paused" }
     );
     Ok(microvm)
+}
+
+/// Attaches `device` with the next saved device state, which must be its own and must have
+/// sat at the same MMIO slot.
+fn attach_saved<D>(
+    mmio: &mut MmioDeviceManager,
+    vm: &Vm,
+    mem: &vm_memory::GuestMemoryMmap,
+    saved: &mut std::slice::Iter<'_, crate::persist::DeviceState>,
+    id: &str,
+    device: D,
+) -> Result<(), BuildError>
+where
+    D: devices::virtio::VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+{
+    let dev = next_saved(saved, id)?;
+    let slot = mmio.attach(
+        vm,
+        mem,
+        id,
+        Arc::new(Mutex::new(device)),
+        Some(&dev.transport),
+    )?;
+    check_slot(&slot, dev)
 }
 
 fn next_saved<'a>(
