@@ -18,7 +18,16 @@ fn snapshot_counter_vm(
     guest: &GuestArtifacts,
     scratch: &Scratch,
 ) -> Result<(PathBuf, PathBuf), Failed> {
+    snapshot_counter_vm_with(guest, scratch, 1)
+}
+
+fn snapshot_counter_vm_with(
+    guest: &GuestArtifacts,
+    scratch: &Scratch,
+    vcpus: u32,
+) -> Result<(PathBuf, PathBuf), Failed> {
     let mut spec = VmSpec::read_only(guest);
+    spec.vcpus = vcpus;
     spec.function = Some("counter".into());
     spec.api = true;
     let vm = FunctionVm::boot(guest, &spec, scratch)?;
@@ -247,6 +256,47 @@ mod external_handler {
     }
 }
 
+/// Four clones of one 2-vCPU snapshot run at once, each with its own tap (renamed through
+/// network_overrides) in its own namespace, and each continues the count on its own.
+fn four_clones_of_a_two_vcpu_snapshot() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("clones");
+    let (vmstate, mem) = snapshot_counter_vm_with(&guest, &scratch, 2)?;
+    let mut clones = Vec::new();
+    for i in 0..4 {
+        let tap = format!("clone{i}");
+        let ns = NetNs::with_tap_named("clone", &tap)?;
+        let vmm = Vmm::start(&ns, &scratch.path(&format!("clone{i}.sock")))?;
+        let body = serde_json::json!({
+            "snapshot_path": vmstate,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": tap}],
+        });
+        let (status, answer) =
+            unix_request(&vmm.socket, "PUT", "/snapshot/load", &body.to_string())?;
+        check(status == 204, || {
+            format!("clone {i}: snapshot/load: {status} {answer}")
+        })?;
+        clones.push((ns, vmm));
+    }
+    for (i, (ns, _vmm)) in clones.iter().enumerate() {
+        let stream = ns.connect(AGENT_PORT, Duration::from_secs(60))?;
+        let mut conn = HttpConn::new(stream, Duration::from_secs(120))?;
+        for want in [b"3", b"4"] {
+            let (status, body) = conn.request("POST", "/invoke", b"")?;
+            check(status == 200 && body == want, || {
+                format!(
+                    "clone {i} answered {status} {:?}, expected {:?}",
+                    String::from_utf8_lossy(&body),
+                    want
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn damaged_snapshots_are_refused() -> Result<(), Failed> {
     let guest = GuestArtifacts::locate()?;
     let scratch = Scratch::new("snap-bad");
@@ -302,6 +352,10 @@ fn main() -> ExitCode {
             Trial::test("restored_through_an_external_uffd_handler", || {
                 restore_and_count(Backend::External)
             }),
+            Trial::test(
+                "four_clones_of_a_two_vcpu_snapshot",
+                four_clones_of_a_two_vcpu_snapshot,
+            ),
             Trial::test(
                 "damaged_snapshots_are_refused",
                 damaged_snapshots_are_refused,

@@ -37,6 +37,11 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl NetNs {
     /// A namespace with `lo` up and a tap `tap0` at 172.16.0.1/24 (the guest is .2).
     pub fn with_tap(tag: &str) -> Result<Self, String> {
+        Self::with_tap_named(tag, TAP)
+    }
+
+    /// The same with the tap named `tap`.
+    pub fn with_tap_named(tag: &str, tap: &str) -> Result<Self, String> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "reapvm-{tag}-{}-{}",
@@ -46,10 +51,10 @@ impl NetNs {
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
         ns.exec_ip(&["link", "set", "lo", "up"])?;
-        ns.exec_ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-        ns.exec_ip(&["link", "set", TAP, "address", HOST_TAP_MAC])?;
-        ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
-        ns.exec_ip(&["link", "set", TAP, "up"])?;
+        ns.exec_ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        ns.exec_ip(&["link", "set", tap, "address", HOST_TAP_MAC])?;
+        ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap])?;
+        ns.exec_ip(&["link", "set", tap, "up"])?;
         Ok(ns)
     }
 
