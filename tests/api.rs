@@ -44,13 +44,7 @@ impl ApiVmm {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        let start = Instant::now();
-        while !socket.exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                return Err("the API socket never appeared".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(&socket, Duration::from_secs(10))?;
         Ok(Self {
             child,
             socket,

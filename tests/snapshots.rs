@@ -71,13 +71,7 @@ impl Vmm {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        while !socket.exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                return Err("the API socket never appeared".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(socket, Duration::from_secs(10))?;
         Ok(Self {
             child,
             socket: socket.to_path_buf(),

@@ -258,6 +258,21 @@ pub fn start_until_booted(
     Ok((child, boot_us))
 }
 
+/// Waits until a freshly started VMM has created its API socket.
+pub fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while !socket.exists() {
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "the API socket {} never appeared",
+                socket.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Boot arguments for test guests: serial console, quiet kernel, reset on reboot.
 pub fn test_boot_args(extra: &str) -> String {
     format!(

@@ -239,15 +239,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
             tsc_deadline,
             kernel.entry,
         )?;
-        // Which MSRs can be read depends on the CPUID just set; probe once per VM.
-        if msrs_to_save.is_none() {
-            let msrs = crate::vstate::vcpu_state::msrs_to_save(&kvm, vcpu.fd())
-                .map_err(BuildError::MsrList)?;
-            msrs_to_save = Some(Arc::new(msrs));
-        }
-        if let Some(msrs) = &msrs_to_save {
-            vcpu.set_msrs_to_save(msrs.clone());
-        }
+        give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
         vcpus.push(vcpu);
     }
 
@@ -572,14 +564,7 @@ pub fn restore_from_snapshot(
         let mut vcpu = Vcpu::new(vm.fd(), index as u8, legacy.bus.clone(), mmio_bus.clone())?;
         vcpu.restore_state(vcpu_state)
             .map_err(|e| BuildError::Restore(format!("vCPU {index}: {e}")))?;
-        if msrs_to_save.is_none() {
-            let msrs = crate::vstate::vcpu_state::msrs_to_save(&kvm, vcpu.fd())
-                .map_err(BuildError::MsrList)?;
-            msrs_to_save = Some(Arc::new(msrs));
-        }
-        if let Some(msrs) = &msrs_to_save {
-            vcpu.set_msrs_to_save(msrs.clone());
-        }
+        give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
         vcpus.push(vcpu);
     }
     let control = if resume {
@@ -606,6 +591,28 @@ pub fn restore_from_snapshot(
         if resume { "running" } else { "paused" }
     );
     Ok(microvm)
+}
+
+/// Gives `vcpu` the list of MSRs its saved state carries. Which MSRs can be read depends on
+/// the CPUID the vCPU now has, so the list is probed on the first vCPU and shared.
+fn give_msr_list(
+    kvm: &Kvm,
+    vcpu: &mut Vcpu,
+    cache: &mut Option<Arc<Vec<u32>>>,
+) -> Result<(), BuildError> {
+    let msrs = match cache {
+        Some(msrs) => msrs.clone(),
+        None => {
+            let msrs = Arc::new(
+                crate::vstate::vcpu_state::msrs_to_save(kvm, vcpu.fd())
+                    .map_err(BuildError::MsrList)?,
+            );
+            *cache = Some(msrs.clone());
+            msrs
+        }
+    };
+    vcpu.set_msrs_to_save(msrs);
+    Ok(())
 }
 
 /// Attaches `device` with the next saved device state, which must be its own and must have

@@ -2,6 +2,7 @@
 //! the buses until the VM stops.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -278,6 +279,9 @@ struct RunState {
 pub struct RunControl {
     state: Mutex<RunState>,
     changed: Condvar,
+    /// True while the desired state is not Run: lets the vCPU loop skip the lock on every
+    /// exit. Set before the kick, so a vCPU that missed it is caught by immediate_exit.
+    attention: AtomicBool,
 }
 
 impl Default for RunControl {
@@ -297,13 +301,14 @@ impl RunControl {
                 saved: Vec::new(),
             }),
             changed: Condvar::new(),
+            attention: AtomicBool::new(false),
         }
     }
 
     /// vCPUs that park as soon as they start (a restored VM loaded with `resume_vm: false`).
     pub fn new_paused() -> Self {
         let control = Self::new();
-        control.lock().desired = Desired::Pause;
+        control.set(Desired::Pause);
         control
     }
 
@@ -325,6 +330,9 @@ impl RunControl {
     /// (so its registers are those of the next instruction), and while parked it answers
     /// state-save requests.
     fn wait_until_runnable(&self, vcpu: &mut Vcpu) -> bool {
+        if !self.attention.load(Ordering::Acquire) {
+            return true;
+        }
         let mut state = self.lock();
         let mut parked = false;
         let mut answered_generation = state.save_generation;
@@ -365,7 +373,11 @@ impl RunControl {
     }
 
     fn set(&self, desired: Desired) {
-        self.lock().desired = desired;
+        let mut state = self.lock();
+        state.desired = desired;
+        self.attention
+            .store(desired != Desired::Run, Ordering::Release);
+        drop(state);
         self.changed.notify_all();
     }
 
