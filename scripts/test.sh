@@ -34,6 +34,8 @@ set -e
 # libtest lines look like "test result: ok. 17 passed; 0 failed; ..." (some with colours).
 read -r passed failed < <(sed 's/\x1b\[[0-9;]*m//g' "$log" |
   awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p+0, f+0 }')
+# A suite binary that died before its closing line (e.g. its lab run failed) is a failed target.
+targets_failed="$(sed -n 's/^error: \([0-9]*\) targets\{0,1\} failed.*/\1/p' "$log" | tail -n 1)"
 step "cargo test finished with exit code $rc"
-echo "summary: $passed passed, $failed failed"
+echo "summary: $passed passed, $failed failed, ${targets_failed:-0} test targets failed"
 exit "$rc"

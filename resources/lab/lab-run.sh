@@ -72,8 +72,12 @@ qpid=""
 wait "$tailpid" 2>/dev/null || true
 rc="$(sed -n 's/^REAPVM_LAB_EXIT=\([0-9]*\).*/\1/p' "$run/output.log" | tail -n 1)"
 if [ -z "$rc" ]; then
-  echo "lab: the lab stopped without reporting an exit code; its console and QEMU's messages:" >&2
+  # The lab itself died (its kernel panicked or QEMU stopped): keep the whole console for
+  # diagnosis, since the run directory goes away, and say so with a distinct exit code.
+  kept="$cache/lab-runs/crashed-$(date +%Y%m%d-%H%M%S)-$$.log"
+  cat "$run/console.log" "$run/qemu.log" > "$kept" 2>/dev/null || true
+  echo "lab: the lab stopped without reporting an exit code (console kept in $kept); its last lines:" >&2
   tail -n 30 "$run/console.log" "$run/qemu.log" >&2 || true
-  exit 125
+  exit 122
 fi
 exit "$rc"

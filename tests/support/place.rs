@@ -42,6 +42,9 @@ pub fn detect_place() -> Place {
     }
 }
 
+/// lab-run.sh's exit code when the lab machine died before the command reported its own.
+const LAB_MACHINE_DIED: i32 = 122;
+
 /// Re-runs this very executable, with its arguments, inside the KVM lab.
 pub fn rerun_in_lab(what: &str) -> ExitCode {
     let lab_run = repo_root().join("resources/lab/lab-run.sh");
@@ -52,11 +55,22 @@ pub fn rerun_in_lab(what: &str) -> ExitCode {
     let exe = std::env::current_exe().expect("the test binary's own path");
     let timeout = std::env::var("REAPVM_LAB_TIMEOUT").unwrap_or_else(|_| "2400".into());
     let mem = std::env::var("REAPVM_LAB_MEM_MIB").unwrap_or_else(|_| "6144".into());
-    let status = Command::new(&lab_run)
-        .args(["--timeout", &timeout, "--mem", &mem, "--"])
-        .arg(exe)
-        .args(std::env::args_os().skip(1))
-        .status();
+    let run_once = || {
+        Command::new(&lab_run)
+            .args(["--timeout", &timeout, "--mem", &mem, "--"])
+            .arg(&exe)
+            .args(std::env::args_os().skip(1))
+            .status()
+    };
+    let mut status = run_once();
+    if matches!(&status, Ok(s) if s.code() == Some(LAB_MACHINE_DIED)) {
+        // The emulated machine died (not a test verdict): one fresh lab, loudly.
+        eprintln!(
+            "{what}: the KVM lab machine itself died before the suite finished \
+             (see the kept console above); running the suite once more in a fresh lab"
+        );
+        status = run_once();
+    }
     match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
         Ok(s) => {
