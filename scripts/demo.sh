@@ -2,7 +2,9 @@
 # The main job, end to end: builds the guest (kernel, agent, Debian rootfs with the
 # functions) and reapvm, boots a function VM on KVM (directly on hardware virtualization, in
 # the KVM lab otherwise) with its root on virtio-block and its network on a tap inside a
-# network namespace the demo creates, invokes helloworld, and prints the timings.
+# network namespace the demo creates, invokes helloworld, snapshots it, restores it in fresh
+# reapvm processes (File and OnDemand memory backends), invokes it again, and prints the
+# timings.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

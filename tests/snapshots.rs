@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -119,6 +120,10 @@ fn restore_and_count(backend: Backend) -> Result<(), Failed> {
     // The original VM and its namespace are gone; the clone gets a namespace of its own.
     let ns = NetNs::with_tap("restore")?;
     let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
+    let metrics_path = scratch.path("metrics.json");
+    let body = serde_json::json!({ "metrics_path": metrics_path }).to_string();
+    let (status, answer) = unix_request(&vmm.socket, "PUT", "/metrics", &body)?;
+    check(status == 204, || format!("PUT /metrics: {status} {answer}"))?;
     let started = Instant::now();
     let (status, answer) = match backend {
         Backend::File => vmm.load_with("File", &vmstate, &mem)?,
@@ -151,7 +156,273 @@ fn restore_and_count(backend: Backend) -> Result<(), Failed> {
         format!("next count: {status} {body:?}")
     })?;
     eprintln!("snapshot/load answered after {load_time:?} (lab time)");
+    let restore = flushed_metrics(&vmm.socket, &metrics_path)?;
+    let (backend, mode, serves_faults) = match backend {
+        Backend::File => ("File", "file", true),
+        Backend::OnDemand => ("OnDemand", "on-demand", true),
+        Backend::External => ("Uffd", "external", false),
+    };
+    let m = &restore["memory_restore"];
+    check(m["backend"] == backend && m["mode"] == mode, || {
+        format!("memory_restore: {m}")
+    })?;
+    check(
+        restore["latencies_us"]["load_snapshot"].as_u64() > Some(0)
+            && m["vmstate_load_us"].as_u64() > Some(0),
+        || format!("load latencies missing: {restore}"),
+    )?;
+    if serves_faults {
+        // Two invocations of a Python function touch far more than a hundred pages; a hot
+        // memory file's pages come from the page cache (minor faults), a cold one's from disk.
+        let served = m["faults_on_demand"].as_u64().unwrap_or(0);
+        let minor = m["minor_faults"].as_u64().unwrap_or(0);
+        check(served + minor > 100, || {
+            format!("faults served on demand: {m}")
+        })?;
+        if mode == "on-demand" {
+            check(served > 100, || {
+                format!("the handler served too few faults: {m}")
+            })?;
+        }
+    }
     Ok(())
+}
+
+/// Asks the VMM to flush its metrics and returns the last line written.
+fn flushed_metrics(socket: &Path, metrics_path: &Path) -> Result<serde_json::Value, String> {
+    let (status, answer) = unix_request(
+        socket,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "FlushMetrics"}"#,
+    )?;
+    if status != 204 {
+        return Err(format!("FlushMetrics: {status} {answer}"));
+    }
+    let text = std::fs::read_to_string(metrics_path).map_err(|e| e.to_string())?;
+    let last = text.lines().last().ok_or("the metrics file is empty")?;
+    serde_json::from_str(last).map_err(|e| format!("metrics line {last:?}: {e}"))
+}
+
+fn api(socket: &Path, method: &str, path: &str, body: serde_json::Value) -> Result<(), String> {
+    let (status, answer) = unix_request(socket, method, path, &body.to_string())?;
+    if status != 204 {
+        return Err(format!("{method} {path}: {status} {answer}"));
+    }
+    Ok(())
+}
+
+fn count_once(vm: &FunctionVm, want: &[u8]) -> Result<(), String> {
+    let (status, body) = vm.invoke("counter", b"")?;
+    if status != 200 || body != want {
+        return Err(format!(
+            "counter answered {status} {:?}, expected {:?}",
+            String::from_utf8_lossy(&body),
+            String::from_utf8_lossy(want)
+        ));
+    }
+    Ok(())
+}
+
+/// Full snapshot at count 1, Diff snapshot at count 2; the Diff's memory applied onto the
+/// Full one (rebase-snap) restores a guest that counts on from 2.
+fn diff_snapshot_on_top_of_a_full_one() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("snap-diff");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.function = Some("counter".into());
+    spec.api = true;
+    spec.track_dirty_pages = true;
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let socket = scratch.path("api.sock");
+    let pause = || {
+        api(
+            &socket,
+            "PATCH",
+            "/vm",
+            serde_json::json!({"state": "Paused"}),
+        )
+    };
+    let resume = || {
+        api(
+            &socket,
+            "PATCH",
+            "/vm",
+            serde_json::json!({"state": "Resumed"}),
+        )
+    };
+    let create = |kind: &str, vmstate: &Path, mem: &Path| {
+        api(
+            &socket,
+            "PUT",
+            "/snapshot/create",
+            serde_json::json!({"snapshot_type": kind, "snapshot_path": vmstate, "mem_file_path": mem}),
+        )
+    };
+    count_once(&vm, b"1")?;
+    pause()?;
+    let (full_state, full_mem) = (scratch.path("full.vmstate"), scratch.path("full.mem"));
+    create("Full", &full_state, &full_mem)?;
+    resume()?;
+    count_once(&vm, b"2")?;
+    pause()?;
+    let (diff_state, diff_mem) = (scratch.path("diff.vmstate"), scratch.path("diff.mem"));
+    create("Diff", &diff_state, &diff_mem)?;
+    // The same paused VM in full, to hold the rebased memory against.
+    let (_, whole_mem) = (scratch.path("whole.vmstate"), scratch.path("whole.mem"));
+    create("Full", &scratch.path("whole.vmstate"), &whole_mem)?;
+    drop(vm);
+
+    // The Diff file is sparse: it holds the dirtied pages only.
+    let allocated = std::fs::metadata(&diff_mem)?.blocks() * 512;
+    check(allocated < (64 << 20), || {
+        format!("the Diff memory file has {allocated} bytes allocated; 256 MiB of RAM")
+    })?;
+    let merged = scratch.path("merged.mem");
+    std::fs::copy(&full_mem, &merged)?;
+    let out = std::process::Command::new(rebase_snap_bin())
+        .arg("--base-file")
+        .arg(&merged)
+        .arg("--diff-file")
+        .arg(&diff_mem)
+        .output()?;
+    check(out.status.success(), || {
+        format!("rebase-snap: {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    let (rebased, whole) = (std::fs::read(&merged)?, std::fs::read(&whole_mem)?);
+    let differing: Vec<usize> = (0..whole.len() / 4096)
+        .filter(|p| rebased[p * 4096..(p + 1) * 4096] != whole[p * 4096..(p + 1) * 4096])
+        .collect();
+    check(differing.is_empty(), || {
+        format!(
+            "{} pages of Full + Diff differ from a Full snapshot of the same paused VM (dirty pages missed), first at file offsets {:x?}",
+            differing.len(),
+            differing.iter().take(8).map(|p| p * 4096).collect::<Vec<_>>()
+        )
+    })?;
+
+    let ns = NetNs::with_tap("diff")?;
+    let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
+    let (status, answer) = vmm.load(&diff_state, &merged)?;
+    check(status == 204, || {
+        format!("load the Diff: {status} {answer}")
+    })?;
+    let stream = ns.connect(AGENT_PORT, Duration::from_secs(30))?;
+    let mut conn = HttpConn::new(stream, Duration::from_secs(120))?;
+    let (status, body) = conn.request("POST", "/invoke", b"")?;
+    check(status == 200 && body == b"3", || {
+        format!(
+            "the VM restored from Full + Diff answered {status} {:?} (expected 3)",
+            String::from_utf8_lossy(&body)
+        )
+    })
+}
+
+/// A Diff snapshot of a VM that does not track dirty pages is refused, and the VM runs on.
+fn diff_snapshot_needs_dirty_tracking() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("snap-nodiff");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.function = Some("counter".into());
+    spec.api = true;
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let socket = scratch.path("api.sock");
+    api(
+        &socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    )?;
+    let body = serde_json::json!({"snapshot_type": "Diff", "snapshot_path": scratch.path("s"), "mem_file_path": scratch.path("m")});
+    let (status, answer) = unix_request(&socket, "PUT", "/snapshot/create", &body.to_string())?;
+    check(
+        status == 400 && answer.contains("track_dirty_pages"),
+        || format!("Diff without tracking: {status} {answer}"),
+    )?;
+    check(!scratch.path("s").exists(), || "a vmstate was left".into())?;
+    api(
+        &socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Resumed"}),
+    )?;
+    count_once(&vm, b"1")?;
+    Ok(())
+}
+
+/// A VMM killed while it writes a snapshot over an earlier one leaves no vmstate behind, so
+/// nothing loads a half-written memory file (or an old vmstate with new memory).
+fn a_vmm_killed_mid_snapshot_leaves_nothing_that_loads() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("snap-kill");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.function = Some("counter".into());
+    spec.api = true;
+    spec.mem_mib = 512;
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let socket = scratch.path("api.sock");
+    let (vmstate, mem) = (scratch.path("vmstate"), scratch.path("memory"));
+    let body = serde_json::json!({"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem});
+    count_once(&vm, b"1")?;
+    api(
+        &socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    )?;
+    api(&socket, "PUT", "/snapshot/create", body.clone())?;
+    api(
+        &socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Resumed"}),
+    )?;
+    count_once(&vm, b"2")?;
+    api(
+        &socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    )?;
+
+    let temp_mem = scratch.path(&format!(".memory.tmp-{}", vm.pid()));
+    let request = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            unix_request(&socket, "PUT", "/snapshot/create", &body.to_string())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !temp_mem.exists() && !request.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    check(temp_mem.exists(), || {
+        "the second snapshot finished (or never started) before it could be interrupted".into()
+    })?;
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &vm.pid().to_string()])
+        .status()?;
+    check(killed.success(), || "kill -9 failed".into())?;
+    let answer = request.join().map_err(|_| "the request thread panicked")?;
+    check(
+        answer.is_err() || answer.as_ref().is_ok_and(|(s, _)| *s != 204),
+        || format!("the interrupted snapshot was reported written: {answer:?}"),
+    )?;
+    drop(vm);
+    check(!vmstate.exists(), || {
+        "a vmstate survived the interrupted snapshot: it would pair with the wrong memory".into()
+    })?;
+
+    let ns = NetNs::with_tap("kill")?;
+    let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
+    let (status, answer) = vmm.load(&vmstate, &mem)?;
+    check(status == 400 && answer.contains("vmstate"), || {
+        format!("loading after the kill: {status} {answer}")
+    })?;
+    let (status, info) = unix_request(&vmm.socket, "GET", "/", "")?;
+    check(status == 200 && info.contains("Not started"), || {
+        format!("the VMM must stay up: {status} {info}")
+    })
 }
 
 /// An external page-fault handler speaking Firecracker's handshake: it receives the region
@@ -353,6 +624,18 @@ fn main() -> ExitCode {
             Trial::test(
                 "damaged_snapshots_are_refused",
                 damaged_snapshots_are_refused,
+            ),
+            Trial::test(
+                "diff_snapshot_on_top_of_a_full_one",
+                diff_snapshot_on_top_of_a_full_one,
+            ),
+            Trial::test(
+                "diff_snapshot_needs_dirty_tracking",
+                diff_snapshot_needs_dirty_tracking,
+            ),
+            Trial::test(
+                "a_vmm_killed_mid_snapshot_leaves_nothing_that_loads",
+                a_vmm_killed_mid_snapshot_leaves_nothing_that_loads,
             ),
         ]
     })

@@ -7,4 +7,8 @@ pub mod trigger;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest memory with a dirty bitmap: every write the VMM makes on the guest's behalf (device
+/// buffers, used rings) is marked, so Diff snapshots catch what KVM's dirty log cannot see.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 pub use trigger::EventFdTrigger;

@@ -24,6 +24,8 @@ pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
     pub content_type: &'static str,
+    /// Runs once the response has been written to the connection.
+    pub after_sent: Option<fn()>,
 }
 
 impl Response {
@@ -32,7 +34,13 @@ impl Response {
             status,
             body: body.into(),
             content_type: "application/octet-stream",
+            after_sent: None,
         }
+    }
+
+    pub fn then(mut self, after_sent: fn()) -> Self {
+        self.after_sent = Some(after_sent);
+        self
     }
 
     pub fn text(status: u16, body: impl Into<String>) -> Self {
@@ -40,6 +48,7 @@ impl Response {
             status,
             body: body.into().into_bytes(),
             content_type: "text/plain; charset=utf-8",
+            after_sent: None,
         }
     }
 }
@@ -213,7 +222,11 @@ fn serve_connection(stream: TcpStream, handler: &Handler) {
         match parse_request(&mut reader) {
             Ok(req) => {
                 let resp = handler(&req);
-                if write_response(&mut writer, &resp, req.keep_alive).is_err() || !req.keep_alive {
+                let sent = write_response(&mut writer, &resp, req.keep_alive).is_ok();
+                if let (true, Some(after_sent)) = (sent, resp.after_sent) {
+                    after_sent();
+                }
+                if !sent || !req.keep_alive {
                     return;
                 }
             }

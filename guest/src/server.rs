@@ -47,12 +47,13 @@ impl AgentState {
                         },
                     );
                 };
-                match function.invoke(&req.body) {
+                let response = match function.invoke(&req.body) {
                     Ok(out) => Response::new(200, out),
                     Err(InvokeError::Handler(msg)) | Err(InvokeError::Worker(msg)) => {
                         Response::text(500, msg)
                     }
-                }
+                };
+                response.then(invocation_answered)
             }
             (_, "/ready" | "/functions" | "/shutdown" | "/invoke") => {
                 Response::text(405, "method not allowed")
@@ -60,6 +61,12 @@ impl AgentState {
             _ => Response::text(404, format!("no endpoint {}", req.path)),
         }
     }
+}
+
+/// Tells the VMM an invocation was answered (REAP stops recording there). Outside a reapvm
+/// guest the port is not granted and nothing happens.
+fn invocation_answered() {
+    let _ = crate::boot_signal::signal_invocation_done();
 }
 
 pub fn handler(state: Arc<AgentState>) -> Arc<Handler> {

@@ -27,6 +27,12 @@ mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 labrun "/host$run" \
   || fail "cannot mount the run folder $run"
+disk="$(sed -n 's/.*reapvm_lab.disk=\([^ ]*\).*/\1/p' /proc/cmdline)"
+if [ -n "$disk" ]; then
+  for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+  chroot /host /usr/sbin/mkfs.ext4 -q -F /dev/vda > /dev/null 2>&1 || fail "cannot format the scratch disk"
+  mount -t ext4 /dev/vda "/host$disk" || fail "cannot mount the scratch disk at $disk"
+fi
 [ -c /dev/kvm ] || fail "no /dev/kvm in the lab (kvm_amd did not load: is SVM emulated?)"
 ip link set lo up 2>/dev/null
 echo "lab: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpus, /dev/kvm ready" > "$out"

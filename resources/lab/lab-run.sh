@@ -32,11 +32,21 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A scratch disk for runs that need disk-backed files (page cache effects): formatted ext4 in
+# the lab and mounted at /mnt; QEMU reads it with O_DIRECT, so a cold read is a real read.
+disk_args=() disk_kernel_arg=""
+if [ -n "${REAPVM_LAB_DISK_MIB:-}" ]; then
+  truncate -s "${REAPVM_LAB_DISK_MIB}M" "$run/disk.img"
+  disk_args=(-drive "file=$run/disk.img,if=virtio,format=raw,cache=none,aio=threads")
+  disk_kernel_arg="reapvm_lab.disk=/mnt"
+fi
+
 {
   echo "cd $(printf '%q' "$PWD") || exit 126"
   env | grep -E '^(REAPVM|RUST|CARGO)[A-Z0-9_]*=' | while IFS='=' read -r k v; do
     printf 'export %s=%q\n' "$k" "$v"
   done
+  if [ -n "$disk_kernel_arg" ]; then echo "export REAPVM_LAB_DISK=/mnt"; fi
   echo "export REAPVM_IN_LAB=1 HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   printf 'exec'; printf ' %q' "$@"; echo
 } > "$run/cmd.sh"
@@ -44,7 +54,8 @@ trap 'exit 130' INT TERM
 
 qemu-system-x86_64 -machine q35 -accel "tcg,thread=${REAPVM_LAB_TCG_THREAD:-multi}" -cpu EPYC -m "$mem" -smp "$cpus" \
   -kernel "$lab/vmlinuz" -initrd "$lab/initrd.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run ${REAPVM_LAB_KERNEL_ARGS:-}" \
+  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run $disk_kernel_arg ${REAPVM_LAB_KERNEL_ARGS:-}" \
+  "${disk_args[@]}" \
   -display none -monitor none -nic none -no-reboot \
   -serial "file:$run/console.log" \
   -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \

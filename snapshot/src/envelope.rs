@@ -3,9 +3,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crc::{Crc, CRC_64_XZ};
+use crc::{Crc, Table, CRC_64_XZ};
 
-const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
+// Slice-by-16 tables: working-set files are tens of MB and are checked on the restore path.
+const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 const HEADER_LEN: usize = 8 + 4 + 8;
 const TRAILER_LEN: usize = 8;
 
@@ -37,6 +38,13 @@ pub fn encode(magic: &[u8; 8], version: u32, payload: &[u8]) -> Vec<u8> {
     let crc = CRC64.checksum(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// The checksum stored in the last 8 bytes of an envelope (valid once `decode` accepted it):
+/// it identifies the file's content.
+pub fn stored_checksum(bytes: &[u8]) -> Option<u64> {
+    let tail = bytes.get(bytes.len().checked_sub(TRAILER_LEN)?..)?;
+    Some(u64::from_le_bytes(tail.try_into().ok()?))
 }
 
 /// Checks the envelope of `bytes` and returns its payload.

@@ -2,6 +2,8 @@
 //! version, payload length) and ends with a CRC-64 of everything before it, so a truncated,
 //! corrupted, foreign or newer file is refused with a precise reason before it is used.
 
+pub mod diff;
 pub mod envelope;
+pub mod ws;
 
 pub use envelope::{decode, encode, write_atomic, EnvelopeError};

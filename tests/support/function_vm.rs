@@ -30,6 +30,8 @@ pub struct VmSpec {
     pub function: Option<String>,
     /// Serve the API on `api.sock` in the scratch folder (the VM still boots from the file).
     pub api: bool,
+    /// Log dirty pages (machine-config track_dirty_pages), for Diff snapshots.
+    pub track_dirty_pages: bool,
 }
 
 impl VmSpec {
@@ -43,6 +45,7 @@ impl VmSpec {
             extra_drives: Vec::new(),
             function: None,
             api: false,
+            track_dirty_pages: false,
         }
     }
 }
@@ -86,7 +89,11 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
         "boot-source": {"kernel_image_path": kernel, "boot_args": test_boot_args(&extra)},
         "drives": drives,
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:ac:10:00:02"}],
-        "machine-config": {"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib},
+        "machine-config": {
+            "vcpu_count": spec.vcpus,
+            "mem_size_mib": spec.mem_mib,
+            "track_dirty_pages": spec.track_dirty_pages,
+        },
     })
     .to_string()
 }
@@ -165,6 +172,11 @@ impl FunctionVm {
             "the agent was not ready after {READY_DEADLINE:?}; {}",
             self.describe()
         ))
+    }
+
+    /// The reapvm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn conn(&self) -> Result<HttpConn, String> {

@@ -13,7 +13,7 @@ pub use libtest_mimic::{Arguments, Failed, Trial};
 pub mod function_vm;
 pub mod http;
 pub mod netns;
-mod place;
+pub mod place;
 pub use place::{detect_place, repo_root, rerun_in_lab, Place};
 
 /// Paths of the guest kernel and initramfs built by scripts/build-guest.sh.
@@ -178,6 +178,10 @@ fn tail(s: &str, lines: usize) -> String {
 
 pub fn reapvm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_reapvm"))
+}
+
+pub fn rebase_snap_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rebase-snap"))
 }
 
 /// Runs `reapvm` with `args`, stdin from /dev/null, killing it after `deadline`.

@@ -47,6 +47,11 @@ const LAB_MACHINE_DIED: i32 = 122;
 
 /// Re-runs this very executable, with its arguments, inside the KVM lab.
 pub fn rerun_in_lab(what: &str) -> ExitCode {
+    rerun_in_lab_with(what, &[])
+}
+
+/// As `rerun_in_lab`, with extra environment for lab-run.sh (e.g. REAPVM_LAB_DISK_MIB).
+pub fn rerun_in_lab_with(what: &str, env: &[(&str, &str)]) -> ExitCode {
     let lab_run = repo_root().join("resources/lab/lab-run.sh");
     println!(
         "{what}: this host's KVM cannot boot Linux (no vmx/svm; see docs/kvm-lab.md); \
@@ -58,6 +63,7 @@ pub fn rerun_in_lab(what: &str) -> ExitCode {
     let run_once = || {
         Command::new(&lab_run)
             .args(["--timeout", &timeout, "--mem", &mem, "--"])
+            .envs(env.iter().copied())
             .arg(&exe)
             .args(std::env::args_os().skip(1))
             .status()

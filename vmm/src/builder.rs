@@ -24,6 +24,7 @@ use crate::console::StdinToSerial;
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
+use crate::metrics;
 use crate::microvm::{MicroVm, Subscriber};
 use crate::uffd_backend;
 use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
@@ -154,7 +155,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     let vm = Vm::new(&kvm)?;
     let ram_size = config.mem_size_bytes();
     let guest_memory = memory::create_guest_memory(ram_size)?;
-    vm.register_memory(&guest_memory)?;
+    vm.register_memory(&guest_memory, config.machine_config.track_dirty_pages)?;
 
     let legacy = legacy_devices(
         &vm,
@@ -338,7 +339,7 @@ fn legacy_devices(
 fn assemble(
     kvm: Kvm,
     vm: Vm,
-    guest_memory: vm_memory::GuestMemoryMmap,
+    guest_memory: devices::GuestMemoryMmap,
     legacy: LegacyDevices,
     mut mmio: MmioDeviceManager,
     vcpus: Vec<Vcpu>,
@@ -450,18 +451,78 @@ pub enum MemoryBackend {
     Uffd(PathBuf),
 }
 
-/// Builds a VM from a snapshot: KVM and device state as saved, memory from `backend`,
-/// taps renamed by `network_overrides` (iface_id, host_dev_name). The vCPUs start running
-/// when `resume`, parked otherwise. Nothing is left running on error.
+/// How to restore a snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreParams {
+    pub backend: MemoryBackend,
+    /// (iface_id, host_dev_name): the tap each interface uses instead of the saved one.
+    pub network_overrides: Vec<(String, String)>,
+    /// Run the vCPUs at once (else they wait for PATCH /vm Resumed).
+    pub resume: bool,
+    /// Log dirty pages, for Diff snapshots of the restored VM.
+    pub track_dirty_pages: bool,
+    /// How long reading and checking the vmstate took (reported in the restore metrics).
+    pub vmstate_load: Duration,
+}
+
+/// Counts the `File` backend's on-demand faults: the host kernel serves them from the
+/// memory file as major faults of this process.
+struct MajorFaultsSince(u64);
+
+impl metrics::FaultSource for MajorFaultsSince {
+    fn faults_and_bytes(&self) -> (u64, u64) {
+        let faults = metrics::process_faults().major.saturating_sub(self.0);
+        (faults, faults * uffd_backend::PAGE_SIZE as u64)
+    }
+}
+
+/// The saved vCPU's CPU features this host lacks, if any, as an error.
+fn check_cpu_features(
+    kvm: &Kvm,
+    supported: &kvm_bindings::CpuId,
+    state: &crate::persist::MicrovmState,
+) -> Result<(), BuildError> {
+    let Some(saved) = state.vcpus.first() else {
+        return Ok(());
+    };
+    let vcpu_count = state.config.vcpu_count();
+    let topology = Topology {
+        cpu_index: 0,
+        vcpu_count,
+        threads_per_core: if state.config.machine_config.smt && vcpu_count > 1 {
+            2
+        } else {
+            1
+        },
+    };
+    let mut host = supported.clone();
+    crate::arch::cpuid::normalize(
+        &mut host,
+        topology,
+        kvm.check_extension(Cap::TscDeadlineTimer),
+    );
+    let missing = crate::arch::cpuid::missing_features(&saved.cpuid, host.as_slice());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(BuildError::Restore(format!(
+        "this host's CPU lacks features the snapshot's vCPUs had: {}",
+        missing.join(", ")
+    )))
+}
+
+/// Builds a VM from a snapshot: KVM and device state as saved, memory from the backend,
+/// taps renamed by the overrides. Nothing is left running on error.
 pub fn restore_from_snapshot(
     state: &crate::persist::MicrovmState,
-    backend: &MemoryBackend,
-    network_overrides: &[(String, String)],
-    resume: bool,
+    params: &RestoreParams,
     opts: StartOptions,
 ) -> Result<MicroVm, BuildError> {
+    let backend = &params.backend;
+    let resume = params.resume;
     let mut config = state.config.clone();
-    for (iface_id, tap) in network_overrides {
+    config.machine_config.track_dirty_pages = params.track_dirty_pages;
+    for (iface_id, tap) in &params.network_overrides {
         match config
             .network_interfaces
             .iter_mut()
@@ -501,24 +562,39 @@ pub fn restore_from_snapshot(
             state.cpu_vendor
         )));
     }
+    check_cpu_features(&kvm, &supported, state)?;
     let vm = Vm::new(&kvm)?;
-    let guest_memory = match (backend, mem_file) {
+    let report = |backend: &str, mode: &str| metrics::MemoryRestoreReport {
+        backend: backend.into(),
+        mode: mode.into(),
+        vmstate_load_us: params.vmstate_load.as_micros() as u64,
+        ..Default::default()
+    };
+    let (guest_memory, restore_report, live_faults) = match (backend, mem_file) {
         (MemoryBackend::File(_), Some((file, path))) => {
-            map_memory_file(&file, path, &state.memory)?
+            let live: Arc<dyn metrics::FaultSource> =
+                Arc::new(MajorFaultsSince(metrics::process_faults().major));
+            (
+                map_memory_file(&file, path, &state.memory)?,
+                report("File", "file"),
+                Some(live),
+            )
         }
         (MemoryBackend::OnDemand(_), Some((file, _))) => {
             let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
                 .map_err(|e| BuildError::Restore(e.to_string()))?;
-            uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
+            let stats = uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
                 .map_err(|e| BuildError::Restore(e.to_string()))?;
-            mem
+            let live: Arc<dyn metrics::FaultSource> = stats;
+            (mem, report("OnDemand", "on-demand"), Some(live))
         }
         (MemoryBackend::Uffd(socket), _) => {
             let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
                 .map_err(|e| BuildError::Restore(e.to_string()))?;
             uffd_backend::send_to_external_handler(socket, &uffd, &mappings)
                 .map_err(|e| BuildError::Restore(e.to_string()))?;
-            mem
+            // The external handler alone knows what it served.
+            (mem, report("Uffd", "external"), None)
         }
         _ => {
             return Err(BuildError::Restore(
@@ -526,7 +602,7 @@ pub fn restore_from_snapshot(
             ))
         }
     };
-    vm.register_memory(&guest_memory)?;
+    vm.register_memory(&guest_memory, config.machine_config.track_dirty_pages)?;
     state
         .vm
         .restore(vm.fd())
@@ -583,6 +659,9 @@ pub fn restore_from_snapshot(
         opts.console_in,
         control,
     )?;
+    metrics::metrics()
+        .memory_restore
+        .set(restore_report, live_faults);
     log::info!(
         "restored from a snapshot: {} vCPU(s), {} MiB, memory backend {:?} ({})",
         state.vcpus.len(),
@@ -620,7 +699,7 @@ fn give_msr_list(
 fn attach_saved<D>(
     mmio: &mut MmioDeviceManager,
     vm: &Vm,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &devices::GuestMemoryMmap,
     saved: &mut std::slice::Iter<'_, crate::persist::DeviceState>,
     id: &str,
     device: D,
@@ -688,7 +767,7 @@ fn map_memory_file(
     file: &std::fs::File,
     path: &std::path::Path,
     layout: &[crate::persist::MemoryRegionState],
-) -> Result<vm_memory::GuestMemoryMmap, BuildError> {
+) -> Result<devices::GuestMemoryMmap, BuildError> {
     use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
     let mut regions = Vec::with_capacity(layout.len());
     for r in layout {
@@ -710,6 +789,6 @@ fn map_memory_file(
             })?;
         regions.push(region);
     }
-    vm_memory::GuestMemoryMmap::from_regions(regions)
+    devices::GuestMemoryMmap::from_regions(regions)
         .map_err(|e| BuildError::Restore(format!("bad memory layout in the snapshot: {e}")))
 }

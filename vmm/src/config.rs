@@ -191,7 +191,7 @@ pub struct VmConfig {
     #[serde(default)]
     pub logger: Option<LoggerConfig>,
     #[serde(default)]
-    pub metrics: Option<serde_json::Value>,
+    pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub vsock: Option<serde_json::Value>,
     #[serde(default)]
@@ -202,6 +202,13 @@ pub struct VmConfig {
     pub entropy: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default)]
     pub cpu_config: Option<serde_json::Value>,
+}
+
+/// Where metrics go (`metrics` in the config file, `PUT /metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: PathBuf,
 }
 
 impl VmConfig {
@@ -224,7 +231,6 @@ impl VmConfig {
         self.validate_drives()?;
         self.validate_network_interfaces()?;
         let unsupported = [
-            ("metrics", self.metrics.is_some()),
             ("vsock", self.vsock.is_some()),
             ("balloon", self.balloon.is_some()),
             ("mmds-config", self.mmds_config.is_some()),

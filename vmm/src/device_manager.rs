@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::Bus;
+use devices::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::MMIO_GAP_START;

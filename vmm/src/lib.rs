@@ -11,6 +11,7 @@ pub mod device_manager;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod microvm;
 pub mod persist;
 pub mod uffd_backend;

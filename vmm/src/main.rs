@@ -1,6 +1,7 @@
 //! `reapvm`: starts one microVM, as `firecracker` does.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -11,12 +12,12 @@ use vmm::api::request::LoadSnapshotParams;
 use vmm::api::server::{ApiInbox, ApiResponse};
 use vmm::api::{Action, ApiRequest};
 use vmm::builder::{
-    build_and_start, restore_from_snapshot, BuildError, MemoryBackend, StartOptions,
+    build_and_start, restore_from_snapshot, BuildError, MemoryBackend, RestoreParams, StartOptions,
 };
 use vmm::cli::{exit_code, Cli};
 use vmm::config::VmConfig;
 use vmm::persist::read_vmstate;
-use vmm::{api, logger, MicroVm, VmExitReason};
+use vmm::{api, logger, metrics, MicroVm, VmExitReason};
 
 fn fail(code: i32, message: impl std::fmt::Display) -> ExitCode {
     log::error!("{message}");
@@ -74,8 +75,15 @@ fn main() -> ExitCode {
     if cli.seccomp_filter.is_some() {
         log::warn!("--seccomp-filter given, but reapvm does not install seccomp filters yet");
     }
-    if cli.metrics_path.is_some() {
-        log::warn!("--metrics-path given, but reapvm writes no metrics yet");
+    let metrics_path = config
+        .as_ref()
+        .and_then(|c| c.metrics.as_ref())
+        .map(|m| m.metrics_path.clone())
+        .or_else(|| cli.metrics_path.clone());
+    if let Some(path) = metrics_path {
+        if let Err(e) = metrics::init(&path) {
+            return fail(exit_code::ARG_PARSING, e);
+        }
     }
 
     let start_time = match cli.start_time_us {
@@ -116,6 +124,11 @@ fn main() -> ExitCode {
                 Err(e) => return fail(exit_code::GENERIC_ERROR, e),
             };
         _socket = Some(SocketFile(cli.api_sock.clone()));
+        metrics::metrics().api_server.process_startup_time_us.set(
+            devices::legacy::start_time_now()
+                .wall_us
+                .saturating_sub(start_time.wall_us),
+        );
         let (mut microvm, config) = match config {
             // With a config file the VM starts at once, and the API serves the running VM.
             Some(config) => match start(&config) {
@@ -136,7 +149,14 @@ fn main() -> ExitCode {
         microvm.add_subscriber(Arc::new(Mutex::new(api)));
         microvm
     };
-    match microvm.run() {
+    let mut microvm = microvm;
+    match metrics::PeriodicFlush::new() {
+        Ok(timer) => microvm.add_subscriber(Arc::new(Mutex::new(timer))),
+        Err(e) => log::warn!("metrics will not be written periodically: {e}"),
+    }
+    let outcome = microvm.run();
+    metrics::flush_if_configured();
+    match outcome {
         Ok(VmExitReason::GuestReset) => {
             log::info!("the guest reset; exiting");
             ExitCode::from(exit_code::OK as u8)
@@ -217,16 +237,30 @@ fn load_snapshot(
         (Some(_), Some(_)) => return Err("give mem_backend or mem_file_path, not both".into()),
         (None, None) => return Err("mem_backend (or mem_file_path) is missing".into()),
     };
-    if params.enable_diff_snapshots || params.track_dirty_pages {
-        return Err("dirty page tracking (Diff snapshots) is not supported yet".into());
-    }
+    let started = Instant::now();
     let state = read_vmstate(&params.snapshot_path).map_err(|e| e.to_string())?;
-    let overrides: Vec<(String, String)> = params
-        .network_overrides
-        .iter()
-        .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
-        .collect();
-    let vm = restore_from_snapshot(&state, &backend, &overrides, params.resume_vm, opts)
-        .map_err(|e| e.to_string())?;
-    Ok((vm, state.config))
+    let restore = RestoreParams {
+        backend,
+        network_overrides: params
+            .network_overrides
+            .iter()
+            .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+            .collect(),
+        resume: params.resume_vm,
+        track_dirty_pages: params.enable_diff_snapshots || params.track_dirty_pages,
+        vmstate_load: started.elapsed(),
+    };
+    let vm = restore_from_snapshot(&state, &restore, opts).map_err(|e| e.to_string())?;
+    metrics::metrics()
+        .latencies_us
+        .load_snapshot
+        .set_elapsed_us(started);
+    log::info!(
+        "snapshot loaded in {} us (vmstate read and checked in {} us)",
+        started.elapsed().as_micros(),
+        restore.vmstate_load.as_micros()
+    );
+    let mut config = state.config;
+    config.machine_config.track_dirty_pages = restore.track_dirty_pages;
+    Ok((vm, config))
 }

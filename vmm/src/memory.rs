@@ -1,6 +1,8 @@
 //! Guest RAM: anonymous host memory laid out around the 32-bit MMIO gap.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use devices::GuestMemoryMmap;
 
 use crate::arch::layout::{MMIO_GAP_START, RAM_ABOVE_GAP_START};
 

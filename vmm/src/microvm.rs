@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::GuestMemoryMmap;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::legacy::{I8042Device, SerialDevice};
@@ -35,7 +35,25 @@ pub enum SnapshotError {
     #[error(transparent)]
     Vm(#[from] VmStateError),
     #[error(transparent)]
+    DirtyLog(#[from] crate::vm::VmError),
+    #[error(transparent)]
     Files(#[from] PersistError),
+    #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config (or enable_diff_snapshots when loading)")]
+    NotTracking,
+    #[error("cannot remove the previous vmstate {path}: {source}")]
+    RemoveStale {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a snapshot's memory file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    Full,
+    /// The pages dirtied since the last snapshot (or since boot or restore).
+    Diff,
 }
 
 /// Everything a snapshot reads, shared with the running VM.
@@ -51,15 +69,20 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// Writes a Full snapshot of the paused VM: the memory file first, the vmstate last, each
-    /// renamed into place only once complete.
+    /// Writes a snapshot of the paused VM. A vmstate already at `vmstate_path` is removed
+    /// first, then the memory file and last the vmstate are each renamed into place once
+    /// complete: a VMM killed at any point leaves no vmstate that pairs with the wrong memory.
     pub fn create(
         &self,
+        kind: SnapshotKind,
         vmstate_path: &std::path::Path,
         mem_path: &std::path::Path,
     ) -> Result<(), SnapshotError> {
         if !self.vcpus.is_paused() {
             return Err(SnapshotError::NotPaused);
+        }
+        if kind == SnapshotKind::Diff && !self.vm.tracks_dirty_pages() {
+            return Err(SnapshotError::NotTracking);
         }
         let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
         let vm = VmState::save(self.vm.fd())?;
@@ -88,7 +111,28 @@ impl SnapshotSource {
             i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
             devices,
         };
-        persist::write_memory_file(&self.mem, &memory, mem_path)?;
+        match std::fs::remove_file(vmstate_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SnapshotError::RemoveStale {
+                    path: vmstate_path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        // Taking the log also clears it: the next Diff starts from this snapshot.
+        let kvm_dirty = if self.vm.tracks_dirty_pages() {
+            Some(self.vm.take_dirty_log(&self.mem)?)
+        } else {
+            None
+        };
+        let content = match (kind, &kvm_dirty) {
+            (SnapshotKind::Diff, Some(log)) => persist::MemoryContent::Dirty(log),
+            _ => persist::MemoryContent::Full,
+        };
+        persist::write_memory_file(&self.mem, &memory, content, mem_path)?;
+        persist::reset_vmm_dirty_bitmap(&self.mem);
         persist::write_vmstate(&state, vmstate_path)?;
         Ok(())
     }

@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 
 use devices::legacy::{I8042State, SerialSnapshot};
 use devices::virtio::mmio::MmioTransportState;
+use devices::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::vstate::{VcpuState, VmState};
 
 pub const VMSTATE_MAGIC: &[u8; 8] = b"REAPVMST";
 pub const VMSTATE_VERSION: u32 = 1;
+const PAGE_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -110,29 +112,101 @@ fn temp_beside(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Writes guest memory to `path` (atomically: a temporary file renamed at the end).
+/// Which pages of guest memory a memory file holds.
+pub enum MemoryContent<'a> {
+    /// All of them.
+    Full,
+    /// Only those dirtied since the last snapshot: per region, KVM's dirty log (one bit per
+    /// page) together with the VMM's own dirty bitmap. The rest of the file is holes.
+    Dirty(&'a [Vec<u64>]),
+}
+
+/// Guest pages per dirty-log word.
+const PAGES_PER_WORD: usize = 64;
+
+/// The runs (first page, page count) of pages of `region` dirtied by the guest (`kvm_log`)
+/// or by the VMM (the region's bitmap).
+fn dirty_runs(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+    kvm_log: &[u64],
+) -> Vec<(usize, usize)> {
+    use vm_memory::bitmap::Bitmap;
+    let vmm_dirty = vmm_bitmap(region);
+    let pages = region.len() as usize / PAGE_SIZE;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for page in 0..pages {
+        let by_guest = kvm_log
+            .get(page / PAGES_PER_WORD)
+            .is_some_and(|w| w & (1 << (page % PAGES_PER_WORD)) != 0);
+        let dirty = by_guest || vmm_dirty.dirty_at(page * PAGE_SIZE);
+        if !dirty {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == page => *count += 1,
+            _ => runs.push((page, 1)),
+        }
+    }
+    runs
+}
+
+/// The whole-region dirty bitmap (the region trait's `bitmap()` gives a slice view).
+fn vmm_bitmap(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> &vm_memory::bitmap::AtomicBitmap {
+    std::ops::Deref::deref(region).bitmap()
+}
+
+/// Forgets every page marked dirty by the VMM (after a snapshot).
+pub fn reset_vmm_dirty_bitmap(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        vmm_bitmap(region).reset();
+    }
+}
+
+/// Writes guest memory to `path` (atomically: a temporary file renamed at the end). A
+/// `Dirty` file has the full size with only the dirty pages written: apply it onto the base
+/// memory file with `rebase-snap` before loading.
 pub fn write_memory_file(
     mem: &GuestMemoryMmap,
     layout: &[MemoryRegionState],
+    content: MemoryContent<'_>,
     path: &Path,
 ) -> Result<(), PersistError> {
+    use std::io::{Seek, SeekFrom};
     let tmp = temp_beside(path);
     let write_err = |source| PersistError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let result = (|| {
-        let mut file = File::create(&tmp).map_err(write_err)?;
-        for region in layout {
-            mem.write_all_volatile_to(
-                GuestAddress(region.guest_addr),
-                &mut file,
-                region.size as usize,
-            )
+    let copy = |file: &mut File, guest_addr: u64, len: usize| {
+        mem.write_all_volatile_to(GuestAddress(guest_addr), file, len)
             .map_err(|source| PersistError::Memory {
                 path: path.to_path_buf(),
                 source,
-            })?;
+            })
+    };
+    let result = (|| {
+        let mut file = File::create(&tmp).map_err(write_err)?;
+        match content {
+            MemoryContent::Full => {
+                for region in layout {
+                    copy(&mut file, region.guest_addr, region.size as usize)?;
+                }
+            }
+            MemoryContent::Dirty(kvm_logs) => {
+                let total = layout.iter().map(|r| r.file_offset + r.size).max();
+                file.set_len(total.unwrap_or(0)).map_err(write_err)?;
+                for (index, (saved, region)) in layout.iter().zip(mem.iter()).enumerate() {
+                    let log = kvm_logs.get(index).map(Vec::as_slice).unwrap_or(&[]);
+                    for (first, count) in dirty_runs(region, log) {
+                        let offset = (first * PAGE_SIZE) as u64;
+                        file.seek(SeekFrom::Start(saved.file_offset + offset))
+                            .map_err(write_err)?;
+                        copy(&mut file, saved.guest_addr + offset, count * PAGE_SIZE)?;
+                    }
+                }
+            }
         }
         file.sync_all().map_err(write_err)?;
         std::fs::rename(&tmp, path).map_err(write_err)
@@ -167,4 +241,51 @@ pub fn read_vmstate(path: &Path) -> Result<MicrovmState, PersistError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_diff_file_holds_the_pages_dirtied_by_guest_or_vmm_and_only_those() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 * PAGE_SIZE),
+            (GuestAddress(0x10_0000), 8 * PAGE_SIZE),
+        ])
+        .unwrap();
+        let layout = memory_layout(&mem);
+        // The VMM writes page 3 of the first region (a device buffer, say).
+        mem.write_slice(&[0xab; 16], GuestAddress(3 * PAGE_SIZE as u64))
+            .unwrap();
+        // KVM reports page 1 of the second region as dirtied by the guest.
+        let kvm_log = vec![vec![0u64], vec![1 << 1]];
+        let dir = std::env::temp_dir().join(format!("reapvm-persist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("diff.mem");
+        write_memory_file(&mem, &layout, MemoryContent::Dirty(&kvm_log), &path).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 24 * PAGE_SIZE as u64);
+        let extents = snapshot::diff::data_extents(&file, &path, 24 * PAGE_SIZE as u64).unwrap();
+        let data: u64 = extents.iter().map(|(_, len)| len).sum();
+        assert!(
+            data <= 2 * PAGE_SIZE as u64 || extents.len() <= 2,
+            "only two pages hold data: {extents:?}"
+        );
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, 3 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(byte[0], 0xab);
+
+        reset_vmm_dirty_bitmap(&mem);
+        let none = vec![vec![0u64], vec![0u64]];
+        write_memory_file(&mem, &layout, MemoryContent::Dirty(&none), &path).unwrap();
+        let file = File::open(&path).unwrap();
+        let extents = snapshot::diff::data_extents(&file, &path, 24 * PAGE_SIZE as u64).unwrap();
+        assert!(
+            extents.is_empty(),
+            "nothing dirty after a reset: {extents:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use devices::GuestMemoryMmap;
 use serde::Serialize;
 use userfaultfd::{Event, Uffd, UffdBuilder};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::persist::MemoryRegionState;
@@ -95,6 +96,15 @@ pub struct FaultStats {
     pub bytes_read: AtomicU64,
 }
 
+impl crate::metrics::FaultSource for FaultStats {
+    fn faults_and_bytes(&self) -> (u64, u64) {
+        (
+            self.faults.load(Ordering::Relaxed),
+            self.bytes_read.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Serves faults from `file` on a thread of its own, for the life of the process.
 pub fn spawn_on_demand_handler(
     uffd: Uffd,
@@ -113,43 +123,71 @@ pub fn spawn_on_demand_handler(
 fn serve_faults(uffd: &Uffd, file: &File, mappings: &[GuestRegionUffdMapping], stats: &FaultStats) {
     let mut page = vec![0u8; PAGE_SIZE];
     loop {
-        let event = match uffd.read_event() {
-            Ok(Some(event)) => event,
+        match uffd.read_event() {
+            Ok(Some(event)) => {
+                serve_event(uffd, file, mappings, stats, &mut page, event);
+            }
             Ok(None) => continue,
             Err(e) => {
                 log::error!("page fault handler stops: {e}");
                 return;
             }
-        };
-        let Event::Pagefault { addr, .. } = event else {
-            continue;
-        };
-        let addr = (addr as u64) & !(PAGE_SIZE as u64 - 1);
-        let Some(m) = mappings.iter().find(|m| {
-            addr >= m.base_host_virt_addr && addr < m.base_host_virt_addr + m.size as u64
-        }) else {
-            log::error!("page fault at {addr:#x} outside guest memory");
-            continue;
-        };
-        let offset = m.offset + (addr - m.base_host_virt_addr);
-        if let Err(e) = file.read_exact_at(&mut page, offset) {
-            log::error!("cannot read page at offset {offset:#x} of the memory file: {e}");
-            page.fill(0);
         }
-        // SAFETY: `addr` is a page of a registered guest region that is still mapped (the
-        // regions live as long as the process); `page` holds PAGE_SIZE bytes.
-        match unsafe { uffd.copy(page.as_ptr().cast(), addr as *mut _, PAGE_SIZE, true) } {
-            Ok(_) => {}
-            // Another fault on the same page got there first: just wake the waiters.
-            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
-                let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
-            }
-            Err(e) => log::error!("UFFDIO_COPY at {addr:#x} failed: {e}"),
+    }
+}
+
+/// The host address of memory-file offset `offset`, if a region holds it.
+pub fn host_addr_of(mappings: &[GuestRegionUffdMapping], offset: u64) -> Option<u64> {
+    mappings
+        .iter()
+        .find(|m| offset >= m.offset && offset < m.offset + m.size as u64)
+        .map(|m| m.base_host_virt_addr + (offset - m.offset))
+}
+
+/// Serves one userfaultfd event: a missing page is filled from `file`. Returns the memory
+/// file offset of the page this call installed (None for other events, for a page someone
+/// else installed first, and on failure).
+pub fn serve_event(
+    uffd: &Uffd,
+    file: &File,
+    mappings: &[GuestRegionUffdMapping],
+    stats: &FaultStats,
+    page: &mut [u8],
+    event: Event,
+) -> Option<u64> {
+    let Event::Pagefault { addr, .. } = event else {
+        return None;
+    };
+    let addr = (addr as u64) & !(PAGE_SIZE as u64 - 1);
+    let Some(m) = mappings
+        .iter()
+        .find(|m| addr >= m.base_host_virt_addr && addr < m.base_host_virt_addr + m.size as u64)
+    else {
+        log::error!("page fault at {addr:#x} outside guest memory");
+        return None;
+    };
+    let offset = m.offset + (addr - m.base_host_virt_addr);
+    if let Err(e) = file.read_exact_at(page, offset) {
+        log::error!("cannot read page at offset {offset:#x} of the memory file: {e}");
+        page.fill(0);
+    }
+    stats.faults.fetch_add(1, Ordering::Relaxed);
+    stats
+        .bytes_read
+        .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+    // SAFETY: `addr` is a page of a registered guest region that is still mapped (the
+    // regions live as long as the process); `page` holds PAGE_SIZE bytes.
+    match unsafe { uffd.copy(page.as_ptr().cast(), addr as *mut _, PAGE_SIZE, true) } {
+        Ok(_) => Some(offset),
+        // Another fault on the same page got there first: just wake the waiters.
+        Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+            let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
+            None
         }
-        stats.faults.fetch_add(1, Ordering::Relaxed);
-        stats
-            .bytes_read
-            .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+        Err(e) => {
+            log::error!("UFFDIO_COPY at {addr:#x} failed: {e}");
+            None
+        }
     }
 }
 

@@ -8,9 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::Bus;
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -193,6 +193,7 @@ impl Vcpu {
                     break;
                 }
                 Err(e) => {
+                    crate::metrics::metrics().vcpu.failures.inc();
                     exit.report(VmExitReason::Error(format!("vCPU {}: {e}", self.index)));
                     break;
                 }
@@ -204,24 +205,29 @@ impl Vcpu {
     /// One KVM_RUN and the handling of its exit; Some(reason) when the VM must stop.
     fn run_once(&mut self) -> Result<Option<VmExitReason>, String> {
         let index = self.index;
+        let counts = &crate::metrics::metrics().vcpu;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                counts.exit_io_in.inc();
                 if !self.pio_bus.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
                 Ok(None)
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                counts.exit_io_out.inc();
                 self.pio_bus.write(u64::from(port), data);
                 Ok(None)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                counts.exit_mmio_read.inc();
                 if !self.mmio_bus.read(addr, data) {
                     data.fill(0xff);
                 }
                 Ok(None)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                counts.exit_mmio_write.inc();
                 self.mmio_bus.write(addr, data);
                 Ok(None)
             }
@@ -596,7 +602,7 @@ mod kvm_tests {
         let kvm = Kvm::new().expect("these tests need /dev/kvm");
         let vm = Vm::new(&kvm).unwrap();
         let mem = create_guest_memory(64 << 20).unwrap();
-        vm.register_memory(&mem).unwrap();
+        vm.register_memory(&mem, false).unwrap();
         mem.write_slice(code, GuestAddress(HIMEM_START)).unwrap();
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)

@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+
+/// The dirty bitmap of a slice of guest memory, as the descriptor readers and writers carry it.
+type GuestSliceBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK};
@@ -260,8 +263,8 @@ fn execute(
     capacity_sectors: u64,
     id: &str,
     buffer: &mut Vec<u8>,
-    reader: &mut Reader<'_, ()>,
-    writer: &mut Writer<'_, ()>,
+    reader: &mut Reader<'_, GuestSliceBitmap<'_>>,
+    writer: &mut Writer<'_, GuestSliceBitmap<'_>>,
 ) -> Result<usize, RequestError> {
     let mut header = [0u8; HEADER_LEN];
     reader

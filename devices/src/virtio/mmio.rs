@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};

@@ -6,8 +6,8 @@ pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;

@@ -7,9 +7,9 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_NET};

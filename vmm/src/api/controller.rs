@@ -14,14 +14,14 @@ use super::server::{ApiInbox, ApiResponse};
 use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
 use crate::logger;
 use crate::memory::host_ram_bytes;
-use crate::microvm::{MicroVm, PauseHandle, SnapshotSource};
+use crate::metrics;
+use crate::microvm::{MicroVm, PauseHandle, SnapshotKind, SnapshotSource};
 
 /// The Firecracker API version reapvm speaks (for clients that gate features on it).
 pub const FIRECRACKER_API_VERSION: &str = "1.10.1";
 
 const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
-const METRICS_NOT_YET: &str = "Metrics are not supported by reapvm yet.";
 
 fn instance_info(id: &str, state: &str) -> ApiResponse {
     ApiResponse::ok(json!({
@@ -57,6 +57,20 @@ fn put_logger(cfg: &crate::config::LoggerConfig) -> ApiResponse {
         cfg.show_level,
         cfg.show_log_origin,
     ) {
+        Ok(()) => ApiResponse::no_content(),
+        Err(e) => ApiResponse::fault(e),
+    }
+}
+
+fn put_metrics(cfg: &crate::config::MetricsConfig) -> ApiResponse {
+    match metrics::init(&cfg.metrics_path) {
+        Ok(()) => ApiResponse::no_content(),
+        Err(e) => ApiResponse::fault(e),
+    }
+}
+
+fn flush_metrics() -> ApiResponse {
+    match metrics::flush() {
         Ok(()) => ApiResponse::no_content(),
         Err(e) => ApiResponse::fault(e),
     }
@@ -169,9 +183,8 @@ pub fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> A
             }
         }
         ApiRequest::PutLogger(cfg) => put_logger(&cfg),
-        ApiRequest::PutMetrics(_) | ApiRequest::Action(Action::FlushMetrics) => {
-            ApiResponse::fault(METRICS_NOT_YET)
-        }
+        ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
+        ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
         ApiRequest::Action(Action::SendCtrlAltDel) => {
             ApiResponse::fault("The microVM is not running yet.")
         }
@@ -210,6 +223,7 @@ impl RunningApi {
     }
 
     fn handle(&mut self, request: ApiRequest) -> ApiResponse {
+        let started = std::time::Instant::now();
         match request {
             ApiRequest::GetInstanceInfo => instance_info(
                 &self.id,
@@ -221,6 +235,10 @@ impl RunningApi {
             ),
             ApiRequest::PatchVm(VmStateChange::Paused) => match self.pause.pause() {
                 Ok(()) => {
+                    metrics::metrics()
+                        .latencies_us
+                        .pause_vm
+                        .set_elapsed_us(started);
                     log::info!("the microVM is paused");
                     ApiResponse::no_content()
                 }
@@ -228,6 +246,10 @@ impl RunningApi {
             },
             ApiRequest::PatchVm(VmStateChange::Resumed) => match self.pause.resume() {
                 Ok(()) => {
+                    metrics::metrics()
+                        .latencies_us
+                        .resume_vm
+                        .set_elapsed_us(started);
                     log::info!("the microVM is resumed");
                     ApiResponse::no_content()
                 }
@@ -247,25 +269,31 @@ impl RunningApi {
             ApiRequest::Action(Action::InstanceStart) => {
                 ApiResponse::fault("The microVM is already running.")
             }
-            ApiRequest::PutMetrics(_) | ApiRequest::Action(Action::FlushMetrics) => {
-                ApiResponse::fault(METRICS_NOT_YET)
-            }
+            ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
+            ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
             ApiRequest::CreateSnapshot(params) => {
-                match params.snapshot_type.as_deref() {
-                    None | Some("Full") => {}
+                let kind = match params.snapshot_type.as_deref() {
+                    None | Some("Full") => SnapshotKind::Full,
+                    Some("Diff") => SnapshotKind::Diff,
                     Some(other) => {
                         return ApiResponse::fault(format!(
-                            "snapshot_type {other:?} is not supported yet (only Full)"
+                            "snapshot_type {other:?} is not one of Full, Diff"
                         ))
                     }
-                }
+                };
                 match self
                     .snapshots
-                    .create(&params.snapshot_path, &params.mem_file_path)
+                    .create(kind, &params.snapshot_path, &params.mem_file_path)
                 {
                     Ok(()) => {
+                        let latencies = &metrics::metrics().latencies_us;
+                        match kind {
+                            SnapshotKind::Full => &latencies.full_create_snapshot,
+                            SnapshotKind::Diff => &latencies.diff_create_snapshot,
+                        }
+                        .set_elapsed_us(started);
                         log::info!(
-                            "snapshot written to {} and {}",
+                            "{kind:?} snapshot written to {} and {}",
                             params.snapshot_path.display(),
                             params.mem_file_path.display()
                         );

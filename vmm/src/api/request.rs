@@ -4,7 +4,9 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::config::{BootSource, DriveConfig, LoggerConfig, MachineConfig, NetworkInterfaceConfig};
+use crate::config::{
+    BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApiError {
@@ -57,12 +59,6 @@ pub struct MachineConfigUpdate {
     pub track_dirty_pages: Option<bool>,
     pub cpu_template: Option<String>,
     pub huge_pages: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub metrics_path: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]

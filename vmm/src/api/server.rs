@@ -65,6 +65,11 @@ pub struct ApiInbox {
 }
 
 fn respond(request: tiny_http::Request, response: &ApiResponse) {
+    let m = &crate::metrics::metrics().api_server;
+    m.requests.inc();
+    if response.status >= 400 {
+        m.faults.inc();
+    }
     let body = response
         .body
         .as_ref()

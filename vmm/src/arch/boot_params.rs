@@ -1,8 +1,9 @@
 //! The zero page (`struct boot_params`): the e820 memory map, the setup header with the
 //! command line and initrd, as the 64-bit boot protocol reads them.
 
+use devices::GuestMemoryMmap;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     CMDLINE_START, HIMEM_START, MMIO_GAP_START, MPTABLE_START, RAM_ABOVE_GAP_START, SYSTEM_MEM_END,

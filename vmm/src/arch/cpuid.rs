@@ -176,6 +176,49 @@ fn cache_sharing(entry: &mut kvm_cpuid_entry2, topo: Topology, intel: bool) {
     }
 }
 
+/// Feature registers a snapshot's vCPUs may rely on: (leaf, subleaf, register index
+/// eax=0 ebx=1 ecx=2 edx=3, bits that change at run time and are not host features).
+const FEATURE_REGISTERS: &[(u32, u32, usize, u32)] = &[
+    // OSXSAVE and APIC follow the guest's CR4 and APIC base.
+    (LEAF_FEATURES, 0, 2, 1 << 27),
+    (LEAF_FEATURES, 0, 3, 1 << 9),
+    (0x7, 0, 1, 0),
+    // OSPKE follows the guest's CR4.
+    (0x7, 0, 2, 1 << 4),
+    (0x7, 0, 3, 0),
+    (0xd, 1, 0, 0),
+    (LEAF_EXT_FEATURES_AMD, 0, 2, 0),
+    (LEAF_EXT_FEATURES_AMD, 0, 3, 0),
+];
+
+const REGISTER_NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+
+fn register(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: usize) -> u32 {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && e.index == subleaf)
+        .map(|e| [e.eax, e.ebx, e.ecx, e.edx][reg])
+        .unwrap_or(0)
+}
+
+/// The CPU features `saved` (a snapshotted vCPU's CPUID) has and `host` (this host's CPUID,
+/// normalized the same way) lacks, as "leaf 0x7.0 ebx bit 5" lines: a guest restored here
+/// could execute instructions this CPU does not have.
+pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(leaf, subleaf, reg, dynamic) in FEATURE_REGISTERS {
+        let lacking =
+            register(saved, leaf, subleaf, reg) & !register(host, leaf, subleaf, reg) & !dynamic;
+        for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
+            missing.push(format!(
+                "leaf {leaf:#x}.{subleaf} {} bit {bit}",
+                REGISTER_NAMES[reg]
+            ));
+        }
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,5 +353,32 @@ mod tests {
     #[test]
     fn bits_needed() {
         assert_eq!([1, 2, 3, 4, 5, 32].map(bits_for), [0, 1, 2, 2, 3, 5]);
+    }
+
+    #[test]
+    fn features_the_host_lacks_are_named() {
+        let entry = |function, index, ebx, ecx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx,
+            ecx,
+            ..Default::default()
+        };
+        // The snapshot's vCPU had AVX2 (7.0 ebx bit 5), OSXSAVE (1 ecx bit 27) and SSE4.2.
+        let saved = [
+            entry(1, 0, 0, (1 << 27) | (1 << 20)),
+            entry(7, 0, 1 << 5, 0),
+        ];
+        let same = [entry(1, 0, 0, 1 << 20), entry(7, 0, 1 << 5, 0)];
+        assert!(
+            missing_features(&saved, &same).is_empty(),
+            "OSXSAVE is run-time state"
+        );
+        let older = [entry(1, 0, 0, 1 << 20), entry(7, 0, 0, 0)];
+        assert_eq!(
+            missing_features(&saved, &older),
+            vec!["leaf 0x7.0 ebx bit 5".to_string()]
+        );
+        assert_eq!(missing_features(&saved, &[]).len(), 2);
     }
 }

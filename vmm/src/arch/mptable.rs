@@ -1,7 +1,9 @@
 //! Intel MultiProcessor Specification 1.4 table: how a guest without ACPI finds its CPUs,
 //! the IOAPIC and the routing of the ISA interrupts.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use devices::GuestMemoryMmap;
 
 use super::layout::{
     APIC_ADDR, IOAPIC_ADDR, IOAPIC_PINS, MAX_VCPUS, MPTABLE_START, SYSTEM_MEM_END,

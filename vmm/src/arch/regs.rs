@@ -1,9 +1,10 @@
 //! vCPU registers for the 64-bit boot protocol: general registers, the boot GDT and IDT,
 //! identity-mapped page tables for the first GiB, control registers and the FPU.
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{self, BOOT_GDT};
 use super::layout::{

@@ -18,15 +18,16 @@ mod kvm_tests {
     use crate::vcpu::Vcpu;
     use crate::vm::Vm;
     use devices::Bus;
+    use devices::GuestMemoryMmap;
     use kvm_ioctls::{Kvm, VcpuExit};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     const MEM: u64 = 16 << 20;
 
     fn new_vm(kvm: &Kvm) -> (Vm, GuestMemoryMmap, Vcpu) {
         let vm = Vm::new(kvm).unwrap();
         let mem = create_guest_memory(MEM).unwrap();
-        vm.register_memory(&mem).unwrap();
+        vm.register_memory(&mem, false).unwrap();
         let vcpu = Vcpu::new(vm.fd(), 0, Bus::new(), Bus::new()).unwrap();
         (vm, mem, vcpu)
     }
