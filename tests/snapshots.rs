@@ -6,12 +6,13 @@ mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use support::http::{unix_request, HttpConn};
 use support::netns::NetNs;
+use support::restore::{api, flushed_metrics, Vmm};
 use support::*;
 
 /// A counter VM, invoked twice, paused and snapshotted into `scratch`.
@@ -52,57 +53,6 @@ fn snapshot_counter_vm_with(
         "memory file size".into()
     })?;
     Ok((vmstate, mem))
-}
-
-/// A reapvm waiting on its API socket, inside `ns`.
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Vmm {
-    fn start(ns: &NetNs, socket: &Path) -> Result<Self, String> {
-        let _ = std::fs::remove_file(socket);
-        let child = ns
-            .command(reapvm_bin())
-            .arg("--api-sock")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        wait_for_socket(socket, Duration::from_secs(10))?;
-        Ok(Self {
-            child,
-            socket: socket.to_path_buf(),
-        })
-    }
-
-    fn load(&self, vmstate: &Path, mem: &Path) -> Result<(u16, String), String> {
-        self.load_with("File", vmstate, mem)
-    }
-
-    fn load_with(
-        &self,
-        backend: &str,
-        vmstate: &Path,
-        backend_path: &Path,
-    ) -> Result<(u16, String), String> {
-        let body = serde_json::json!({
-            "snapshot_path": vmstate,
-            "mem_backend": {"backend_type": backend, "backend_path": backend_path},
-            "resume_vm": true,
-        });
-        unix_request(&self.socket, "PUT", "/snapshot/load", &body.to_string())
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Which memory backend a restore uses.
@@ -184,30 +134,6 @@ fn restore_and_count(backend: Backend) -> Result<(), Failed> {
                 format!("the handler served too few faults: {m}")
             })?;
         }
-    }
-    Ok(())
-}
-
-/// Asks the VMM to flush its metrics and returns the last line written.
-fn flushed_metrics(socket: &Path, metrics_path: &Path) -> Result<serde_json::Value, String> {
-    let (status, answer) = unix_request(
-        socket,
-        "PUT",
-        "/actions",
-        r#"{"action_type": "FlushMetrics"}"#,
-    )?;
-    if status != 204 {
-        return Err(format!("FlushMetrics: {status} {answer}"));
-    }
-    let text = std::fs::read_to_string(metrics_path).map_err(|e| e.to_string())?;
-    let last = text.lines().last().ok_or("the metrics file is empty")?;
-    serde_json::from_str(last).map_err(|e| format!("metrics line {last:?}: {e}"))
-}
-
-fn api(socket: &Path, method: &str, path: &str, body: serde_json::Value) -> Result<(), String> {
-    let (status, answer) = unix_request(socket, method, path, &body.to_string())?;
-    if status != 204 {
-        return Err(format!("{method} {path}: {status} {answer}"));
     }
     Ok(())
 }
@@ -429,7 +355,7 @@ fn a_vmm_killed_mid_snapshot_leaves_nothing_that_loads() -> Result<(), Failed> {
 /// list (JSON) and the userfaultfd over a Unix socket, then fills faulting pages from the
 /// memory file.
 mod external_handler {
-    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
     use std::os::unix::fs::FileExt;
     use std::os::unix::net::UnixListener;
     use std::path::{Path, PathBuf};
@@ -499,7 +425,18 @@ mod external_handler {
             let file = std::fs::File::open(&mem_file).expect("memory file");
             let mut page = vec![0u8; 4096];
             while let Ok(event) = uffd.read_event() {
-                let Some(Event::Pagefault { addr, .. }) = event else {
+                let Some(event) = event else {
+                    // Firecracker hands over a non-blocking userfaultfd: wait for a fault.
+                    let mut pfd = libc::pollfd {
+                        fd: uffd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd for the userfaultfd this thread owns.
+                    unsafe { libc::poll(&mut pfd, 1, -1) };
+                    continue;
+                };
+                let Event::Pagefault { addr, .. } = event else {
                     continue;
                 };
                 let addr = addr as u64 & !4095;

@@ -5,6 +5,7 @@
 
 mod boot_signal;
 mod http;
+mod invocation_signal;
 mod netif;
 mod report;
 mod runtime;

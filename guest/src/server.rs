@@ -64,9 +64,9 @@ impl AgentState {
 }
 
 /// Tells the VMM an invocation was answered (REAP stops recording there). Outside a reapvm
-/// guest the port is not granted and nothing happens.
+/// guest nothing happens.
 fn invocation_answered() {
-    let _ = crate::boot_signal::signal_invocation_done();
+    let _ = crate::invocation_signal::signal_invocation_done();
 }
 
 pub fn handler(state: Arc<AgentState>) -> Arc<Handler> {

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{
-    BootTimer, I8042Device, I8042State, SerialDevice, SerialSnapshot, BOOT_TIMER_PORT, COM1_IRQ,
-    COM1_PORT, COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
+    BootTimer, ConsoleSignalFilter, I8042Device, I8042State, InvocationSignal, SerialDevice,
+    SerialSnapshot, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_PORT,
+    I8042_PORT_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
@@ -26,6 +27,7 @@ use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::metrics;
 use crate::microvm::{MicroVm, Subscriber};
+use crate::reap;
 use crate::uffd_backend;
 use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
 use crate::vm::{Vm, VmError};
@@ -270,6 +272,8 @@ pub(crate) struct LegacyDevices {
     pub bus: Bus,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042Device>>,
+    /// The agent's "invocation answered" signal, seen in the console output.
+    pub invocation_signal: InvocationSignal,
     pub reset_evt: EventFd,
 }
 
@@ -282,6 +286,11 @@ fn legacy_devices(
     saved: Option<(&SerialSnapshot, &I8042State)>,
 ) -> Result<LegacyDevices, BuildError> {
     let mut bus = Bus::new();
+    let invocation_signal = InvocationSignal::default();
+    let console_out: Box<dyn Write + Send> = Box::new(ConsoleSignalFilter::new(
+        console_out,
+        invocation_signal.clone(),
+    ));
     let serial_irq = event_fd("the serial interrupt")?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let serial = match saved {
@@ -319,8 +328,8 @@ fn legacy_devices(
             what: "the i8042 controller",
             source,
         })?;
-    let timer = BootTimer::new(start_time, boot_timer, ready);
-    bus.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)
+    let timer = Arc::new(Mutex::new(BootTimer::new(start_time, boot_timer, ready)));
+    bus.insert(timer, BOOT_TIMER_PORT, 1)
         .map_err(|source| BuildError::Bus {
             what: "the boot timer",
             source,
@@ -329,6 +338,7 @@ fn legacy_devices(
         bus,
         serial,
         i8042,
+        invocation_signal,
         reset_evt,
     })
 }
@@ -375,6 +385,7 @@ fn assemble(
         cpu_vendor,
         vm: Arc::new(vm),
         guest_memory,
+        ws_recorder: None,
         _kvm: kvm,
     };
     for vcpu in vcpus {
@@ -449,10 +460,16 @@ pub enum MemoryBackend {
     /// Anonymous memory behind a userfaultfd handed to an external handler listening on this
     /// Unix socket (Firecracker's handshake).
     Uffd(PathBuf),
+    /// REAP: with a valid WS file at `ws_path`, the working set installed before the guest
+    /// runs and the rest on demand; without one, on demand while recording the WS.
+    Reap {
+        mem_path: PathBuf,
+        ws_path: PathBuf,
+        options: reap::ReapOptions,
+    },
 }
 
 /// How to restore a snapshot.
-#[derive(Debug, Clone)]
 pub struct RestoreParams {
     pub backend: MemoryBackend,
     /// (iface_id, host_dev_name): the tap each interface uses instead of the saved one.
@@ -463,6 +480,11 @@ pub struct RestoreParams {
     pub track_dirty_pages: bool,
     /// How long reading and checking the vmstate took (reported in the restore metrics).
     pub vmstate_load: Duration,
+    /// The vmstate's checksum: which snapshot this is (a WS file must belong to it).
+    pub vmstate_checksum: u64,
+    /// `Reap`: the WS file read started before the vmstate was (fetch_in_parallel).
+    pub ws_prefetch:
+        Option<std::thread::JoinHandle<Result<Option<reap::FetchedWs>, reap::ReapError>>>,
 }
 
 /// Counts the `File` backend's on-demand faults: the host kernel serves them from the
@@ -515,9 +537,11 @@ fn check_cpu_features(
 /// taps renamed by the overrides. Nothing is left running on error.
 pub fn restore_from_snapshot(
     state: &crate::persist::MicrovmState,
-    params: &RestoreParams,
+    mut params: RestoreParams,
     opts: StartOptions,
 ) -> Result<MicroVm, BuildError> {
+    let ws_prefetch = params.ws_prefetch.take();
+    let params = &params;
     let backend = &params.backend;
     let resume = params.resume;
     let mut config = state.config.clone();
@@ -537,7 +561,9 @@ pub fn restore_from_snapshot(
         }
     }
     let mem_file = match backend {
-        MemoryBackend::File(path) | MemoryBackend::OnDemand(path) => {
+        MemoryBackend::File(path)
+        | MemoryBackend::OnDemand(path)
+        | MemoryBackend::Reap { mem_path: path, .. } => {
             Some((open_memory_file(path, state.memory_file_len())?, path))
         }
         MemoryBackend::Uffd(_) => None,
@@ -570,6 +596,7 @@ pub fn restore_from_snapshot(
         vmstate_load_us: params.vmstate_load.as_micros() as u64,
         ..Default::default()
     };
+    let mut recorder = None;
     let (guest_memory, restore_report, live_faults) = match (backend, mem_file) {
         (MemoryBackend::File(_), Some((file, path))) => {
             let live: Arc<dyn metrics::FaultSource> =
@@ -595,6 +622,85 @@ pub fn restore_from_snapshot(
                 .map_err(|e| BuildError::Restore(e.to_string()))?;
             // The external handler alone knows what it served.
             (mem, report("Uffd", "external"), None)
+        }
+        (
+            MemoryBackend::Reap {
+                ws_path, options, ..
+            },
+            Some((file, _)),
+        ) => {
+            let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+            let identity = snapshot::ws::SnapshotIdentity {
+                vmstate_checksum: params.vmstate_checksum,
+                memory_len: state.memory_file_len(),
+            };
+            let layout = reap::ws_layout(&state.memory);
+            let fetched = match ws_prefetch {
+                Some(pending) => pending
+                    .join()
+                    .map_err(|_| BuildError::Restore("the WS reader thread panicked".into()))?,
+                None => reap::fetch(ws_path, options.o_direct),
+            };
+            let mut r = report("Reap", "record");
+            let fetched = match fetched {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    log::warn!("REAP: {e}; recording a new WS");
+                    r.ws_error = Some(e.to_string());
+                    None
+                }
+            };
+            let ws = match &fetched {
+                Some(fetched) => {
+                    r.bytes_read = fetched.bytes.len() as u64;
+                    let checking = std::time::Instant::now();
+                    let decoded = snapshot::ws::decode(&fetched.bytes, identity, &layout);
+                    // Fetching means having the WS in memory and checked.
+                    r.ws_fetch_us = (fetched.took + checking.elapsed()).as_micros() as u64;
+                    match decoded {
+                        Ok(ws) => Some(ws),
+                        Err(e) => {
+                            let why = format!("WS file {} refused: {e}", ws_path.display());
+                            log::warn!("REAP: {why}; recording a new one");
+                            r.ws_error = Some(why);
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            match ws {
+                Some(ws) => {
+                    let started = std::time::Instant::now();
+                    r.pages_prefetched = reap::install(&uffd, &mappings, &ws);
+                    r.ws_install_us = started.elapsed().as_micros() as u64;
+                    r.mode = "prefetch".into();
+                    log::info!(
+                        "REAP: {} pages of {} installed in {} us (WS read in {} us)",
+                        r.pages_prefetched,
+                        ws_path.display(),
+                        r.ws_install_us,
+                        r.ws_fetch_us
+                    );
+                    let stats = uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
+                        .map_err(|e| BuildError::Restore(e.to_string()))?;
+                    let live: Arc<dyn metrics::FaultSource> = stats;
+                    (mem, r, Some(live))
+                }
+                None => {
+                    let target = reap::WsTarget {
+                        path: ws_path.clone(),
+                        identity,
+                        layout,
+                    };
+                    let rec = reap::Recorder::spawn(uffd, file, mappings, target)
+                        .map_err(|e| BuildError::Restore(e.to_string()))?;
+                    recorder = Some(rec.clone());
+                    let live: Arc<dyn metrics::FaultSource> = rec;
+                    (mem, r, Some(live))
+                }
+            }
         }
         _ => {
             return Err(BuildError::Restore(
@@ -648,7 +754,14 @@ pub fn restore_from_snapshot(
     } else {
         RunControl::new_paused()
     };
-    let microvm = assemble(
+    let rec = recorder.clone();
+    legacy.invocation_signal.set_hook(Box::new(move || {
+        metrics::metrics().memory_restore.invocation_answered();
+        if let Some(rec) = &rec {
+            rec.stop("the guest answered an invocation");
+        }
+    }));
+    let mut microvm = assemble(
         kvm,
         vm,
         guest_memory,
@@ -659,6 +772,7 @@ pub fn restore_from_snapshot(
         opts.console_in,
         control,
     )?;
+    microvm.ws_recorder = recorder;
     metrics::metrics()
         .memory_restore
         .set(restore_report, live_faults);

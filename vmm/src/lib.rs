@@ -14,6 +14,7 @@ pub mod memory;
 pub mod metrics;
 pub mod microvm;
 pub mod persist;
+pub mod reap;
 pub mod uffd_backend;
 pub mod vcpu;
 pub mod vm;

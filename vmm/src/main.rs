@@ -17,6 +17,7 @@ use vmm::builder::{
 use vmm::cli::{exit_code, Cli};
 use vmm::config::VmConfig;
 use vmm::persist::read_vmstate;
+use vmm::reap::ReapOptions;
 use vmm::{api, logger, metrics, MicroVm, VmExitReason};
 
 fn fail(code: i32, message: impl std::fmt::Display) -> ExitCode {
@@ -227,9 +228,24 @@ fn load_snapshot(
             "File" => MemoryBackend::File(b.backend_path.clone()),
             "OnDemand" => MemoryBackend::OnDemand(b.backend_path.clone()),
             "Uffd" => MemoryBackend::Uffd(b.backend_path.clone()),
+            "Reap" => {
+                let options = b.reap_options.unwrap_or_default();
+                MemoryBackend::Reap {
+                    mem_path: b.backend_path.clone(),
+                    ws_path: b.ws_path.clone().unwrap_or_else(|| {
+                        let mut p = b.backend_path.clone().into_os_string();
+                        p.push(".ws");
+                        p.into()
+                    }),
+                    options: ReapOptions {
+                        o_direct: options.o_direct,
+                        fetch_in_parallel: options.fetch_in_parallel,
+                    },
+                }
+            }
             other => {
                 return Err(format!(
-                    "memory backend {other:?} is not supported (File, Uffd, OnDemand)"
+                    "memory backend {other:?} is not supported (File, Uffd, OnDemand, Reap)"
                 ))
             }
         },
@@ -237,8 +253,35 @@ fn load_snapshot(
         (Some(_), Some(_)) => return Err("give mem_backend or mem_file_path, not both".into()),
         (None, None) => return Err("mem_backend (or mem_file_path) is missing".into()),
     };
+    if params
+        .mem_backend
+        .as_ref()
+        .is_some_and(|b| b.backend_type != "Reap")
+        && params
+            .mem_backend
+            .as_ref()
+            .is_some_and(|b| b.ws_path.is_some() || b.reap_options.is_some())
+    {
+        return Err("ws_path and reap_options belong to the Reap backend".into());
+    }
     let started = Instant::now();
-    let state = read_vmstate(&params.snapshot_path).map_err(|e| e.to_string())?;
+    // Beyond the paper: the WS file is read while the vmstate, KVM and devices are restored.
+    let ws_prefetch = match &backend {
+        MemoryBackend::Reap {
+            ws_path, options, ..
+        } if options.fetch_in_parallel => {
+            let (path, direct) = (ws_path.clone(), options.o_direct);
+            Some(
+                std::thread::Builder::new()
+                    .name("fc_ws_fetch".into())
+                    .spawn(move || vmm::reap::fetch(&path, direct))
+                    .map_err(|e| format!("cannot start the WS reader: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    let (state, vmstate_checksum) =
+        read_vmstate(&params.snapshot_path).map_err(|e| e.to_string())?;
     let restore = RestoreParams {
         backend,
         network_overrides: params
@@ -249,8 +292,12 @@ fn load_snapshot(
         resume: params.resume_vm,
         track_dirty_pages: params.enable_diff_snapshots || params.track_dirty_pages,
         vmstate_load: started.elapsed(),
+        vmstate_checksum,
+        ws_prefetch,
     };
-    let vm = restore_from_snapshot(&state, &restore, opts).map_err(|e| e.to_string())?;
+    let track_dirty_pages = restore.track_dirty_pages;
+    let vmstate_load = restore.vmstate_load;
+    let vm = restore_from_snapshot(&state, restore, opts).map_err(|e| e.to_string())?;
     metrics::metrics()
         .latencies_us
         .load_snapshot
@@ -258,9 +305,9 @@ fn load_snapshot(
     log::info!(
         "snapshot loaded in {} us (vmstate read and checked in {} us)",
         started.elapsed().as_micros(),
-        restore.vmstate_load.as_micros()
+        vmstate_load.as_micros()
     );
     let mut config = state.config;
-    config.machine_config.track_dirty_pages = restore.track_dirty_pages;
+    config.machine_config.track_dirty_pages = track_dirty_pages;
     Ok((vm, config))
 }

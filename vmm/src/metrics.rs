@@ -128,6 +128,13 @@ pub struct MemoryRestoreReport {
     pub pages_prefetched: u64,
     pub bytes_read: u64,
     pub faults_on_demand: u64,
+    /// Why a REAP restore did not use the WS file it found (it records a new one instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_error: Option<String>,
+    /// Pages recorded into the WS so far (REAP record mode).
+    pub ws_pages_recorded: u64,
+    /// From the restored VM starting to the agent's first answered invocation (0 before).
+    pub first_response_us: u64,
     /// The process's minor page faults since the restore: for `File`, the faults the host
     /// kernel served from the page cache (a hot memory file has no major faults).
     pub minor_faults: u64,
@@ -137,6 +144,11 @@ pub struct MemoryRestoreReport {
 pub trait FaultSource: Send + Sync {
     /// (faults served on demand, bytes read from the memory file) since the restore.
     fn faults_and_bytes(&self) -> (u64, u64);
+
+    /// Pages recorded into a working set so far (REAP record mode only).
+    fn recorded_pages(&self) -> u64 {
+        0
+    }
 }
 
 /// A restore's report and where its fault counts are read live.
@@ -147,13 +159,29 @@ type LiveReport = (MemoryRestoreReport, Option<Arc<dyn FaultSource>>);
 pub struct MemoryRestoreMetrics {
     inner: Mutex<Option<LiveReport>>,
     minor_faults_at_restore: AtomicU64,
+    restored_at: Mutex<Option<Instant>>,
+    first_response_us: AtomicU64,
 }
 
 impl MemoryRestoreMetrics {
     pub fn set(&self, report: MemoryRestoreReport, live: Option<Arc<dyn FaultSource>>) {
         self.minor_faults_at_restore
             .store(process_faults().minor, Ordering::Relaxed);
+        *self.restored_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.first_response_us.store(0, Ordering::Relaxed);
         *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some((report, live));
+    }
+
+    /// The guest answered an invocation: the first one after the restore sets
+    /// `first_response_us`.
+    pub fn invocation_answered(&self) {
+        let Some(at) = *self.restored_at.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return;
+        };
+        let us = at.elapsed().as_micros().max(1) as u64;
+        let _ =
+            self.first_response_us
+                .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// The report with the fault counts as of now; None before any restore.
@@ -161,6 +189,7 @@ impl MemoryRestoreMetrics {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (report, live) = guard.as_ref()?;
         let mut report = report.clone();
+        report.first_response_us = self.first_response_us.load(Ordering::Relaxed);
         report.minor_faults = process_faults()
             .minor
             .saturating_sub(self.minor_faults_at_restore.load(Ordering::Relaxed));
@@ -168,6 +197,7 @@ impl MemoryRestoreMetrics {
             let (faults, bytes) = live.faults_and_bytes();
             report.faults_on_demand = faults;
             report.bytes_read += bytes;
+            report.ws_pages_recorded = live.recorded_pages();
         }
         Some(report)
     }

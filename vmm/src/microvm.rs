@@ -141,6 +141,7 @@ impl SnapshotSource {
 pub struct PauseHandle {
     vcpus: Arc<VcpuGroup>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    ws_recorder: Option<Arc<Recorder>>,
 }
 
 impl PauseHandle {
@@ -153,7 +154,19 @@ impl PauseHandle {
         for device in &self.devices {
             device.lock().unwrap_or_else(|p| p.into_inner()).pause();
         }
+        self.finish_ws_recording("the VM was paused");
         Ok(())
+    }
+
+    /// Ends a REAP recording, if one is going on; false if there is none.
+    pub fn finish_ws_recording(&self, why: &str) -> bool {
+        match &self.ws_recorder {
+            Some(recorder) => {
+                recorder.stop(why);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn resume(&self) -> Result<(), PauseError> {
@@ -170,7 +183,11 @@ impl PauseHandle {
         self.vcpus.is_paused()
     }
 }
+use crate::reap::{Recorder, RecordingState};
 use crate::vm::Vm;
+
+/// How long a stopping VM waits for its REAP working set to be written.
+const WS_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -228,6 +245,8 @@ pub struct MicroVm {
     pub(crate) cpu_vendor: String,
     pub(crate) vm: Arc<Vm>,
     pub(crate) guest_memory: GuestMemoryMmap,
+    /// A REAP restore recording its working set.
+    pub(crate) ws_recorder: Option<Arc<Recorder>>,
     pub(crate) _kvm: Kvm,
 }
 
@@ -288,6 +307,12 @@ impl MicroVm {
             }
         };
         self.stop_vcpus();
+        if let Some(recorder) = &self.ws_recorder {
+            match recorder.finish("the VM stopped", WS_WRITE_TIMEOUT) {
+                RecordingState::Written { .. } | RecordingState::Failed(_) => {}
+                other => log::warn!("REAP: the WS file was not written in time ({other:?})"),
+            }
+        }
         result?;
         Ok(self.exit.reason().unwrap_or(VmExitReason::Error(
             "the VM stopped without a reason".into(),
@@ -303,6 +328,7 @@ impl MicroVm {
         PauseHandle {
             vcpus: self.vcpus.clone(),
             devices: self.devices.clone(),
+            ws_recorder: self.ws_recorder.clone(),
         }
     }
 }

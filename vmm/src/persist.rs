@@ -226,7 +226,9 @@ pub fn write_vmstate(state: &MicrovmState, path: &Path) -> Result<(), PersistErr
     })
 }
 
-pub fn read_vmstate(path: &Path) -> Result<MicrovmState, PersistError> {
+/// The state in the vmstate file at `path`, and the file's checksum (which identifies the
+/// snapshot).
+pub fn read_vmstate(path: &Path) -> Result<(MicrovmState, u64), PersistError> {
     let bytes = std::fs::read(path).map_err(|source| PersistError::Read {
         path: path.to_path_buf(),
         source,
@@ -237,10 +239,14 @@ pub fn read_vmstate(path: &Path) -> Result<MicrovmState, PersistError> {
             source,
         }
     })?;
-    serde_json::from_slice(payload).map_err(|source| PersistError::Decode {
+    let state = serde_json::from_slice(payload).map_err(|source| PersistError::Decode {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    Ok((
+        state,
+        snapshot::envelope::stored_checksum(&bytes).unwrap_or(0),
+    ))
 }
 
 #[cfg(test)]

@@ -55,7 +55,9 @@ pub struct GuestRegionUffdMapping {
     pub page_size: usize,
 }
 
-/// Anonymous guest memory laid out as the snapshot says, and a userfaultfd covering it.
+/// Anonymous guest memory laid out as the snapshot says, and a userfaultfd covering it. The
+/// userfaultfd is non-blocking, as Firecracker makes it: handlers poll it (poll reports a
+/// blocking one as always in error).
 pub fn register(
     layout: &[MemoryRegionState],
 ) -> Result<(GuestMemoryMmap, Uffd, Vec<GuestRegionUffdMapping>), UffdError> {
@@ -66,7 +68,7 @@ pub fn register(
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(UffdError::Map)?;
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
-        .non_blocking(false)
+        .non_blocking(true)
         // KVM touches guest memory from the kernel: its faults must reach us too.
         .user_mode_only(false)
         .create()
@@ -123,15 +125,41 @@ pub fn spawn_on_demand_handler(
 fn serve_faults(uffd: &Uffd, file: &File, mappings: &[GuestRegionUffdMapping], stats: &FaultStats) {
     let mut page = vec![0u8; PAGE_SIZE];
     loop {
-        match uffd.read_event() {
-            Ok(Some(event)) => {
-                serve_event(uffd, file, mappings, stats, &mut page, event);
+        if let Err(e) = wait_readable(uffd.as_raw_fd()) {
+            log::error!("page fault handler stops: {e}");
+            return;
+        }
+        loop {
+            match uffd.read_event() {
+                Ok(Some(event)) => {
+                    serve_event(uffd, file, mappings, stats, &mut page, event);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("page fault handler stops: {e}");
+                    return;
+                }
             }
-            Ok(None) => continue,
-            Err(e) => {
-                log::error!("page fault handler stops: {e}");
-                return;
-            }
+        }
+    }
+}
+
+/// Waits until `fd` is readable (retrying on signals).
+pub fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for a descriptor the caller owns.
+        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -1,6 +1,5 @@
-//! Guest signals on port 0x3f0. 123: boot complete (the guest's init is up); the VMM logs
-//! the time since it started, as Firecracker's `--boot-timer` does. 124: reapvm's agent
-//! finished answering an invocation (REAP ends recording a working set on the first one).
+//! The boot-complete signal: the guest writes 123 to port 0x3f0 when its init is up, and
+//! the VMM logs the time since it started, as Firecracker's `--boot-timer` does.
 
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -9,10 +8,6 @@ use crate::BusDevice;
 
 pub const BOOT_TIMER_PORT: u64 = 0x3f0;
 const BOOT_COMPLETE_MAGIC: u8 = 123;
-const INVOCATION_DONE_MAGIC: u8 = 124;
-
-/// Called when the guest reports a finished invocation.
-pub type InvocationHook = Box<dyn FnMut() + Send>;
 
 /// Wall and CPU time at which the VMM started, in microseconds.
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +20,6 @@ pub struct BootTimer {
     start: StartTime,
     log_boot_time: bool,
     ready: Option<Sender<Duration>>,
-    invocation_done: Option<InvocationHook>,
 }
 
 impl BootTimer {
@@ -36,13 +30,7 @@ impl BootTimer {
             start,
             log_boot_time,
             ready,
-            invocation_done: None,
         }
-    }
-
-    /// Calls `hook` each time the guest reports a finished invocation.
-    pub fn on_invocation_done(&mut self, hook: InvocationHook) {
-        self.invocation_done = Some(hook);
     }
 }
 
@@ -73,12 +61,6 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 0 && data == [INVOCATION_DONE_MAGIC] {
-            if let Some(hook) = self.invocation_done.as_mut() {
-                hook();
-            }
-            return;
-        }
         if offset != 0 || data != [BOOT_COMPLETE_MAGIC] {
             return;
         }
@@ -118,21 +100,5 @@ mod tests {
         assert!(rx.try_recv().is_ok());
         timer.write(0, &[123]);
         assert!(rx.try_recv().is_err(), "readiness is reported once");
-    }
-
-    #[test]
-    fn invocation_signals_reach_the_hook() {
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut timer = BootTimer::new(now(), false, None);
-        timer.write(0, &[124]);
-        let seen = count.clone();
-        timer.on_invocation_done(Box::new(move || {
-            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }));
-        timer.write(0, &[124]);
-        timer.write(1, &[124]);
-        timer.write(0, &[123]);
-        timer.write(0, &[124]);
-        assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }

@@ -185,7 +185,7 @@ pub fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> A
         ApiRequest::PutLogger(cfg) => put_logger(&cfg),
         ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
         ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
-        ApiRequest::Action(Action::SendCtrlAltDel) => {
+        ApiRequest::Action(Action::SendCtrlAltDel | Action::FinishWsRecording) => {
             ApiResponse::fault("The microVM is not running yet.")
         }
         ApiRequest::Action(Action::InstanceStart) => {
@@ -268,6 +268,13 @@ impl RunningApi {
             }
             ApiRequest::Action(Action::InstanceStart) => {
                 ApiResponse::fault("The microVM is already running.")
+            }
+            ApiRequest::Action(Action::FinishWsRecording) => {
+                if self.pause.finish_ws_recording("the API asked") {
+                    ApiResponse::no_content()
+                } else {
+                    ApiResponse::fault("No REAP working set is being recorded.")
+                }
             }
             ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
             ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),

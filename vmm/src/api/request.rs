@@ -29,6 +29,8 @@ pub enum Action {
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
+    /// reapvm: end a REAP recording now and write the WS file.
+    FinishWsRecording,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +99,22 @@ pub struct CreateSnapshotParams {
 pub struct MemBackendParams {
     pub backend_type: String,
     pub backend_path: std::path::PathBuf,
+    /// `Reap` only: the WS file (default: the memory file's path with `.ws` appended).
+    #[serde(default)]
+    pub ws_path: Option<std::path::PathBuf>,
+    /// `Reap` only: how the WS is fetched and installed.
+    #[serde(default)]
+    pub reap_options: Option<ReapOptionsParams>,
+}
+
+/// `Reap` backend options (all off: the paper's REAP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReapOptionsParams {
+    #[serde(default)]
+    pub o_direct: bool,
+    #[serde(default)]
+    pub fetch_in_parallel: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

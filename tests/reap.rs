@@ -1,0 +1,375 @@
+//! REAP on real KVM: a restore without a working-set (WS) file records one during the first
+//! invocation; later restores install it before the guest runs and fault almost nothing on
+//! demand; bad WS files are refused (the restore records a new one) and the invocation still
+//! answers; a VMM killed while recording leaves no WS; recording also ends through the API.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
+use support::http::{unix_request, HttpConn};
+use support::netns::NetNs;
+use support::restore::{api, flushed_metrics, Vmm};
+use support::*;
+
+/// A paused function VM's snapshot: files, and the answer to `POST /invoke` with body
+/// `reap` that the VM gave before it was snapshotted.
+struct Snapshot {
+    vmstate: PathBuf,
+    mem: PathBuf,
+    function: String,
+    expected: Vec<u8>,
+    /// A second snapshot of the same VM, taken a little later (another vmstate).
+    other_vmstate: Option<PathBuf>,
+}
+
+const BODY: &[u8] = b"reap";
+
+fn take_snapshot(
+    guest: &GuestArtifacts,
+    scratch: &Scratch,
+    function: &str,
+    second: bool,
+) -> Result<Snapshot, String> {
+    let mut spec = VmSpec::read_only(guest);
+    spec.function = Some(function.into());
+    spec.api = true;
+    let vm = FunctionVm::boot(guest, &spec, scratch)?;
+    let (status, _) = vm.invoke(function, b"warm")?;
+    if status != 200 {
+        return Err(format!("warm-up invocation of {function}: {status}"));
+    }
+    let (status, expected) = vm.invoke(function, BODY)?;
+    if status != 200 {
+        return Err(format!("invocation of {function}: {status}"));
+    }
+    let socket = scratch.path("api.sock");
+    let pause = || {
+        api(
+            &socket,
+            "PATCH",
+            "/vm",
+            serde_json::json!({"state": "Paused"}),
+        )
+    };
+    let create = |vmstate: &Path, mem: &Path| {
+        api(
+            &socket,
+            "PUT",
+            "/snapshot/create",
+            serde_json::json!({"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem}),
+        )
+    };
+    pause()?;
+    let (vmstate, mem) = (scratch.path("vmstate"), scratch.path("memory"));
+    create(&vmstate, &mem)?;
+    let other_vmstate = if second {
+        api(
+            &socket,
+            "PATCH",
+            "/vm",
+            serde_json::json!({"state": "Resumed"}),
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+        pause()?;
+        let other = scratch.path("other.vmstate");
+        create(&other, &scratch.path("other.memory"))?;
+        Some(other)
+    } else {
+        None
+    };
+    Ok(Snapshot {
+        vmstate,
+        mem,
+        function: function.into(),
+        expected,
+        other_vmstate,
+    })
+}
+
+/// A reapvm restored from a snapshot, in a namespace of its own, writing metrics.
+struct Restored {
+    ns: NetNs,
+    vmm: Vmm,
+    metrics: PathBuf,
+}
+
+fn restore(
+    scratch: &Scratch,
+    tag: &str,
+    vmstate: &Path,
+    mem_backend: serde_json::Value,
+) -> Result<Restored, String> {
+    let ns = NetNs::with_tap(tag)?;
+    let vmm = Vmm::start(&ns, &scratch.path(&format!("{tag}.sock")))?;
+    let metrics = scratch.path(&format!("{tag}.metrics"));
+    api(
+        &vmm.socket,
+        "PUT",
+        "/metrics",
+        serde_json::json!({ "metrics_path": metrics }),
+    )?;
+    let body = serde_json::json!({
+        "snapshot_path": vmstate,
+        "mem_backend": mem_backend,
+        "resume_vm": true,
+    });
+    let loaded = vmm.load_body(&body);
+    if !matches!(loaded, Ok((204, _))) {
+        return Err(format!(
+            "snapshot/load ({mem_backend}): {loaded:?}\n--- reapvm ---\n{}",
+            vmm.log_tail()
+        ));
+    }
+    Ok(Restored { ns, vmm, metrics })
+}
+
+fn reap_backend(snap: &Snapshot) -> serde_json::Value {
+    serde_json::json!({"backend_type": "Reap", "backend_path": snap.mem})
+}
+
+fn ws_path(snap: &Snapshot) -> PathBuf {
+    let mut p = snap.mem.clone().into_os_string();
+    p.push(".ws");
+    p.into()
+}
+
+impl Restored {
+    /// Adds what the VMM printed to an error.
+    fn explain(&self, e: String) -> String {
+        format!("{e}\n--- reapvm ---\n{}", self.vmm.log_tail())
+    }
+
+    /// Invokes the snapshot's function and checks the answer.
+    fn invoke(&self, snap: &Snapshot) -> Result<(), String> {
+        self.try_invoke(snap).map_err(|e| self.explain(e))
+    }
+
+    fn try_invoke(&self, snap: &Snapshot) -> Result<(), String> {
+        let stream = self.ns.connect(AGENT_PORT, Duration::from_secs(60))?;
+        let mut conn = HttpConn::new(stream, Duration::from_secs(180))?;
+        let (status, body) = conn.request("POST", &format!("/invoke/{}", snap.function), BODY)?;
+        if status != 200 || body != snap.expected {
+            return Err(format!(
+                "the restored {} answered {status} {:?}, expected {:?}",
+                snap.function,
+                String::from_utf8_lossy(&body),
+                String::from_utf8_lossy(&snap.expected)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `memory_restore` metrics as of now.
+    fn memory_restore(&self) -> Result<serde_json::Value, String> {
+        let line = flushed_metrics(&self.vmm.socket, &self.metrics).map_err(|e| self.explain(e))?;
+        Ok(line["memory_restore"].clone())
+    }
+}
+
+fn field(m: &serde_json::Value, name: &str) -> u64 {
+    m[name].as_u64().unwrap_or(0)
+}
+
+fn wait_for_file(path: &Path, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if path.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "{} did not appear within {timeout:?}",
+        path.display()
+    ))
+}
+
+/// Record on the first restore, prefetch on the second, and compare the faults left on
+/// demand with those of a plain userfaultfd restore of the same snapshot.
+fn records_then_prefetches(function: &str, min_ws_pages: u64) -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new(&format!("reap-{function}"));
+    let snap = take_snapshot(&guest, &scratch, function, false)?;
+    let ws = ws_path(&snap);
+
+    let recording = restore(&scratch, "rec", &snap.vmstate, reap_backend(&snap))?;
+    let m = recording.memory_restore()?;
+    check(m["mode"] == "record", || {
+        format!("no WS yet, so record: {m}")
+    })?;
+    recording.invoke(&snap)?;
+    wait_for_file(&ws, Duration::from_secs(60))?;
+    let m = recording.memory_restore()?;
+    let recorded = field(&m, "ws_pages_recorded");
+    check(recorded >= min_ws_pages, || {
+        format!("the WS has {recorded} pages, expected at least {min_ws_pages}: {m}")
+    })?;
+    drop(recording);
+
+    let prefetching = restore(&scratch, "pre", &snap.vmstate, reap_backend(&snap))?;
+    prefetching.invoke(&snap)?;
+    let reap = prefetching.memory_restore()?;
+    check(reap["mode"] == "prefetch", || {
+        format!("a WS exists, so prefetch: {reap}")
+    })?;
+    check(field(&reap, "pages_prefetched") == recorded, || {
+        format!("{recorded} pages recorded, prefetch installed: {reap}")
+    })?;
+    check(
+        field(&reap, "first_response_us") > 0 && field(&reap, "ws_install_us") > 0,
+        || format!("time to first response and install time missing: {reap}"),
+    )?;
+    drop(prefetching);
+
+    let uffd = restore(
+        &scratch,
+        "uffd",
+        &snap.vmstate,
+        serde_json::json!({"backend_type": "OnDemand", "backend_path": snap.mem}),
+    )?;
+    uffd.invoke(&snap)?;
+    let plain = uffd.memory_restore()?;
+    let (left, all) = (
+        field(&reap, "faults_on_demand"),
+        field(&plain, "faults_on_demand"),
+    );
+    eprintln!(
+        "{function}: WS {recorded} pages; faults on demand: userfaultfd {all}, REAP {left} (lab figures; counts are exact)"
+    );
+    check(all > 0 && left * 100 <= all * 3, || {
+        format!("REAP left {left} faults on demand, more than 3% of userfaultfd's {all}")
+    })
+}
+
+/// Corrupted, truncated and foreign WS files are refused with a reason; the restore records
+/// a new WS instead and the invocation answers correctly.
+fn bad_ws_files_are_refused() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("reap-bad");
+    let snap = take_snapshot(&guest, &scratch, "helloworld", true)?;
+    let other_vmstate = snap.other_vmstate.clone().expect("second snapshot");
+    // A good WS for the second snapshot: for this one it is foreign.
+    let foreign = scratch.path("foreign.ws");
+    let other_backend = serde_json::json!({"backend_type": "Reap", "backend_path": scratch.path("other.memory"), "ws_path": foreign});
+    let r = restore(&scratch, "other", &other_vmstate, other_backend)?;
+    api(
+        &r.vmm.socket,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "FinishWsRecording"}),
+    )?;
+    wait_for_file(&foreign, Duration::from_secs(60))?;
+    drop(r);
+    let good = std::fs::read(&foreign)?;
+
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("flipped", flipped, "checksum"),
+        (
+            "truncated",
+            good[..good.len() / 3].to_vec(),
+            "payload length",
+        ),
+        ("foreign", good.clone(), "another snapshot"),
+    ];
+    for (name, bytes, reason) in cases {
+        let ws = scratch.path(&format!("{name}.ws"));
+        std::fs::write(&ws, &bytes)?;
+        let backend =
+            serde_json::json!({"backend_type": "Reap", "backend_path": snap.mem, "ws_path": ws});
+        let r = restore(&scratch, name, &snap.vmstate, backend)?;
+        r.invoke(&snap)?;
+        let m = r.memory_restore()?;
+        let error = m["ws_error"].as_str().unwrap_or("");
+        check(m["mode"] == "record" && error.contains(reason), || {
+            format!("{name} WS: expected a refusal mentioning {reason:?}: {m}")
+        })?;
+        // The bad file is replaced by a WS recorded for this snapshot.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::read(&ws)? == bytes && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        check(std::fs::read(&ws)? != bytes, || {
+            format!("{name} WS was not re-recorded")
+        })?;
+    }
+    Ok(())
+}
+
+/// A VMM killed while recording leaves no WS file; two VMMs recording the same snapshot at
+/// once leave one WS that a third restore prefetches; recording ends on PATCH /vm Paused.
+fn interrupted_and_concurrent_recordings() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("reap-rec");
+    let snap = take_snapshot(&guest, &scratch, "helloworld", false)?;
+    let ws = ws_path(&snap);
+
+    let killed = restore(&scratch, "killed", &snap.vmstate, reap_backend(&snap))?;
+    let status = std::process::Command::new("kill")
+        .args(["-9", &killed.vmm.pid().to_string()])
+        .status()?;
+    check(status.success(), || "kill -9 failed".into())?;
+    drop(killed);
+    std::thread::sleep(Duration::from_millis(500));
+    check(!ws.exists(), || {
+        "a VMM killed while recording left a WS file".into()
+    })?;
+
+    let first = restore(&scratch, "rec1", &snap.vmstate, reap_backend(&snap))?;
+    let second = restore(&scratch, "rec2", &snap.vmstate, reap_backend(&snap))?;
+    first.invoke(&snap)?;
+    api(
+        &second.vmm.socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    )?;
+    let m = second.memory_restore()?;
+    check(m["mode"] == "record", || format!("second recorder: {m}"))?;
+    wait_for_file(&ws, Duration::from_secs(60))?;
+    drop(first);
+    drop(second);
+
+    let third = restore(&scratch, "third", &snap.vmstate, reap_backend(&snap))?;
+    third.invoke(&snap)?;
+    let m = third.memory_restore()?;
+    check(
+        m["mode"] == "prefetch" && field(&m, "pages_prefetched") > 0,
+        || format!("after two recordings the WS must load: {m}"),
+    )?;
+    let (status, answer) = unix_request(
+        &third.vmm.socket,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "FinishWsRecording"}"#,
+    )?;
+    check(
+        status == 400 && answer.contains("No REAP working set"),
+        || format!("FinishWsRecording without a recording: {status} {answer}"),
+    )
+}
+
+fn main() -> ExitCode {
+    run_kvm_suite("reap", || {
+        vec![
+            Trial::test("helloworld_records_then_prefetches", || {
+                records_then_prefetches("helloworld", 100)
+            }),
+            Trial::test("large_working_set_records_then_prefetches", || {
+                // 32 MiB of data: at least 8192 pages.
+                records_then_prefetches("bigdata", 8192)
+            }),
+            Trial::test("bad_ws_files_are_refused", bad_ws_files_are_refused),
+            Trial::test(
+                "interrupted_and_concurrent_recordings",
+                interrupted_and_concurrent_recordings,
+            ),
+        ]
+    })
+}
