@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The part of the demo that needs KVM (run directly, or inside the KVM lab by demo.sh):
 # boots the function VM in its own network namespace, invokes helloworld, pauses and
-# snapshots it through the API, restores it in fresh reapvm processes with the File and
-# OnDemand (userfaultfd) memory backends, invokes it after each restore, shuts it down.
+# snapshots it through the API, restores it in fresh reapvm processes with the File,
+# OnDemand (userfaultfd) and Reap memory backends (REAP records on its first restore and
+# prefetches on its second), invokes it after each restore, shuts it down.
 # Usage: demo-run.sh REAPVM_BINARY CONFIG_DIR
 set -euo pipefail
 reapvm="$1"
@@ -62,9 +63,14 @@ api_call PUT /snapshot/create "{\"snapshot_type\": \"Full\", \"snapshot_path\": 
 echo "[demo] paused and snapshotted in $(( $(now_ms) - t0 )) ms: $(du -h --apparent-size "$snap/memory" | cut -f1) memory file, $(stat -c %s "$snap/vmstate") bytes of vmstate"
 kill "$vmm_pid"; wait "$vmm_pid" 2>/dev/null || true
 
-for backend in File OnDemand; do
+# File and OnDemand: the baselines. Reap twice: the first restore records the working set of
+# the first invocation, the second installs it before the guest runs.
+runs=(File OnDemand Reap Reap)
+for i in "${!runs[@]}"; do
+  backend="${runs[$i]}"
   rm -f "$api"
-  ip netns exec "$ns" "$reapvm" --api-sock "$api" --metrics-path "$snap/metrics-$backend.json" < /dev/null > /dev/null &
+  metrics="$snap/metrics-$i.json"
+  ip netns exec "$ns" "$reapvm" --api-sock "$api" --metrics-path "$metrics" < /dev/null > /dev/null &
   vmm_pid=$!
   for _ in $(seq 100); do [ -S "$api" ] && break; sleep 0.1; done
   t0=$(now_ms)
@@ -73,8 +79,8 @@ for backend in File OnDemand; do
   invoke "$backend restore, first" "cold start"
   invoke "$backend restore, second" "warm"
   api_call PUT /actions '{"action_type": "FlushMetrics"}'
-  echo "[demo] $backend restore metrics: $(tail -n 1 "$snap/metrics-$backend.json" | sed 's/.*"memory_restore":\({[^}]*}\).*/\1/')"
-  if [ "$backend" = OnDemand ]; then
+  echo "[demo] $backend restore metrics: $(tail -n 1 "$metrics" | sed 's/.*"memory_restore":\({[^}]*}\).*/\1/')"
+  if [ "$i" = $(( ${#runs[@]} - 1 )) ]; then
     in_ns curl -s -m 10 -X POST http://172.16.0.2:8080/shutdown > /dev/null
     rc=0
     wait "$vmm_pid" || rc=$?

@@ -3,8 +3,8 @@
 # functions) and reapvm, boots a function VM on KVM (directly on hardware virtualization, in
 # the KVM lab otherwise) with its root on virtio-block and its network on a tap inside a
 # network namespace the demo creates, invokes helloworld, snapshots it, restores it in fresh
-# reapvm processes (File and OnDemand memory backends), invokes it again, and prints the
-# timings.
+# reapvm processes (File, OnDemand, REAP record, REAP prefetch), invokes it again, and
+# prints the timings and fault counts.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -212,7 +212,15 @@ fn records_then_prefetches(function: &str, min_ws_pages: u64) -> Result<(), Fail
 
     let prefetching = restore(&scratch, "pre", &snap.vmstate, reap_backend(&snap))?;
     prefetching.invoke(&snap)?;
+    // Faults as the invocation is answered (the guest goes on touching pages afterwards).
     let reap = prefetching.memory_restore()?;
+    // The agent signals the answered invocation after sending the answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut later = reap.clone();
+    while field(&later, "first_response_us") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        later = prefetching.memory_restore()?;
+    }
     check(reap["mode"] == "prefetch", || {
         format!("a WS exists, so prefetch: {reap}")
     })?;
@@ -220,8 +228,8 @@ fn records_then_prefetches(function: &str, min_ws_pages: u64) -> Result<(), Fail
         format!("{recorded} pages recorded, prefetch installed: {reap}")
     })?;
     check(
-        field(&reap, "first_response_us") > 0 && field(&reap, "ws_install_us") > 0,
-        || format!("time to first response and install time missing: {reap}"),
+        field(&later, "first_response_us") > 0 && field(&reap, "ws_install_us") > 0,
+        || format!("time to first response and install time missing: {later}"),
     )?;
     drop(prefetching);
 
@@ -242,7 +250,34 @@ fn records_then_prefetches(function: &str, min_ws_pages: u64) -> Result<(), Fail
     );
     check(all > 0 && left * 100 <= all * 3, || {
         format!("REAP left {left} faults on demand, more than 3% of userfaultfd's {all}")
-    })
+    })?;
+    drop(uffd);
+
+    // Every option at once: the WS read while the state is restored, O_DIRECT where the
+    // filesystem allows, installed while the guest already runs.
+    let options =
+        serde_json::json!({"fetch_in_parallel": true, "o_direct": true, "chunked_install": true});
+    let backend = serde_json::json!({"backend_type": "Reap", "backend_path": snap.mem, "reap_options": options});
+    let chunked = restore(&scratch, "chunked", &snap.vmstate, backend)?;
+    chunked.invoke(&snap)?;
+    let left = field(&chunked.memory_restore()?, "faults_on_demand");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut m = chunked.memory_restore()?;
+    while field(&m, "ws_install_us") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        m = chunked.memory_restore()?;
+    }
+    eprintln!(
+        "{function}: chunked install: {} pages in, {} of them on a fault, {left} faults from the memory file",
+        field(&m, "pages_prefetched"),
+        field(&m, "faults_from_ws")
+    );
+    check(
+        m["mode"] == "prefetch"
+            && field(&m, "pages_prefetched") == recorded
+            && left * 100 <= all * 3,
+        || format!("chunked install of {recorded} pages: {m}"),
+    )
 }
 
 /// Corrupted, truncated and foreign WS files are refused with a reason; the restore records
@@ -355,6 +390,74 @@ fn interrupted_and_concurrent_recordings() -> Result<(), Failed> {
     )
 }
 
+/// After a prefetch, `merge_misses` appends the pages still faulted on demand to the WS;
+/// past `rerecord_threshold` misses the WS is dropped and the next restore records anew.
+fn misses_are_merged_or_rerecorded() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("reap-merge");
+    let snap = take_snapshot(&guest, &scratch, "helloworld", false)?;
+    let ws = ws_path(&snap);
+    let recording = restore(&scratch, "rec", &snap.vmstate, reap_backend(&snap))?;
+    recording.invoke(&snap)?;
+    wait_for_file(&ws, Duration::from_secs(60))?;
+    drop(recording);
+    let recorded = std::fs::read(&ws)?;
+
+    let with = |options: serde_json::Value| serde_json::json!({"backend_type": "Reap", "backend_path": snap.mem, "reap_options": options});
+    let merging = restore(
+        &scratch,
+        "merge",
+        &snap.vmstate,
+        with(serde_json::json!({"merge_misses": true})),
+    )?;
+    merging.invoke(&snap)?;
+    let m = merging.memory_restore()?;
+    let misses = field(&m, "faults_on_demand");
+    check(m["mode"] == "prefetch", || format!("merge restore: {m}"))?;
+    // The merged WS is written once the invocation is answered (at once if nothing missed).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while misses > 0 && std::fs::read(&ws)? == recorded && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(merging);
+    let prefetch = restore(&scratch, "after", &snap.vmstate, reap_backend(&snap))?;
+    prefetch.invoke(&snap)?;
+    let m = prefetch.memory_restore()?;
+    let before = field(&m, "pages_prefetched");
+    eprintln!("merge: {misses} misses merged; the WS now installs {before} pages");
+    check(
+        m["mode"] == "prefetch" && (misses == 0 || std::fs::read(&ws)? != recorded),
+        || format!("{misses} misses were not merged: {m}"),
+    )?;
+    drop(prefetch);
+
+    let strict = restore(
+        &scratch,
+        "strict",
+        &snap.vmstate,
+        with(serde_json::json!({"merge_misses": true, "rerecord_threshold": 0})),
+    )?;
+    strict.invoke(&snap)?;
+    let misses = field(&strict.memory_restore()?, "faults_on_demand");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while misses > 0 && ws.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(strict);
+    check(misses == 0 || !ws.exists(), || {
+        format!("{misses} misses passed a threshold of 0, but the WS stayed")
+    })?;
+    if misses > 0 {
+        let next = restore(&scratch, "next", &snap.vmstate, reap_backend(&snap))?;
+        next.invoke(&snap)?;
+        let m = next.memory_restore()?;
+        check(m["mode"] == "record", || {
+            format!("after the WS was dropped the next restore records: {m}")
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     run_kvm_suite("reap", || {
         vec![
@@ -366,6 +469,10 @@ fn main() -> ExitCode {
                 records_then_prefetches("bigdata", 8192)
             }),
             Trial::test("bad_ws_files_are_refused", bad_ws_files_are_refused),
+            Trial::test(
+                "misses_are_merged_or_rerecorded",
+                misses_are_merged_or_rerecorded,
+            ),
             Trial::test(
                 "interrupted_and_concurrent_recordings",
                 interrupted_and_concurrent_recordings,

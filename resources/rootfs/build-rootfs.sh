@@ -165,5 +165,7 @@ E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" mkfs.ext4 -q \
   -E "lazy_itable_init=0,lazy_journal_init=0,assume_storage_prezeroed=1,hash_seed=$uuid,root_owner=0:0" \
   -d "$root" "$image_tmp" >&2 || die "mkfs.ext4 failed on $image_tmp"
 mv "$image_tmp" "$image"
+# Every agent or function change makes a new image: keep the three newest.
+ls -t "$cache"/rootfs-[0-9a-f]*.ext4 2>/dev/null | tail -n +4 | xargs -r rm -f
 log "image built in $(( $(date +%s) - start ))s: $image ($size_mib MiB, $(du -h "$image" | cut -f1) allocated)"
 echo "$image"

@@ -1,5 +1,6 @@
 //! Snapshot benchmark: Full snapshot create time, load-to-resumed time, and the first
-//! invocation after a restore per memory backend, with the snapshot files hot in the page
+//! invocation after a restore per memory backend (File, OnDemand userfaultfd, REAP record,
+//! REAP prefetch and each of its options), with the snapshot and WS files hot in the page
 //! cache and dropped from it (posix_fadvise DONTNEED). Medians of N runs.
 //!
 //! `cargo bench -p vmm --bench snapshots -- [--runs N] [--function NAME]`
@@ -77,6 +78,9 @@ fn snapshot_dir() -> PathBuf {
 }
 
 struct Restored {
+    mode: String,
+    ws_fetch_us: f64,
+    ws_install_us: f64,
     load_ms: f64,
     vmm_load_us: f64,
     first_ms: f64,
@@ -94,17 +98,67 @@ impl Drop for Vmm {
     }
 }
 
+/// A way to restore: its label and its `mem_backend` object.
+struct Variant {
+    label: &'static str,
+    backend: serde_json::Value,
+}
+
+fn variants(dir: &Path) -> Vec<Variant> {
+    let mem = dir.join("memory");
+    let reap = |options: serde_json::Value| serde_json::json!({"backend_type": "Reap", "backend_path": mem, "reap_options": options});
+    vec![
+        Variant {
+            label: "File",
+            backend: serde_json::json!({"backend_type": "File", "backend_path": mem}),
+        },
+        Variant {
+            label: "OnDemand (userfaultfd)",
+            backend: serde_json::json!({"backend_type": "OnDemand", "backend_path": mem}),
+        },
+        Variant {
+            label: "REAP prefetch (paper)",
+            backend: reap(serde_json::json!({})),
+        },
+        Variant {
+            label: "REAP + fetch_in_parallel",
+            backend: reap(serde_json::json!({"fetch_in_parallel": true})),
+        },
+        Variant {
+            label: "REAP + o_direct",
+            backend: reap(serde_json::json!({"o_direct": true})),
+        },
+        Variant {
+            label: "REAP + chunked_install",
+            backend: reap(serde_json::json!({"chunked_install": true})),
+        },
+        Variant {
+            label: "REAP + all three",
+            backend: reap(
+                serde_json::json!({"fetch_in_parallel": true, "o_direct": true, "chunked_install": true}),
+            ),
+        },
+    ]
+}
+
 fn restore_once(
     ns: &NetNs,
     dir: &Path,
-    backend: &str,
+    backend: &serde_json::Value,
     cold: bool,
     function: &str,
 ) -> Result<Restored, String> {
-    let (vmstate, mem) = (dir.join("vmstate"), dir.join("memory"));
+    let (vmstate, mem, ws) = (
+        dir.join("vmstate"),
+        dir.join("memory"),
+        dir.join("memory.ws"),
+    );
     if cold {
         drop_from_page_cache(&vmstate)?;
         drop_from_page_cache(&mem)?;
+        if ws.exists() {
+            drop_from_page_cache(&ws)?;
+        }
     }
     let socket = dir.join("restore.sock");
     let _ = std::fs::remove_file(&socket);
@@ -124,7 +178,7 @@ fn restore_once(
     wait_for_socket(&socket, Duration::from_secs(10))?;
     let body = serde_json::json!({
         "snapshot_path": vmstate,
-        "mem_backend": {"backend_type": backend, "backend_path": mem},
+        "mem_backend": backend,
         "resume_vm": true,
     });
     let t = Instant::now();
@@ -159,8 +213,18 @@ fn restore_once(
     let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("{}"))
         .map_err(|e| format!("metrics: {e}"))?;
     let m = &line["memory_restore"];
+    if m["mode"] == "record" {
+        // The WS is written once the invocation was answered; the next restore needs it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ws.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     drop(vmm);
     Ok(Restored {
+        mode: m["mode"].as_str().unwrap_or("?").to_string(),
+        ws_fetch_us: m["ws_fetch_us"].as_f64().unwrap_or(0.0),
+        ws_install_us: m["ws_install_us"].as_f64().unwrap_or(0.0),
         load_ms,
         vmm_load_us: line["latencies_us"]["load_snapshot"]
             .as_f64()
@@ -222,33 +286,53 @@ fn run() -> Result<(), String> {
 
     let ns = NetNs::with_tap("bench")?;
     let mut rows = Vec::new();
-    for backend in ["File", "OnDemand"] {
-        for cold in [false, true] {
+    let mut row = |label: &str, cold: bool, runs: &[Restored]| {
+        let med = |f: fn(&Restored) -> f64| median(runs.iter().map(f).collect());
+        rows.push(format!(
+            "| {label} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            if cold { "dropped" } else { "hot" },
+            runs.len(),
+            med(|r| r.load_ms),
+            med(|r| r.vmm_load_us / 1e3),
+            med(|r| r.ws_fetch_us / 1e3),
+            med(|r| r.ws_install_us / 1e3),
+            med(|r| r.first_ms),
+            med(|r| r.second_ms),
+            med(|r| r.faults as f64),
+            med(|r| r.minor_faults as f64),
+        ));
+    };
+    let log = |label: &str, cold: bool, i: usize, r: &Restored| {
+        eprintln!(
+            "  {label} {} run {}: mode {}, load {:.1} ms, first invocation {:.1} ms, {} faults on demand, {} minor",
+            if cold { "cold" } else { "hot" },
+            i + 1,
+            r.mode,
+            r.load_ms,
+            r.first_ms,
+            r.faults,
+            r.minor_faults
+        );
+    };
+    let ws = dir.join("memory.ws");
+    for cold in [false, true] {
+        // REAP's recording restore: the first after the snapshot (one run per cache state).
+        let _ = std::fs::remove_file(&ws);
+        let record = &variants(&dir)[2];
+        let r = restore_once(&ns, &dir, &record.backend, cold, &o.function)?;
+        log("REAP record", cold, 0, &r);
+        if r.mode != "record" || !ws.exists() {
+            return Err(format!("REAP did not record a WS (mode {})", r.mode));
+        }
+        row("REAP record (first restore)", cold, &[r]);
+        for v in variants(&dir) {
             let mut runs = Vec::new();
             for i in 0..o.runs {
-                let r = restore_once(&ns, &dir, backend, cold, &o.function)?;
-                eprintln!(
-                    "  {backend} {} run {}: load {:.1} ms, first invocation {:.1} ms, {} faults on demand, {} minor",
-                    if cold { "cold" } else { "hot" },
-                    i + 1,
-                    r.load_ms,
-                    r.first_ms,
-                    r.faults,
-                    r.minor_faults
-                );
+                let r = restore_once(&ns, &dir, &v.backend, cold, &o.function)?;
+                log(v.label, cold, i, &r);
                 runs.push(r);
             }
-            let med = |f: fn(&Restored) -> f64| median(runs.iter().map(f).collect());
-            rows.push(format!(
-                "| {backend} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
-                if cold { "dropped" } else { "hot" },
-                med(|r| r.load_ms),
-                med(|r| r.vmm_load_us / 1e3),
-                med(|r| r.first_ms),
-                med(|r| r.second_ms),
-                med(|r| r.faults as f64),
-                med(|r| r.minor_faults as f64),
-            ));
+            row(v.label, cold, &runs);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -264,8 +348,8 @@ fn run() -> Result<(), String> {
         median(warm_ms)
     );
     println!();
-    println!("| backend | page cache | load-to-resumed, client (ms) | load_snapshot, VMM (ms) | first invocation incl. connect (ms) | second invocation (ms) | faults on demand (major for File) | minor faults |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| backend | page cache | runs | load-to-resumed, client (ms) | load_snapshot, VMM (ms) | WS fetch (ms) | WS install (ms) | first invocation incl. connect (ms) | second invocation (ms) | faults on demand (major for File) | minor faults |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         println!("{row}");
     }

@@ -635,72 +635,28 @@ pub fn restore_from_snapshot(
                 vmstate_checksum: params.vmstate_checksum,
                 memory_len: state.memory_file_len(),
             };
-            let layout = reap::ws_layout(&state.memory);
             let fetched = match ws_prefetch {
                 Some(pending) => pending
                     .join()
                     .map_err(|_| BuildError::Restore("the WS reader thread panicked".into()))?,
                 None => reap::fetch(ws_path, options.o_direct),
             };
-            let mut r = report("Reap", "record");
-            let fetched = match fetched {
-                Ok(fetched) => fetched,
-                Err(e) => {
-                    log::warn!("REAP: {e}; recording a new WS");
-                    r.ws_error = Some(e.to_string());
-                    None
-                }
-            };
-            let ws = match &fetched {
-                Some(fetched) => {
-                    r.bytes_read = fetched.bytes.len() as u64;
-                    let checking = std::time::Instant::now();
-                    let decoded = snapshot::ws::decode(&fetched.bytes, identity, &layout);
-                    // Fetching means having the WS in memory and checked.
-                    r.ws_fetch_us = (fetched.took + checking.elapsed()).as_micros() as u64;
-                    match decoded {
-                        Ok(ws) => Some(ws),
-                        Err(e) => {
-                            let why = format!("WS file {} refused: {e}", ws_path.display());
-                            log::warn!("REAP: {why}; recording a new one");
-                            r.ws_error = Some(why);
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
-            match ws {
-                Some(ws) => {
-                    let started = std::time::Instant::now();
-                    r.pages_prefetched = reap::install(&uffd, &mappings, &ws);
-                    r.ws_install_us = started.elapsed().as_micros() as u64;
-                    r.mode = "prefetch".into();
-                    log::info!(
-                        "REAP: {} pages of {} installed in {} us (WS read in {} us)",
-                        r.pages_prefetched,
-                        ws_path.display(),
-                        r.ws_install_us,
-                        r.ws_fetch_us
-                    );
-                    let stats = uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
-                        .map_err(|e| BuildError::Restore(e.to_string()))?;
-                    let live: Arc<dyn metrics::FaultSource> = stats;
-                    (mem, r, Some(live))
-                }
-                None => {
-                    let target = reap::WsTarget {
-                        path: ws_path.clone(),
-                        identity,
-                        layout,
-                    };
-                    let rec = reap::Recorder::spawn(uffd, file, mappings, target)
-                        .map_err(|e| BuildError::Restore(e.to_string()))?;
-                    recorder = Some(rec.clone());
-                    let live: Arc<dyn metrics::FaultSource> = rec;
-                    (mem, r, Some(live))
-                }
-            }
+            let restored = reap::restore_memory(
+                reap::ReapSetup {
+                    uffd,
+                    mappings,
+                    file,
+                    ws_path: ws_path.clone(),
+                    options: *options,
+                    identity,
+                    layout: reap::ws_layout(&state.memory),
+                },
+                fetched,
+                report("Reap", "record"),
+            )
+            .map_err(|e| BuildError::Restore(e.to_string()))?;
+            recorder = restored.recorder;
+            (mem, restored.report, Some(restored.live))
         }
         _ => {
             return Err(BuildError::Restore(

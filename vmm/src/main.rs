@@ -240,6 +240,9 @@ fn load_snapshot(
                     options: ReapOptions {
                         o_direct: options.o_direct,
                         fetch_in_parallel: options.fetch_in_parallel,
+                        chunked_install: options.chunked_install,
+                        merge_misses: options.merge_misses,
+                        rerecord_threshold: options.rerecord_threshold,
                     },
                 }
             }

@@ -133,6 +133,8 @@ pub struct MemoryRestoreReport {
     pub ws_error: Option<String>,
     /// Pages recorded into the WS so far (REAP record mode).
     pub ws_pages_recorded: u64,
+    /// Chunked REAP install: faults answered from the WS before the installer reached them.
+    pub faults_from_ws: u64,
     /// From the restored VM starting to the agent's first answered invocation (0 before).
     pub first_response_us: u64,
     /// The process's minor page faults since the restore: for `File`, the faults the host
@@ -148,6 +150,12 @@ pub trait FaultSource: Send + Sync {
     /// Pages recorded into a working set so far (REAP record mode only).
     fn recorded_pages(&self) -> u64 {
         0
+    }
+
+    /// A chunked REAP install as it progresses: (pages installed, install time in us once
+    /// done, of which faults answered from the WS).
+    fn prefetch_progress(&self) -> Option<(u64, u64, u64)> {
+        None
     }
 }
 
@@ -198,6 +206,11 @@ impl MemoryRestoreMetrics {
             report.faults_on_demand = faults;
             report.bytes_read += bytes;
             report.ws_pages_recorded = live.recorded_pages();
+            if let Some((pages, install_us, from_ws)) = live.prefetch_progress() {
+                report.pages_prefetched = pages;
+                report.ws_install_us = install_us;
+                report.faults_from_ws = from_ws;
+            }
         }
         Some(report)
     }

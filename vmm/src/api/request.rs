@@ -115,6 +115,12 @@ pub struct ReapOptionsParams {
     pub o_direct: bool,
     #[serde(default)]
     pub fetch_in_parallel: bool,
+    #[serde(default)]
+    pub chunked_install: bool,
+    #[serde(default)]
+    pub merge_misses: bool,
+    #[serde(default)]
+    pub rerecord_threshold: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
