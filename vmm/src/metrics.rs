@@ -187,9 +187,22 @@ impl MemoryRestoreMetrics {
             return;
         };
         let us = at.elapsed().as_micros().max(1) as u64;
-        let _ =
-            self.first_response_us
-                .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
+        let first = self
+            .first_response_us
+            .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if let (true, Some(r)) = (first, self.current()) {
+            log::info!(
+                "restore ({} {}): first invocation answered {us} us after the restore; {} faults served on demand, {} pages prefetched, vmstate {} us, WS fetch {} us, WS install {} us",
+                r.backend,
+                r.mode,
+                r.faults_on_demand,
+                r.pages_prefetched,
+                r.vmstate_load_us,
+                r.ws_fetch_us,
+                r.ws_install_us
+            );
+        }
     }
 
     /// The report with the fault counts as of now; None before any restore.
