@@ -1,0 +1,291 @@
+//! Installing a WS into userfaultfd-registered guest memory: all of it before the guest runs
+//! (the paper), or in order of first touch while the guest runs (chunked).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use snapshot::ws::{self, SnapshotIdentity, WsRegion};
+use userfaultfd::Uffd;
+
+use super::{FetchedWs, ReapError};
+use crate::metrics::FaultSource;
+use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, PAGE_SIZE};
+
+/// Installs every run of `ws` into the registered guest memory before the guest runs (the
+/// paper's REAP); returns the pages installed.
+pub fn install_all(uffd: &Uffd, mappings: &[GuestRegionUffdMapping], ws: &WsPages) -> u64 {
+    let mut installed = 0u64;
+    for &(offset, pages, data) in &ws.runs {
+        // decode() checked that each run lies inside one region of this layout.
+        let Some(host) = uffd_backend::host_addr_of(mappings, offset) else {
+            continue;
+        };
+        let len = pages as usize * ws.page_size;
+        let src = data.map(|d| ws.fetched.bytes[d..].as_ptr());
+        // SAFETY: the run is registered guest memory alive for the process (checked against
+        // this layout by decode); `src` holds `len` bytes of the WS.
+        installed += unsafe { install_range(uffd, host, src, len) };
+    }
+    installed
+}
+
+/// A checked WS kept in memory, with its runs looked up by memory-file offset.
+pub struct WsPages {
+    fetched: FetchedWs,
+    page_size: usize,
+    /// (file offset, pages, start of the run's data in `fetched.bytes`; None for zero runs),
+    /// in order of first touch.
+    runs: Vec<(u64, u32, Option<usize>)>,
+    /// Indexes into `runs`, sorted by file offset.
+    by_offset: Vec<usize>,
+}
+
+impl WsPages {
+    /// Every page of the WS (memory-file offsets), in order of first touch.
+    pub fn page_offsets(&self) -> Vec<u64> {
+        self.runs
+            .iter()
+            .flat_map(|&(start, pages, _)| {
+                (0..u64::from(pages)).map(move |i| start + i * self.page_size as u64)
+            })
+            .collect()
+    }
+}
+
+impl WsPages {
+    /// Checks `fetched` against the snapshot and indexes its runs.
+    pub fn new(
+        fetched: FetchedWs,
+        identity: SnapshotIdentity,
+        layout: &[WsRegion],
+    ) -> Result<Self, ws::WsError> {
+        let (page_size, runs) = {
+            let ws = ws::decode(&fetched.bytes, identity, layout)?;
+            let base = fetched.bytes.as_ptr() as usize;
+            let runs: Vec<_> = ws
+                .runs_with_data()
+                .map(|(run, data)| {
+                    (
+                        run.file_offset,
+                        run.pages,
+                        data.map(|d| d.as_ptr() as usize - base),
+                    )
+                })
+                .collect();
+            (ws.page_size as usize, runs)
+        };
+        let mut by_offset: Vec<usize> = (0..runs.len()).collect();
+        by_offset.sort_by_key(|&i| runs[i].0);
+        Ok(Self {
+            fetched,
+            page_size,
+            runs,
+            by_offset,
+        })
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.1)).sum()
+    }
+
+    /// The page at memory-file `offset`, if the WS has it: Some(Some(bytes)) for data,
+    /// Some(None) for a zero page.
+    fn page(&self, offset: u64) -> Option<Option<&[u8]>> {
+        let at = self
+            .by_offset
+            .partition_point(|&i| self.runs[i].0 <= offset)
+            .checked_sub(1)?;
+        let (start, pages, data) = self.runs[self.by_offset[at]];
+        let end = start + u64::from(pages) * self.page_size as u64;
+        if offset >= end {
+            return None;
+        }
+        Some(data.map(|d| {
+            let from = d + (offset - start) as usize;
+            &self.fetched.bytes[from..from + self.page_size]
+        }))
+    }
+}
+
+/// Installs `len` bytes at `host` (from `src`, or zeroes), skipping pages already present;
+/// returns the pages this call installed.
+///
+/// # Safety
+/// `[host, host + len)` must be registered guest memory that outlives the call, and `src`
+/// (if given) must hold `len` readable bytes.
+unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usize) -> u64 {
+    let mut done = 0usize;
+    let mut installed = 0u64;
+    let mut page_by_page = false;
+    while done < len {
+        let step = if page_by_page { PAGE_SIZE } else { len - done };
+        let dst = (host + done as u64) as *mut libc::c_void;
+        // SAFETY: within the caller's range and source, per the contract above.
+        let result = unsafe {
+            match src {
+                Some(p) => uffd.copy(p.add(done).cast(), dst, step, true),
+                None => uffd.zeropage(dst, step, true),
+            }
+        };
+        match result {
+            Ok(n) if n > 0 => {
+                installed += (n / PAGE_SIZE) as u64;
+                done += n;
+            }
+            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => {
+                installed += (n / PAGE_SIZE) as u64;
+                done += n;
+            }
+            // The page is there already (a fault got it first), or a zero run stopped part
+            // way (the crate does not say where): go on page by page.
+            Ok(_)
+            | Err(userfaultfd::Error::PartiallyCopied(_))
+            | Err(userfaultfd::Error::CopyFailed(_))
+            | Err(userfaultfd::Error::ZeropageFailed(_)) => {
+                if page_by_page {
+                    done += PAGE_SIZE;
+                }
+                page_by_page = true;
+            }
+            Err(e) => {
+                log::warn!("REAP: installing at {dst:p} failed: {e}");
+                done += PAGE_SIZE;
+                page_by_page = true;
+            }
+        }
+    }
+    installed
+}
+
+/// What a chunked install did, read live by the metrics.
+#[derive(Debug, Default)]
+pub struct ChunkedInstallStats {
+    /// Pages read from the memory file because the WS lacked them.
+    pub file: FaultStats,
+    /// Faults answered from the WS before the installer got there.
+    pub from_ws: AtomicU64,
+    /// Pages the installer put in.
+    pub installed: AtomicU64,
+    /// When the installer finished, in microseconds after it started (0 while it runs).
+    pub install_us: AtomicU64,
+}
+
+impl FaultSource for ChunkedInstallStats {
+    fn faults_and_bytes(&self) -> (u64, u64) {
+        self.file.faults_and_bytes()
+    }
+
+    fn prefetch_progress(&self) -> Option<(u64, u64, u64)> {
+        Some((
+            self.installed.load(Ordering::Relaxed) + self.from_ws.load(Ordering::Relaxed),
+            self.install_us.load(Ordering::Relaxed),
+            self.from_ws.load(Ordering::Relaxed),
+        ))
+    }
+}
+
+/// Installs `ws` in order of first touch on one thread while another serves faults: from
+/// the WS when it has the page (the vCPU waits for that page only), from `file` otherwise.
+pub fn spawn_chunked_install(
+    uffd: Uffd,
+    file: File,
+    mappings: Vec<GuestRegionUffdMapping>,
+    ws: WsPages,
+) -> Result<Arc<ChunkedInstallStats>, ReapError> {
+    let stats = Arc::new(ChunkedInstallStats::default());
+    let uffd = Arc::new(uffd);
+    let ws = Arc::new(ws);
+    let mappings = Arc::new(mappings);
+    {
+        let (uffd, ws, mappings, stats) =
+            (uffd.clone(), ws.clone(), mappings.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("fc_ws_install".into())
+            .spawn(move || {
+                let started = Instant::now();
+                for &(offset, pages, data) in &ws.runs {
+                    let Some(host) = uffd_backend::host_addr_of(&mappings, offset) else {
+                        continue;
+                    };
+                    let len = pages as usize * ws.page_size;
+                    let src = data.map(|d| ws.fetched.bytes[d..].as_ptr());
+                    // SAFETY: decode() checked the run lies in one region of this layout,
+                    // registered and alive for the process; `src` has `len` bytes.
+                    let n = unsafe { install_range(&uffd, host, src, len) };
+                    stats.installed.fetch_add(n, Ordering::Relaxed);
+                }
+                stats.install_us.store(
+                    started.elapsed().as_micros().max(1) as u64,
+                    Ordering::Relaxed,
+                );
+            })
+            .map_err(ReapError::Thread)?;
+    }
+    let thread_stats = stats.clone();
+    std::thread::Builder::new()
+        .name("fc_uffd".into())
+        .spawn(move || serve_with_ws(&uffd, &file, &mappings, &ws, &thread_stats))
+        .map_err(ReapError::Thread)?;
+    Ok(stats)
+}
+
+fn serve_with_ws(
+    uffd: &Uffd,
+    file: &File,
+    mappings: &[GuestRegionUffdMapping],
+    ws: &WsPages,
+    stats: &ChunkedInstallStats,
+) {
+    let mut page = vec![0u8; PAGE_SIZE];
+    loop {
+        if let Err(e) = uffd_backend::wait_readable(uffd.as_raw_fd()) {
+            log::error!("REAP: page fault handler stops: {e}");
+            return;
+        }
+        loop {
+            let event = match uffd.read_event() {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("REAP: page fault handler stops: {e}");
+                    return;
+                }
+            };
+            let userfaultfd::Event::Pagefault { addr, .. } = event else {
+                continue;
+            };
+            let addr = addr as u64 & !(PAGE_SIZE as u64 - 1);
+            let offset = mappings
+                .iter()
+                .find(|m| {
+                    addr >= m.base_host_virt_addr && addr < m.base_host_virt_addr + m.size as u64
+                })
+                .map(|m| m.offset + (addr - m.base_host_virt_addr));
+            match offset.and_then(|o| ws.page(o)) {
+                Some(data) => {
+                    // SAFETY: `addr` is a page of registered guest memory; `data` is a page.
+                    let n =
+                        unsafe { install_range(uffd, addr, data.map(<[u8]>::as_ptr), PAGE_SIZE) };
+                    if n == 0 {
+                        // The installer got there first: wake whoever waits.
+                        let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
+                    }
+                    stats.from_ws.fetch_add(n, Ordering::Relaxed);
+                }
+                None => {
+                    let _ = uffd_backend::serve_event(
+                        uffd,
+                        file,
+                        mappings,
+                        &stats.file,
+                        &mut page,
+                        event,
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! REAP (record-and-prefetch) restores. Without a working-set (WS) file the restored guest's
+//! memory is served on demand from the memory file while every page served is logged in
+//! first-touch order; when the first invocation ends (the agent says so), the VM pauses,
+//! stops, or the API asks, the logged pages are written as the WS file. With a valid WS
+//! file, all of it is read at once and installed with UFFDIO_COPY / UFFDIO_ZEROPAGE before
+//! the guest runs; what the WS lacks is then served on demand.
+
+mod fetch;
+mod install;
+mod record;
+
+pub use fetch::{fetch, AlignedBuf, FetchedWs};
+pub use install::{install_all, spawn_chunked_install, ChunkedInstallStats, WsPages};
+pub use record::{Recorder, RecordingState, WsTarget};
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use snapshot::ws::{SnapshotIdentity, WsRegion};
+use userfaultfd::Uffd;
+
+use crate::metrics::{FaultSource, MemoryRestoreReport};
+use crate::persist::MemoryRegionState;
+use crate::uffd_backend::{self, GuestRegionUffdMapping};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReapError {
+    #[error("cannot read the WS file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the REAP thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot create the recording stop event: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// How a REAP restore fetches and installs its working set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReapOptions {
+    /// Read the WS file with O_DIRECT (bypassing the page cache; where the filesystem
+    /// supports it).
+    pub o_direct: bool,
+    /// Read the WS file while the vmstate, KVM and device state are restored, rather than
+    /// after (beyond the paper).
+    pub fetch_in_parallel: bool,
+    /// Let the vCPUs run at once while a thread installs the WS in order of first touch; a
+    /// vCPU that faults on a WS page not yet installed gets it from the WS at once (beyond
+    /// the paper, which installs all of it first).
+    pub chunked_install: bool,
+    /// After a prefetch, log the pages still faulted on demand until the first invocation is
+    /// answered and append them to the WS (not with `chunked_install`).
+    pub merge_misses: bool,
+    /// With `merge_misses`: more misses than this remove the WS instead, so the next
+    /// restore records a fresh one.
+    pub rerecord_threshold: Option<u64>,
+}
+
+/// The snapshot's regions as the WS file records them.
+pub fn ws_layout(layout: &[MemoryRegionState]) -> Vec<WsRegion> {
+    layout
+        .iter()
+        .map(|r| WsRegion {
+            guest_addr: r.guest_addr,
+            size: r.size,
+            file_offset: r.file_offset,
+        })
+        .collect()
+}
+
+/// What a REAP restore works with.
+pub struct ReapSetup {
+    pub uffd: Uffd,
+    pub mappings: Vec<GuestRegionUffdMapping>,
+    pub file: File,
+    pub ws_path: PathBuf,
+    pub options: ReapOptions,
+    pub identity: SnapshotIdentity,
+    pub layout: Vec<WsRegion>,
+}
+
+/// How a REAP restore serves memory, for the metrics and the VM.
+pub struct ReapMemory {
+    pub report: MemoryRestoreReport,
+    pub live: Arc<dyn FaultSource>,
+    /// Set when this restore records a WS.
+    pub recorder: Option<Arc<Recorder>>,
+}
+
+/// Prefetches the fetched WS (all of it now, or in the background with `chunked_install`)
+/// and serves the rest on demand; without a usable WS, records one. `report` arrives with
+/// the backend, mode `record` and the vmstate time filled in.
+pub fn restore_memory(
+    setup: ReapSetup,
+    fetched: Result<Option<FetchedWs>, ReapError>,
+    mut report: MemoryRestoreReport,
+) -> Result<ReapMemory, ReapError> {
+    let ReapSetup {
+        uffd,
+        mappings,
+        file,
+        ws_path,
+        options,
+        identity,
+        layout,
+    } = setup;
+    let refused = |report: &mut MemoryRestoreReport, why: String| {
+        log::warn!("REAP: {why}; recording a new WS");
+        report.ws_error = Some(why);
+    };
+    let fetched = fetched.unwrap_or_else(|e| {
+        refused(&mut report, e.to_string());
+        None
+    });
+    if let Some(fetched) = fetched {
+        report.bytes_read = fetched.bytes.len() as u64;
+        let read_time = fetched.took;
+        let checking = Instant::now();
+        match WsPages::new(fetched, identity, &layout) {
+            Ok(ws) => {
+                // Fetching means having the WS in memory and checked.
+                report.ws_fetch_us = (read_time + checking.elapsed()).as_micros() as u64;
+                report.mode = "prefetch".into();
+                let live: Arc<dyn FaultSource> = if options.chunked_install {
+                    log::info!(
+                        "REAP: installing {} pages of {} while the guest runs",
+                        ws.pages(),
+                        ws_path.display()
+                    );
+                    spawn_chunked_install(uffd, file, mappings, ws)?
+                } else {
+                    let started = Instant::now();
+                    report.pages_prefetched = install_all(&uffd, &mappings, &ws);
+                    report.ws_install_us = started.elapsed().as_micros() as u64;
+                    log::info!(
+                        "REAP: {} pages of {} installed in {} us (WS read and checked in {} us)",
+                        report.pages_prefetched,
+                        ws_path.display(),
+                        report.ws_install_us,
+                        report.ws_fetch_us
+                    );
+                    if options.merge_misses {
+                        // The misses are recorded like a WS, behind the existing one.
+                        let target = WsTarget {
+                            path: ws_path,
+                            identity,
+                            layout,
+                            base_pages: ws.page_offsets(),
+                            rerecord_above: options.rerecord_threshold,
+                        };
+                        let recorder = Recorder::spawn(uffd, file, mappings, target)?;
+                        return Ok(ReapMemory {
+                            report,
+                            live: recorder.clone(),
+                            recorder: Some(recorder),
+                        });
+                    }
+                    uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
+                        .map_err(|e| ReapError::Thread(std::io::Error::other(e.to_string())))?
+                };
+                if options.merge_misses && options.chunked_install {
+                    log::warn!("REAP: merge_misses is not available with chunked_install");
+                }
+                return Ok(ReapMemory {
+                    report,
+                    live,
+                    recorder: None,
+                });
+            }
+            Err(e) => refused(
+                &mut report,
+                format!("WS file {} refused: {e}", ws_path.display()),
+            ),
+        }
+    }
+    let target = WsTarget {
+        path: ws_path,
+        identity,
+        layout,
+        base_pages: Vec::new(),
+        rerecord_above: None,
+    };
+    let recorder = Recorder::spawn(uffd, file, mappings, target)?;
+    Ok(ReapMemory {
+        report,
+        live: recorder.clone(),
+        recorder: Some(recorder),
+    })
+}

@@ -1,0 +1,293 @@
+//! Recording the pages a restored guest touches and writing them as a WS file.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use snapshot::ws::{self, RunKind, SnapshotIdentity, WsRegion};
+use userfaultfd::Uffd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::ReapError;
+use crate::metrics::FaultSource;
+use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, PAGE_SIZE};
+
+/// Where a recording stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordingState {
+    Recording,
+    /// The WS is being written.
+    Writing,
+    Written {
+        pages: u64,
+        path: PathBuf,
+    },
+    Failed(String),
+}
+
+/// Records the pages a restored guest touches and writes them as a WS file when told to.
+pub struct Recorder {
+    recording: AtomicBool,
+    stop_evt: EventFd,
+    state: Mutex<RecordingState>,
+    changed: Condvar,
+    pub stats: Arc<FaultStats>,
+    recorded_pages: AtomicU64,
+}
+
+impl FaultSource for Recorder {
+    fn faults_and_bytes(&self) -> (u64, u64) {
+        self.stats.faults_and_bytes()
+    }
+
+    fn recorded_pages(&self) -> u64 {
+        self.recorded_pages.load(Ordering::Relaxed)
+    }
+}
+
+/// What the recording writer needs to turn page offsets into the WS file.
+pub struct WsTarget {
+    pub path: PathBuf,
+    pub identity: SnapshotIdentity,
+    pub layout: Vec<WsRegion>,
+    /// Merging misses into an existing WS: its pages, in order, come first.
+    pub base_pages: Vec<u64>,
+    /// Merging: past this many misses the WS is removed, so the next restore records anew.
+    pub rerecord_above: Option<u64>,
+}
+
+impl Recorder {
+    /// Starts serving faults from `file` on a thread of its own, recording each page.
+    pub fn spawn(
+        uffd: Uffd,
+        file: File,
+        mappings: Vec<GuestRegionUffdMapping>,
+        target: WsTarget,
+    ) -> Result<Arc<Self>, ReapError> {
+        let recorder = Arc::new(Self {
+            recording: AtomicBool::new(true),
+            stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(ReapError::EventFd)?,
+            state: Mutex::new(RecordingState::Recording),
+            changed: Condvar::new(),
+            stats: Arc::new(FaultStats::default()),
+            recorded_pages: AtomicU64::new(0),
+        });
+        let thread_recorder = recorder.clone();
+        std::thread::Builder::new()
+            .name("fc_uffd_rec".into())
+            .spawn(move || thread_recorder.serve(&uffd, file, &mappings, target))
+            .map_err(ReapError::Thread)?;
+        Ok(recorder)
+    }
+
+    /// Ends the recording (once; later calls do nothing): the WS file is written in the
+    /// background while faults go on being served.
+    pub fn stop(&self, why: &str) {
+        if self.recording.swap(false, Ordering::AcqRel) {
+            log::info!("REAP: recording ends ({why})");
+            let _ = self.stop_evt.write(1);
+        }
+    }
+
+    pub fn state(&self) -> RecordingState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Pages recorded so far.
+    pub fn recorded_pages(&self) -> u64 {
+        self.recorded_pages.load(Ordering::Relaxed)
+    }
+
+    /// Stops the recording and waits up to `timeout` for the WS file to be written.
+    pub fn finish(&self, why: &str, timeout: Duration) -> RecordingState {
+        self.stop(why);
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while matches!(*state, RecordingState::Recording | RecordingState::Writing) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state.clone()
+    }
+
+    fn set_state(&self, state: RecordingState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        self.changed.notify_all();
+    }
+
+    fn serve(
+        self: Arc<Self>,
+        uffd: &Uffd,
+        file: File,
+        mappings: &[GuestRegionUffdMapping],
+        target: WsTarget,
+    ) {
+        let file = Arc::new(file);
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut touched: Vec<u64> = Vec::new();
+        let mut target = Some(target);
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop_evt.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // Once the recording is written only faults matter.
+            let nfds = if target.is_some() { 2 } else { 1 };
+            // SAFETY: `fds` holds `nfds` valid pollfd entries for descriptors we own.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("REAP: page fault handler stops: poll failed: {e}");
+                return;
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                log::error!("REAP: the userfaultfd reports an error; page fault handler stops");
+                return;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                loop {
+                    match uffd.read_event() {
+                        Ok(Some(event)) => {
+                            let served = uffd_backend::serve_event(
+                                uffd,
+                                &file,
+                                mappings,
+                                &self.stats,
+                                &mut page,
+                                event,
+                            );
+                            if let (Some(offset), true) = (served, target.is_some()) {
+                                touched.push(offset);
+                                self.recorded_pages.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::error!("REAP: page fault handler stops: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            if nfds == 2 && fds[1].revents & libc::POLLIN != 0 {
+                let _ = self.stop_evt.read();
+                if let Some(target) = target.take() {
+                    self.set_state(RecordingState::Writing);
+                    let pages = std::mem::take(&mut touched);
+                    let writer = self.clone();
+                    let file = file.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("fc_ws_writer".into())
+                        .spawn(move || {
+                            let result = finish_ws(&file, &pages, &target);
+                            writer.set_state(match result {
+                                Ok(pages) => RecordingState::Written {
+                                    pages,
+                                    path: target.path.clone(),
+                                },
+                                Err(e) => {
+                                    log::error!("REAP: {e}");
+                                    RecordingState::Failed(e)
+                                }
+                            });
+                        });
+                    if let Err(e) = spawned {
+                        self.set_state(RecordingState::Failed(format!(
+                            "cannot start the WS writer: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What ending a recording writes: a WS of the touched pages; when merging misses into an
+/// existing WS, that WS's pages then the misses, or no WS at all past the re-record
+/// threshold. Returns the pages in the WS written.
+fn finish_ws(mem_file: &File, touched: &[u64], target: &WsTarget) -> Result<u64, String> {
+    if target.base_pages.is_empty() {
+        write_ws(mem_file, touched, target)?;
+        return Ok(touched.len() as u64);
+    }
+    let misses = touched.len() as u64;
+    if target.rerecord_above.is_some_and(|limit| misses > limit) {
+        std::fs::remove_file(&target.path)
+            .map_err(|e| format!("cannot remove the WS {}: {e}", target.path.display()))?;
+        log::info!(
+            "REAP: {misses} pages missed the WS, past the re-record threshold: {} removed, the next restore records a new one",
+            target.path.display()
+        );
+        return Ok(0);
+    }
+    if misses == 0 {
+        return Ok(target.base_pages.len() as u64);
+    }
+    let mut pages = target.base_pages.clone();
+    pages.extend_from_slice(touched);
+    write_ws(mem_file, &pages, target)?;
+    log::info!("REAP: {misses} missed pages merged into the WS");
+    Ok(pages.len() as u64)
+}
+
+/// Writes the WS file for the pages at `offsets` (memory-file offsets in first-touch order),
+/// their contents taken from the memory file as the snapshot has them.
+fn write_ws(mem_file: &File, offsets: &[u64], target: &WsTarget) -> Result<(), String> {
+    let started = Instant::now();
+    let mut pages = Vec::with_capacity(offsets.len());
+    let mut data = Vec::new();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for &offset in offsets {
+        mem_file
+            .read_exact_at(&mut page, offset)
+            .map_err(|e| format!("cannot read page {offset:#x} of the memory file: {e}"))?;
+        if page.iter().all(|&b| b == 0) {
+            pages.push((offset, RunKind::Zero));
+        } else {
+            pages.push((offset, RunKind::Data));
+            data.extend_from_slice(&page);
+        }
+    }
+    let runs = ws::coalesce(&pages, PAGE_SIZE as u32);
+    let bytes = ws::encode(
+        target.identity,
+        PAGE_SIZE as u32,
+        &target.layout,
+        &runs,
+        &data,
+    );
+    ws::write(&target.path, &bytes)
+        .map_err(|e| format!("cannot write the WS file {}: {e}", target.path.display()))?;
+    log::info!(
+        "REAP: WS of {} pages ({} zero) in {} runs, {} KiB, written to {} in {} ms",
+        offsets.len(),
+        offsets.len() - data.len() / PAGE_SIZE,
+        runs.len(),
+        bytes.len() / 1024,
+        target.path.display(),
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
