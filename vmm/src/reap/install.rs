@@ -219,7 +219,7 @@ pub fn spawn_chunked_install(
                 }
                 stats.install_us.store(
                     started.elapsed().as_micros().max(1) as u64,
-                    Ordering::Relaxed,
+                    Ordering::Release,
                 );
             })
             .map_err(ReapError::Thread)?;
@@ -227,7 +227,7 @@ pub fn spawn_chunked_install(
     let thread_stats = stats.clone();
     std::thread::Builder::new()
         .name("fc_uffd".into())
-        .spawn(move || serve_with_ws(&uffd, &file, &mappings, &ws, &thread_stats))
+        .spawn(move || serve_with_ws(&uffd, &file, &mappings, Some(ws), &thread_stats))
         .map_err(ReapError::Thread)?;
     Ok(stats)
 }
@@ -236,11 +236,15 @@ fn serve_with_ws(
     uffd: &Uffd,
     file: &File,
     mappings: &[GuestRegionUffdMapping],
-    ws: &WsPages,
+    mut ws: Option<Arc<WsPages>>,
     stats: &ChunkedInstallStats,
 ) {
     let mut page = vec![0u8; PAGE_SIZE];
     loop {
+        // Once the installer is done every WS page is in: the WS buffer can go.
+        if ws.is_some() && stats.install_us.load(Ordering::Acquire) != 0 {
+            ws = None;
+        }
         if let Err(e) = uffd_backend::wait_readable(uffd.as_raw_fd()) {
             log::error!("REAP: page fault handler stops: {e}");
             return;
@@ -264,7 +268,7 @@ fn serve_with_ws(
                     addr >= m.base_host_virt_addr && addr < m.base_host_virt_addr + m.size as u64
                 })
                 .map(|m| m.offset + (addr - m.base_host_virt_addr));
-            match offset.and_then(|o| ws.page(o)) {
+            match offset.and_then(|o| ws.as_ref()?.page(o)) {
                 Some(data) => {
                     // SAFETY: `addr` is a page of registered guest memory; `data` is a page.
                     let n =
