@@ -387,7 +387,40 @@ fn interrupted_and_concurrent_recordings() -> Result<(), Failed> {
     check(
         status == 400 && answer.contains("No REAP working set"),
         || format!("FinishWsRecording without a recording: {status} {answer}"),
-    )
+    )?;
+    drop(third);
+
+    // Option combinations that cannot work are refused before anything is built.
+    let ns = NetNs::with_tap("opts")?;
+    let vmm = Vmm::start(&ns, &scratch.path("opts.sock"))?;
+    for (options, reason) in [
+        (
+            serde_json::json!({"merge_misses": true, "chunked_install": true}),
+            "chunked_install",
+        ),
+        (
+            serde_json::json!({"rerecord_threshold": 5}),
+            "needs merge_misses",
+        ),
+        (
+            serde_json::json!({"prefetch_everything": true}),
+            "unknown field",
+        ),
+    ] {
+        let body = serde_json::json!({
+            "snapshot_path": snap.vmstate,
+            "mem_backend": {"backend_type": "Reap", "backend_path": snap.mem, "reap_options": options},
+            "resume_vm": true,
+        });
+        let (status, answer) = vmm.load_body(&body)?;
+        check(status == 400 && answer.contains(reason), || {
+            format!("reap_options {options}: {status} {answer}")
+        })?;
+    }
+    let (status, info) = unix_request(&vmm.socket, "GET", "/", "")?;
+    check(status == 200 && info.contains("Not started"), || {
+        format!("the VMM must stay up: {status} {info}")
+    })
 }
 
 /// After a prefetch, `merge_misses` appends the pages still faulted on demand to the WS;

@@ -230,6 +230,14 @@ fn load_snapshot(
             "Uffd" => MemoryBackend::Uffd(b.backend_path.clone()),
             "Reap" => {
                 let options = b.reap_options.unwrap_or_default();
+                if options.merge_misses && options.chunked_install {
+                    return Err(
+                        "reap_options: merge_misses does not work with chunked_install".into(),
+                    );
+                }
+                if options.rerecord_threshold.is_some() && !options.merge_misses {
+                    return Err("reap_options: rerecord_threshold needs merge_misses".into());
+                }
                 MemoryBackend::Reap {
                     mem_path: b.backend_path.clone(),
                     ws_path: b.ws_path.clone().unwrap_or_else(|| {

@@ -161,9 +161,6 @@ pub fn restore_memory(
                     uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
                         .map_err(|e| ReapError::Thread(std::io::Error::other(e.to_string())))?
                 };
-                if options.merge_misses && options.chunked_install {
-                    log::warn!("REAP: merge_misses is not available with chunked_install");
-                }
                 return Ok(ReapMemory {
                     report,
                     live,
