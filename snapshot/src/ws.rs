@@ -21,6 +21,8 @@ use crate::envelope::{self, EnvelopeError};
 
 pub const WS_MAGIC: &[u8; 8] = b"REAPWSET";
 pub const WS_VERSION: u32 = 1;
+/// The only page size reapvm's guest memory and WS files use.
+pub const PAGE_SIZE: u32 = 4096;
 
 const IDENTITY_LEN: usize = 16;
 const COUNTS_LEN: usize = 16;
@@ -214,8 +216,10 @@ pub fn decode<'a>(
         });
     }
     let page_size = c.u32("page size")?;
-    if !page_size.is_power_of_two() || page_size < 4096 {
-        return Err(WsError::Malformed(format!("page size {page_size}")));
+    if page_size != PAGE_SIZE {
+        return Err(WsError::Malformed(format!(
+            "page size {page_size} (reapvm works in {PAGE_SIZE}-byte pages)"
+        )));
     }
     let region_count = c.u32("region count")? as usize;
     let run_count = c.u32("run count")? as usize;

@@ -291,9 +291,11 @@ pub fn init(path: &Path) -> Result<(), MetricsError> {
         return Err(MetricsError::AlreadyConfigured(current.path.clone()));
     }
     let file = std::fs::OpenOptions::new()
+        // Read too: a FIFO opened for writing alone fails (ENXIO) while nobody reads it.
+        .read(true)
         .append(true)
         .create(true)
-        // A FIFO without a reader must not block the VMM.
+        // A FIFO whose reader is slow must not block the VMM.
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|source| MetricsError::Open {
@@ -319,12 +321,19 @@ pub fn flush() -> Result<(), MetricsError> {
     };
     let mut line = serde_json::to_vec(metrics()).expect("metrics always encode");
     line.push(b'\n');
-    sink.file
-        .write_all(&line)
-        .map_err(|source| MetricsError::Write {
+    // One write: a line shorter than PIPE_BUF reaches a FIFO whole or not at all (a full
+    // pipe drops it rather than leaving half a line).
+    match sink.file.write(&line) {
+        Ok(n) if n == line.len() => Ok(()),
+        Ok(n) => Err(MetricsError::Write {
+            path: sink.path.clone(),
+            source: std::io::Error::other(format!("only {n} of {} bytes written", line.len())),
+        }),
+        Err(source) => Err(MetricsError::Write {
             path: sink.path.clone(),
             source,
-        })
+        }),
+    }
 }
 
 /// Flushes when a metrics file is configured, logging (not failing) a write error: for the

@@ -40,6 +40,8 @@ pub enum SnapshotError {
     Files(#[from] PersistError),
     #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config (or enable_diff_snapshots when loading)")]
     NotTracking,
+    #[error("a previous snapshot failed after reading the dirty log: take a Full snapshot before the next Diff")]
+    DirtyLogLost,
     #[error("cannot remove the previous vmstate {path}: {source}")]
     RemoveStale {
         path: std::path::PathBuf,
@@ -66,6 +68,10 @@ pub struct SnapshotSource {
     transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
     config: VmConfig,
     cpu_vendor: String,
+    ws_recorder: Option<Arc<Recorder>>,
+    /// A snapshot failed after it had taken (and so cleared) KVM's dirty log: a Diff would
+    /// miss those pages until a Full snapshot succeeds.
+    dirty_log_lost: AtomicBool,
 }
 
 impl SnapshotSource {
@@ -83,6 +89,13 @@ impl SnapshotSource {
         }
         if kind == SnapshotKind::Diff && !self.vm.tracks_dirty_pages() {
             return Err(SnapshotError::NotTracking);
+        }
+        if kind == SnapshotKind::Diff && self.dirty_log_lost.load(Ordering::Acquire) {
+            return Err(SnapshotError::DirtyLogLost);
+        }
+        // Copying memory faults every page in: none of that belongs in a working set.
+        if let Some(recorder) = &self.ws_recorder {
+            recorder.stop("a snapshot is being taken");
         }
         let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
         let vm = VmState::save(self.vm.fd())?;
@@ -131,9 +144,18 @@ impl SnapshotSource {
             (SnapshotKind::Diff, Some(log)) => persist::MemoryContent::Dirty(log),
             _ => persist::MemoryContent::Full,
         };
-        persist::write_memory_file(&self.mem, &memory, content, mem_path)?;
-        persist::reset_vmm_dirty_bitmap(&self.mem);
-        persist::write_vmstate(&state, vmstate_path)?;
+        let written = persist::write_memory_file(&self.mem, &memory, content, mem_path)
+            .and_then(|()| persist::write_vmstate(&state, vmstate_path));
+        if kvm_dirty.is_some() {
+            match written {
+                Ok(()) => {
+                    persist::reset_vmm_dirty_bitmap(&self.mem);
+                    self.dirty_log_lost.store(false, Ordering::Release);
+                }
+                Err(_) => self.dirty_log_lost.store(true, Ordering::Release),
+            }
+        }
+        written?;
         Ok(())
     }
 }
@@ -270,6 +292,8 @@ impl MicroVm {
             transports: self.transports.clone(),
             config: self.config.clone(),
             cpu_vendor: self.cpu_vendor.clone(),
+            ws_recorder: self.ws_recorder.clone(),
+            dirty_log_lost: AtomicBool::new(false),
         }
     }
 

@@ -1,8 +1,10 @@
 //! Signals the guest sends through its serial console: reapvm's agent writes an APC escape
 //! sequence (`ESC _ reapvm:invoked ESC \`, which terminals ignore) to /dev/ttyS0 when it has
 //! answered an invocation. The guest kernel does the port I/O, so the signal works from any
-//! agent thread and survives a snapshot taken mid-write. The sequence is taken out of the
-//! console output and reported to a hook (REAP ends recording a working set there).
+//! agent thread, and a snapshot taken while it is being written harms nothing (the VMM that
+//! restores sees only the rest of that one sequence, prints it, and signals nothing). The
+//! sequence is taken out of the console output and reported to a hook (REAP ends recording
+//! a working set there).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -55,19 +57,17 @@ impl<W: Write> ConsoleSignalFilter<W> {
             }
             return Ok(());
         }
-        // Not the sequence after all: release what was held back, then look at this byte
-        // afresh (it may start a sequence).
+        // Not the sequence after all: keep the longest tail of what was held back plus this
+        // byte that can still begin the sequence, and release the rest.
         let held = self.matched;
-        self.matched = 0;
-        if held > 0 {
-            self.inner.write_all(&INVOCATION_DONE[..held])?;
-        }
-        if byte == INVOCATION_DONE[0] {
-            self.matched = 1;
-            Ok(())
-        } else {
-            self.inner.write_all(&[byte])
-        }
+        let mut seen = INVOCATION_DONE[..held].to_vec();
+        seen.push(byte);
+        let keep = (1..=seen.len().min(INVOCATION_DONE.len() - 1))
+            .rev()
+            .find(|&k| seen[seen.len() - k..] == INVOCATION_DONE[..k])
+            .unwrap_or(0);
+        self.matched = keep;
+        self.inner.write_all(&seen[..seen.len() - keep])
     }
 }
 
@@ -121,10 +121,14 @@ mod tests {
         }
         filter.write_all(&input).unwrap();
         filter.write_all(b"\x1b\x1b_reapvm:invoked\x1b\\!").unwrap();
-        assert_eq!(count.load(Ordering::Relaxed), 3);
+        // A sequence cut short right before its closing byte, then a whole one.
+        filter
+            .write_all(b"\x1b_reapvm:invoked\x1b\x1b_reapvm:invoked\x1b\\")
+            .unwrap();
+        assert_eq!(count.load(Ordering::Relaxed), 4);
         assert_eq!(
             sink.0.lock().unwrap().as_slice(),
-            b"boot\r\n\x1b[1mbold\x1b[0m after\x1b_reapvm:nope\x1b\\\x1b!"
+            b"boot\r\n\x1b[1mbold\x1b[0m after\x1b_reapvm:nope\x1b\\\x1b!\x1b_reapvm:invoked\x1b"
         );
     }
 }

@@ -74,6 +74,22 @@ pub struct FetchedWs {
 /// Reads the whole WS file at `path` in as few reads as the kernel allows; None if there is
 /// no file there (the restore then records one).
 pub fn fetch(path: &Path, o_direct: bool) -> Result<Option<FetchedWs>, ReapError> {
+    match fetch_with(path, o_direct) {
+        // Some filesystems take an O_DIRECT open and then refuse the read.
+        Err(ReapError::Read { source, .. })
+            if o_direct && source.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            log::warn!(
+                "{}: O_DIRECT read refused here; reading it buffered",
+                path.display()
+            );
+            fetch_with(path, false)
+        }
+        other => other,
+    }
+}
+
+fn fetch_with(path: &Path, o_direct: bool) -> Result<Option<FetchedWs>, ReapError> {
     let started = Instant::now();
     let read_err = |source| ReapError::Read {
         path: path.to_path_buf(),

@@ -119,9 +119,10 @@ impl WsPages {
 unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usize) -> u64 {
     let mut done = 0usize;
     let mut installed = 0u64;
-    let mut page_by_page = false;
+    // After a failure, one page at a time until the page in the way is skipped.
+    let mut single_page = false;
     while done < len {
-        let step = if page_by_page { PAGE_SIZE } else { len - done };
+        let step = if single_page { PAGE_SIZE } else { len - done };
         let dst = (host + done as u64) as *mut libc::c_void;
         // SAFETY: within the caller's range and source, per the contract above.
         let result = unsafe {
@@ -130,31 +131,26 @@ unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usi
                 None => uffd.zeropage(dst, step, true),
             }
         };
-        match result {
-            Ok(n) if n > 0 => {
-                installed += (n / PAGE_SIZE) as u64;
-                done += n;
-            }
-            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => {
-                installed += (n / PAGE_SIZE) as u64;
-                done += n;
-            }
-            // The page is there already (a fault got it first), or a zero run stopped part
-            // way (the crate does not say where): go on page by page.
-            Ok(_)
-            | Err(userfaultfd::Error::PartiallyCopied(_))
-            | Err(userfaultfd::Error::CopyFailed(_))
-            | Err(userfaultfd::Error::ZeropageFailed(_)) => {
-                if page_by_page {
-                    done += PAGE_SIZE;
-                }
-                page_by_page = true;
-            }
+        let progress = match result {
+            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => n,
+            Err(userfaultfd::Error::CopyFailed(_) | userfaultfd::Error::ZeropageFailed(_)) => 0,
             Err(e) => {
                 log::warn!("REAP: installing at {dst:p} failed: {e}");
-                done += PAGE_SIZE;
-                page_by_page = true;
+                0
             }
+        };
+        // The count comes from the kernel: never trust it past the step.
+        if progress > 0 && progress <= step && progress % PAGE_SIZE == 0 {
+            installed += (progress / PAGE_SIZE) as u64;
+            done += progress;
+            single_page = false;
+        } else if single_page {
+            // This page is there already (a fault got it first) or cannot be installed:
+            // skip it, then go back to whole-run copies.
+            done += PAGE_SIZE;
+            single_page = false;
+        } else {
+            single_page = true;
         }
     }
     installed

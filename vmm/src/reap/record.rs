@@ -121,6 +121,16 @@ impl Recorder {
         state.clone()
     }
 
+    /// The handler thread ends: a recording still going on will never be written.
+    fn handler_stopped(&self, why: String) {
+        log::error!("REAP: page fault handler stops: {why}");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *state == RecordingState::Recording {
+            *state = RecordingState::Failed(format!("the page fault handler stopped: {why}"));
+        }
+        self.changed.notify_all();
+    }
+
     fn set_state(&self, state: RecordingState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
         self.changed.notify_all();
@@ -159,11 +169,11 @@ impl Recorder {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                log::error!("REAP: page fault handler stops: poll failed: {e}");
+                self.handler_stopped(format!("poll failed: {e}"));
                 return;
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                log::error!("REAP: the userfaultfd reports an error; page fault handler stops");
+                self.handler_stopped("the userfaultfd reports an error".into());
                 return;
             }
             if fds[0].revents & libc::POLLIN != 0 {
@@ -178,14 +188,17 @@ impl Recorder {
                                 &mut page,
                                 event,
                             );
-                            if let (Some(offset), true) = (served, target.is_some()) {
+                            // Faults after stop() (a snapshot copying memory, the guest
+                            // after its answer) are served, not recorded.
+                            let recording = self.recording.load(Ordering::Acquire);
+                            if let (Some(offset), true) = (served, recording && target.is_some()) {
                                 touched.push(offset);
                                 self.recorded_pages.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            log::error!("REAP: page fault handler stops: {e}");
+                            self.handler_stopped(e.to_string());
                             return;
                         }
                     }
