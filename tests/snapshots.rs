@@ -536,6 +536,35 @@ fn damaged_snapshots_are_refused() -> Result<(), Failed> {
         format!("truncated memory: {status} {answer}")
     })?;
 
+    // A snapshot that fails late (a device at another MMIO address than its slot), after
+    // the memory backend started its fault handler: the handler must go with the failure.
+    let bytes = std::fs::read(&vmstate)?;
+    let payload = snapshot::decode(b"REAPVMST", 1, &bytes).map_err(|e| e.to_string())?;
+    let mut state: serde_json::Value = serde_json::from_slice(payload)?;
+    let addr = state["devices"][0]["addr"]
+        .as_u64()
+        .ok_or("no device address")?;
+    state["devices"][0]["addr"] = serde_json::json!(addr + 0x1000);
+    let moved = scratch.path("moved-device");
+    std::fs::write(
+        &moved,
+        snapshot::encode(b"REAPVMST", 1, &serde_json::to_vec(&state)?),
+    )?;
+    for _ in 0..3 {
+        let (status, answer) = vmm.load_with("OnDemand", &moved, &mem)?;
+        check(status == 400 && answer.contains("landed at"), || {
+            format!("a moved device: {status} {answer}")
+        })?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", vmm.pid()))?
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    let handlers = names.iter().filter(|name| name.trim() == "fc_uffd").count();
+    check(handlers == 0, || {
+        format!("{handlers} page fault handler threads outlived their failed restores: {names:?}")
+    })?;
+
     let (status, info) = unix_request(&vmm.socket, "GET", "/", "")?;
     check(status == 200 && info.contains("Not started"), || {
         format!("the VMM must stay up: {status} {info}")

@@ -386,6 +386,7 @@ fn assemble(
         vm: Arc::new(vm),
         guest_memory,
         ws_recorder: None,
+        memory_handlers: None,
         _kvm: kvm,
     };
     for vcpu in vcpus {
@@ -597,6 +598,14 @@ pub fn restore_from_snapshot(
         ..Default::default()
     };
     let mut recorder = None;
+    // Until the VM owns it, dropping this (any error below) ends the fault handler threads.
+    let handlers =
+        uffd_backend::StopHandlersOnDrop(uffd_backend::HandlerStop::new().map_err(|source| {
+            BuildError::EventFd {
+                what: "stopping the page fault handlers",
+                source,
+            }
+        })?);
     let (guest_memory, restore_report, live_faults) = match (backend, mem_file) {
         (MemoryBackend::File(_), Some((file, path))) => {
             let live: Arc<dyn metrics::FaultSource> =
@@ -610,8 +619,9 @@ pub fn restore_from_snapshot(
         (MemoryBackend::OnDemand(_), Some((file, _))) => {
             let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
                 .map_err(|e| BuildError::Restore(e.to_string()))?;
-            let stats = uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
-                .map_err(|e| BuildError::Restore(e.to_string()))?;
+            let stats =
+                uffd_backend::spawn_on_demand_handler(uffd, file, mappings, handlers.0.clone())
+                    .map_err(|e| BuildError::Restore(e.to_string()))?;
             let live: Arc<dyn metrics::FaultSource> = stats;
             (mem, report("OnDemand", "on-demand"), Some(live))
         }
@@ -650,6 +660,7 @@ pub fn restore_from_snapshot(
                     options: *options,
                     identity,
                     layout: reap::ws_layout(&state.memory),
+                    stop: handlers.0.clone(),
                 },
                 fetched,
                 report("Reap", "record"),
@@ -729,6 +740,7 @@ pub fn restore_from_snapshot(
         control,
     )?;
     microvm.ws_recorder = recorder;
+    microvm.memory_handlers = Some(handlers);
     metrics::metrics()
         .memory_restore
         .set(restore_report, live_faults);

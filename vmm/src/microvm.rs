@@ -269,6 +269,8 @@ pub struct MicroVm {
     pub(crate) guest_memory: GuestMemoryMmap,
     /// A REAP restore recording its working set.
     pub(crate) ws_recorder: Option<Arc<Recorder>>,
+    /// A restore's userfaultfd handler threads, told to end with the VM.
+    pub(crate) memory_handlers: Option<crate::uffd_backend::StopHandlersOnDrop>,
     pub(crate) _kvm: Kvm,
 }
 

@@ -107,27 +107,67 @@ impl crate::metrics::FaultSource for FaultStats {
     }
 }
 
-/// Serves faults from `file` on a thread of its own, for the life of the process.
+/// Tells a restore's page fault handler threads to end (a failed restore must not leave
+/// them, with their userfaultfd and memory file, in a VMM that stays up).
+pub struct HandlerStop(vmm_sys_util::eventfd::EventFd);
+
+impl HandlerStop {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self(vmm_sys_util::eventfd::EventFd::new(
+            libc::EFD_NONBLOCK,
+        )?)))
+    }
+
+    pub fn stop(&self) {
+        let _ = self.0.write(1);
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Ends the handlers when dropped: on a restore's error paths, and with the VM.
+pub struct StopHandlersOnDrop(pub Arc<HandlerStop>);
+
+impl Drop for StopHandlersOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Serves faults from `file` on a thread of its own, until `stop`.
 pub fn spawn_on_demand_handler(
     uffd: Uffd,
     file: File,
     mappings: Vec<GuestRegionUffdMapping>,
+    stop: Arc<HandlerStop>,
 ) -> Result<Arc<FaultStats>, UffdError> {
     let stats = Arc::new(FaultStats::default());
     let thread_stats = stats.clone();
     std::thread::Builder::new()
         .name("fc_uffd".into())
-        .spawn(move || serve_faults(&uffd, &file, &mappings, &thread_stats))
+        .spawn(move || serve_faults(&uffd, &file, &mappings, &thread_stats, &stop))
         .map_err(UffdError::Thread)?;
     Ok(stats)
 }
 
-fn serve_faults(uffd: &Uffd, file: &File, mappings: &[GuestRegionUffdMapping], stats: &FaultStats) {
+fn serve_faults(
+    uffd: &Uffd,
+    file: &File,
+    mappings: &[GuestRegionUffdMapping],
+    stats: &FaultStats,
+    stop: &HandlerStop,
+) {
     let mut page = vec![0u8; PAGE_SIZE];
     loop {
-        if let Err(e) = wait_readable(uffd.as_raw_fd()) {
-            log::error!("page fault handler stops: {e}");
-            return;
+        match wait_for_fault(uffd.as_raw_fd(), stop) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                log::error!("page fault handler stops: {e}");
+                return;
+            }
         }
         loop {
             match uffd.read_event() {
@@ -144,18 +184,26 @@ fn serve_faults(uffd: &Uffd, file: &File, mappings: &[GuestRegionUffdMapping], s
     }
 }
 
-/// Waits until `fd` is readable (retrying on signals).
-pub fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+/// Waits until the userfaultfd `uffd_fd` has an event (true) or the handler is told to
+/// stop (false), retrying on signals.
+pub fn wait_for_fault(uffd_fd: std::os::fd::RawFd, stop: &HandlerStop) -> std::io::Result<bool> {
     loop {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for a descriptor the caller owns.
-        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for descriptors the caller keeps open.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if rc >= 0 {
-            return Ok(());
+            return Ok(fds[1].revents & libc::POLLIN == 0);
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {

@@ -12,7 +12,7 @@ use userfaultfd::Uffd;
 
 use super::{FetchedWs, ReapError};
 use crate::metrics::FaultSource;
-use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, PAGE_SIZE};
+use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, HandlerStop, PAGE_SIZE};
 
 /// Installs every run of `ws` into the registered guest memory before the guest runs (the
 /// paper's REAP); returns the pages installed.
@@ -190,6 +190,7 @@ pub fn spawn_chunked_install(
     file: File,
     mappings: Vec<GuestRegionUffdMapping>,
     ws: WsPages,
+    stop: Arc<HandlerStop>,
 ) -> Result<Arc<ChunkedInstallStats>, ReapError> {
     let stats = Arc::new(ChunkedInstallStats::default());
     let uffd = Arc::new(uffd);
@@ -223,7 +224,7 @@ pub fn spawn_chunked_install(
     let thread_stats = stats.clone();
     std::thread::Builder::new()
         .name("fc_uffd".into())
-        .spawn(move || serve_with_ws(&uffd, &file, &mappings, Some(ws), &thread_stats))
+        .spawn(move || serve_with_ws(&uffd, &file, &mappings, Some(ws), &thread_stats, &stop))
         .map_err(ReapError::Thread)?;
     Ok(stats)
 }
@@ -234,6 +235,7 @@ fn serve_with_ws(
     mappings: &[GuestRegionUffdMapping],
     mut ws: Option<Arc<WsPages>>,
     stats: &ChunkedInstallStats,
+    stop: &HandlerStop,
 ) {
     let mut page = vec![0u8; PAGE_SIZE];
     loop {
@@ -241,9 +243,13 @@ fn serve_with_ws(
         if ws.is_some() && stats.install_us.load(Ordering::Acquire) != 0 {
             ws = None;
         }
-        if let Err(e) = uffd_backend::wait_readable(uffd.as_raw_fd()) {
-            log::error!("REAP: page fault handler stops: {e}");
-            return;
+        match uffd_backend::wait_for_fault(uffd.as_raw_fd(), stop) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                log::error!("REAP: page fault handler stops: {e}");
+                return;
+            }
         }
         loop {
             let event = match uffd.read_event() {

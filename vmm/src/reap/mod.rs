@@ -23,7 +23,7 @@ use userfaultfd::Uffd;
 
 use crate::metrics::{FaultSource, MemoryRestoreReport};
 use crate::persist::MemoryRegionState;
-use crate::uffd_backend::{self, GuestRegionUffdMapping};
+use crate::uffd_backend::{self, GuestRegionUffdMapping, HandlerStop};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReapError {
@@ -80,6 +80,8 @@ pub struct ReapSetup {
     pub options: ReapOptions,
     pub identity: SnapshotIdentity,
     pub layout: Vec<WsRegion>,
+    /// Ends the handler threads (a failed restore, the VM gone).
+    pub stop: Arc<HandlerStop>,
 }
 
 /// How a REAP restore serves memory, for the metrics and the VM.
@@ -106,6 +108,7 @@ pub fn restore_memory(
         options,
         identity,
         layout,
+        stop,
     } = setup;
     let refused = |report: &mut MemoryRestoreReport, why: String| {
         log::warn!("REAP: {why}; recording a new WS");
@@ -130,7 +133,7 @@ pub fn restore_memory(
                         ws.pages(),
                         ws_path.display()
                     );
-                    spawn_chunked_install(uffd, file, mappings, ws)?
+                    spawn_chunked_install(uffd, file, mappings, ws, stop)?
                 } else {
                     let started = Instant::now();
                     report.pages_prefetched = install_all(&uffd, &mappings, &ws);
@@ -151,14 +154,14 @@ pub fn restore_memory(
                             base_pages: ws.page_offsets(),
                             rerecord_above: options.rerecord_threshold,
                         };
-                        let recorder = Recorder::spawn(uffd, file, mappings, target)?;
+                        let recorder = Recorder::spawn(uffd, file, mappings, target, stop)?;
                         return Ok(ReapMemory {
                             report,
                             live: recorder.clone(),
                             recorder: Some(recorder),
                         });
                     }
-                    uffd_backend::spawn_on_demand_handler(uffd, file, mappings)
+                    uffd_backend::spawn_on_demand_handler(uffd, file, mappings, stop)
                         .map_err(|e| ReapError::Thread(std::io::Error::other(e.to_string())))?
                 };
                 return Ok(ReapMemory {
@@ -180,7 +183,7 @@ pub fn restore_memory(
         base_pages: Vec::new(),
         rerecord_above: None,
     };
-    let recorder = Recorder::spawn(uffd, file, mappings, target)?;
+    let recorder = Recorder::spawn(uffd, file, mappings, target, stop)?;
     Ok(ReapMemory {
         report,
         live: recorder.clone(),

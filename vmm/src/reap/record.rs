@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ReapError;
 use crate::metrics::FaultSource;
-use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, PAGE_SIZE};
+use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, HandlerStop, PAGE_SIZE};
 
 /// Where a recording stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,7 @@ impl Recorder {
         file: File,
         mappings: Vec<GuestRegionUffdMapping>,
         target: WsTarget,
+        handler_stop: Arc<HandlerStop>,
     ) -> Result<Arc<Self>, ReapError> {
         let recorder = Arc::new(Self {
             recording: AtomicBool::new(true),
@@ -79,7 +80,7 @@ impl Recorder {
         let thread_recorder = recorder.clone();
         std::thread::Builder::new()
             .name("fc_uffd_rec".into())
-            .spawn(move || thread_recorder.serve(&uffd, file, &mappings, target))
+            .spawn(move || thread_recorder.serve(&uffd, file, &mappings, target, &handler_stop))
             .map_err(ReapError::Thread)?;
         Ok(recorder)
     }
@@ -142,6 +143,7 @@ impl Recorder {
         file: File,
         mappings: &[GuestRegionUffdMapping],
         target: WsTarget,
+        handler_stop: &HandlerStop,
     ) {
         let file = Arc::new(file);
         let mut page = vec![0u8; PAGE_SIZE];
@@ -155,13 +157,18 @@ impl Recorder {
                     revents: 0,
                 },
                 libc::pollfd {
+                    fd: handler_stop.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
                     fd: self.stop_evt.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
             ];
-            // Once the recording is written only faults matter.
-            let nfds = if target.is_some() { 2 } else { 1 };
+            // Once the recording is written only faults (and the end) matter.
+            let nfds = if target.is_some() { 3 } else { 2 };
             // SAFETY: `fds` holds `nfds` valid pollfd entries for descriptors we own.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
             if rc < 0 {
@@ -170,6 +177,10 @@ impl Recorder {
                     continue;
                 }
                 self.handler_stopped(format!("poll failed: {e}"));
+                return;
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                // The restore failed or the VM is gone.
                 return;
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
@@ -204,7 +215,7 @@ impl Recorder {
                     }
                 }
             }
-            if nfds == 2 && fds[1].revents & libc::POLLIN != 0 {
+            if nfds == 3 && fds[2].revents & libc::POLLIN != 0 {
                 let _ = self.stop_evt.read();
                 if let Some(target) = target.take() {
                     self.set_state(RecordingState::Writing);
