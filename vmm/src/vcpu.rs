@@ -232,7 +232,16 @@ impl Vcpu {
                 Ok(None)
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
-                log::info!("vCPU {index} stopped: the guest shut the machine down");
+                // A triple fault looks the same as a reboot through a reset: say where the
+                // guest was, so an unexpected one can be traced.
+                let place = match (self.fd.get_regs(), self.fd.get_sregs()) {
+                    (Ok(r), Ok(s)) => format!(
+                        " (rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x})",
+                        r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4
+                    ),
+                    _ => String::new(),
+                };
+                log::info!("vCPU {index} stopped: the guest shut the machine down{place}");
                 Ok(Some(VmExitReason::GuestReset))
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
