@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use support::http::{unix_request, HttpConn};
 use support::netns::NetNs;
-use support::restore::{api, flushed_metrics, Vmm};
+use support::restore::{api, create_snapshot, flushed_metrics, set_vm_state, Vmm};
 use support::*;
 
 /// A paused function VM's snapshot: files, and the answer to `POST /invoke` with body
@@ -47,36 +47,15 @@ fn take_snapshot(
         return Err(format!("invocation of {function}: {status}"));
     }
     let socket = scratch.path("api.sock");
-    let pause = || {
-        api(
-            &socket,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Paused"}),
-        )
-    };
-    let create = |vmstate: &Path, mem: &Path| {
-        api(
-            &socket,
-            "PUT",
-            "/snapshot/create",
-            serde_json::json!({"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem}),
-        )
-    };
-    pause()?;
+    set_vm_state(&socket, "Paused")?;
     let (vmstate, mem) = (scratch.path("vmstate"), scratch.path("memory"));
-    create(&vmstate, &mem)?;
+    create_snapshot(&socket, "Full", &vmstate, &mem)?;
     let other_vmstate = if second {
-        api(
-            &socket,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Resumed"}),
-        )?;
+        set_vm_state(&socket, "Resumed")?;
         std::thread::sleep(Duration::from_millis(200));
-        pause()?;
+        set_vm_state(&socket, "Paused")?;
         let other = scratch.path("other.vmstate");
-        create(&other, &scratch.path("other.memory"))?;
+        create_snapshot(&socket, "Full", &other, &scratch.path("other.memory"))?;
         Some(other)
     } else {
         None

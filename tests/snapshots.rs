@@ -5,14 +5,14 @@
 mod support;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use support::http::{unix_request, HttpConn};
 use support::netns::NetNs;
-use support::restore::{api, flushed_metrics, Vmm};
+use support::restore::{api, create_snapshot, flushed_metrics, set_vm_state, Vmm};
 use support::*;
 
 /// A counter VM, invoked twice, paused and snapshotted into `scratch`.
@@ -161,42 +161,18 @@ fn diff_snapshot_on_top_of_a_full_one() -> Result<(), Failed> {
     spec.track_dirty_pages = true;
     let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
     let socket = scratch.path("api.sock");
-    let pause = || {
-        api(
-            &socket,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Paused"}),
-        )
-    };
-    let resume = || {
-        api(
-            &socket,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Resumed"}),
-        )
-    };
-    let create = |kind: &str, vmstate: &Path, mem: &Path| {
-        api(
-            &socket,
-            "PUT",
-            "/snapshot/create",
-            serde_json::json!({"snapshot_type": kind, "snapshot_path": vmstate, "mem_file_path": mem}),
-        )
-    };
     count_once(&vm, b"1")?;
-    pause()?;
+    set_vm_state(&socket, "Paused")?;
     let (full_state, full_mem) = (scratch.path("full.vmstate"), scratch.path("full.mem"));
-    create("Full", &full_state, &full_mem)?;
-    resume()?;
+    create_snapshot(&socket, "Full", &full_state, &full_mem)?;
+    set_vm_state(&socket, "Resumed")?;
     count_once(&vm, b"2")?;
-    pause()?;
+    set_vm_state(&socket, "Paused")?;
     let (diff_state, diff_mem) = (scratch.path("diff.vmstate"), scratch.path("diff.mem"));
-    create("Diff", &diff_state, &diff_mem)?;
+    create_snapshot(&socket, "Diff", &diff_state, &diff_mem)?;
     // The same paused VM in full, to hold the rebased memory against.
     let (_, whole_mem) = (scratch.path("whole.vmstate"), scratch.path("whole.mem"));
-    create("Full", &scratch.path("whole.vmstate"), &whole_mem)?;
+    create_snapshot(&socket, "Full", &scratch.path("whole.vmstate"), &whole_mem)?;
     drop(vm);
 
     // The Diff file is sparse: it holds the dirtied pages only.
@@ -253,12 +229,7 @@ fn diff_snapshot_needs_dirty_tracking() -> Result<(), Failed> {
     spec.api = true;
     let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
     let socket = scratch.path("api.sock");
-    api(
-        &socket,
-        "PATCH",
-        "/vm",
-        serde_json::json!({"state": "Paused"}),
-    )?;
+    set_vm_state(&socket, "Paused")?;
     let body = serde_json::json!({"snapshot_type": "Diff", "snapshot_path": scratch.path("s"), "mem_file_path": scratch.path("m")});
     let (status, answer) = unix_request(&socket, "PUT", "/snapshot/create", &body.to_string())?;
     check(
@@ -266,12 +237,7 @@ fn diff_snapshot_needs_dirty_tracking() -> Result<(), Failed> {
         || format!("Diff without tracking: {status} {answer}"),
     )?;
     check(!scratch.path("s").exists(), || "a vmstate was left".into())?;
-    api(
-        &socket,
-        "PATCH",
-        "/vm",
-        serde_json::json!({"state": "Resumed"}),
-    )?;
+    set_vm_state(&socket, "Resumed")?;
     count_once(&vm, b"1")?;
     Ok(())
 }
@@ -290,26 +256,11 @@ fn a_vmm_killed_mid_snapshot_leaves_nothing_that_loads() -> Result<(), Failed> {
     let (vmstate, mem) = (scratch.path("vmstate"), scratch.path("memory"));
     let body = serde_json::json!({"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem});
     count_once(&vm, b"1")?;
-    api(
-        &socket,
-        "PATCH",
-        "/vm",
-        serde_json::json!({"state": "Paused"}),
-    )?;
+    set_vm_state(&socket, "Paused")?;
     api(&socket, "PUT", "/snapshot/create", body.clone())?;
-    api(
-        &socket,
-        "PATCH",
-        "/vm",
-        serde_json::json!({"state": "Resumed"}),
-    )?;
+    set_vm_state(&socket, "Resumed")?;
     count_once(&vm, b"2")?;
-    api(
-        &socket,
-        "PATCH",
-        "/vm",
-        serde_json::json!({"state": "Paused"}),
-    )?;
+    set_vm_state(&socket, "Paused")?;
 
     let temp_mem = scratch.path(&format!(".memory.tmp-{}", vm.pid()));
     let request = {

@@ -107,3 +107,28 @@ pub fn api(socket: &Path, method: &str, path: &str, body: serde_json::Value) -> 
     }
     Ok(())
 }
+
+/// `PATCH /vm` to Paused or Resumed.
+pub fn set_vm_state(socket: &Path, state: &str) -> Result<(), String> {
+    api(
+        socket,
+        "PATCH",
+        "/vm",
+        serde_json::json!({ "state": state }),
+    )
+}
+
+/// `PUT /snapshot/create` of `kind` (Full or Diff) into `vmstate` and `mem`.
+pub fn create_snapshot(
+    socket: &Path,
+    kind: &str,
+    vmstate: &Path,
+    mem: &Path,
+) -> Result<(), String> {
+    api(
+        socket,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_type": kind, "snapshot_path": vmstate, "mem_file_path": mem}),
+    )
+}
