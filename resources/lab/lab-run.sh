@@ -24,9 +24,16 @@ lab="$("$here/build-lab.sh" | tail -n 1)"
 mkdir -p "$cache/lab-runs"
 run="$(mktemp -d "$cache/lab-runs/run.XXXXXX")"
 qpid=""
+# REAPVM_LAB_OUT_DIR (a host folder): the command gets a writable folder (REAPVM_LAB_OUT in
+# the lab, where the host's root is read-only) whose contents land there when the lab ends.
+out_dir="${REAPVM_LAB_OUT_DIR:-}"
 cleanup() {
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   [ -n "${tailpid:-}" ] && kill "$tailpid" 2>/dev/null || true
+  if [ -n "$out_dir" ] && [ -d "$run/out" ]; then
+    mkdir -p "$out_dir" && find "$run/out" -mindepth 1 -maxdepth 1 -exec mv -t "$out_dir" {} + ||
+      echo "lab: cannot move the run's output to $out_dir" >&2
+  fi
   rm -rf "$run"
 }
 trap cleanup EXIT
@@ -47,10 +54,12 @@ fi
     printf 'export %s=%q\n' "$k" "$v"
   done
   if [ -n "$disk_kernel_arg" ]; then echo "export REAPVM_LAB_DISK=/mnt"; fi
+  if [ -n "$out_dir" ]; then echo "export REAPVM_LAB_OUT=$(printf '%q' "$run/out")"; fi
   echo "export REAPVM_IN_LAB=1 HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   printf 'exec'; printf ' %q' "$@"; echo
 } > "$run/cmd.sh"
 : > "$run/output.log"
+[ -z "$out_dir" ] || mkdir -p "$run/out"
 
 qemu-system-x86_64 -machine q35 -accel "tcg,thread=${REAPVM_LAB_TCG_THREAD:-multi}" -cpu EPYC -m "$mem" -smp "$cpus" \
   -kernel "$lab/vmlinuz" -initrd "$lab/initrd.cpio.gz" \

@@ -133,6 +133,27 @@ mkdir -p "$root/functions"
 if [ -n "$functions" ]; then
   functions_tar | tar -x --numeric-owner -C "$root/functions"
   log "copied $(find "$root/functions" -mindepth 1 | wc -l) entries from $functions into /functions"
+  # A function's prepare.py makes its deterministic inputs and models at build time, with the
+  # image's own Python and libraries (so a pickled model matches the guest's library
+  # versions), in a private mount namespace with /proc and /dev for the libraries that read them.
+  for script in "$root"/functions/*/prepare.py; do
+    [ -f "$script" ] || continue
+    name="$(basename "$(dirname "$script")")"
+    log "preparing function $name (prepare.py in the image's Python)"
+    pstart=$(date +%s)
+    unshare --mount --fork -- sh -c '
+      set -e
+      mount -t proc proc "$1/proc"
+      mount --rbind /dev "$1/dev"
+      exec chroot "$1" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/bin:/bin \
+        PYTHONHASHSEED=0 OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1 \
+        sh -c "cd /functions/$2 && exec python3 prepare.py"' sh "$root" "$name" >&2 ||
+      die "prepare.py of function $name failed (see its messages above)"
+    log "prepared $name in $(( $(date +%s) - pstart ))s"
+  done
+  # The root filesystem is read-only in the guest: compile the handlers now.
+  chroot "$root" /usr/bin/python3 -m compileall -q /functions >&2 ||
+    die "compiling the functions' Python failed"
 fi
 
 # Sizing: the tree plus 30% or 256 MiB free, whichever is larger, plus room for ext4's own

@@ -111,7 +111,7 @@ fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
 }
 
 /// What reapvm logs when a vCPU reports a guest shutdown (triple fault).
-const LAB_GUEST_SHUTDOWN: &str = "the guest shut the machine down";
+pub const LAB_GUEST_SHUTDOWN: &str = "the guest shut the machine down";
 
 pub struct FunctionVm {
     pub ns: NetNs,

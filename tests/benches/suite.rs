@@ -1,0 +1,174 @@
+//! The REAP paper's table on the vSwarm function suite, with one command:
+//!
+//! `scripts/bench-suite.sh [--functions a,b] [--modes File,Uffd,REAP,REAP+] [--runs N] [--hot] [--out DIR]`
+//! (= `cargo bench -p vmm --bench suite -- ...` after building the guest).
+//!
+//! Prints the markdown table and writes it with a CSV of every run and an SVG chart to
+//! `--out` (default target/suite-bench); keeps each function's snapshot, memory file and WS
+//! in ~/.cache/reapvm/suite/NAME. On a host whose KVM cannot boot Linux it runs in the KVM
+//! lab (its figures say so).
+
+#[path = "../suite_bench/mod.rs"]
+mod suite_bench;
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use suite_bench::options::Options;
+use support::{detect_place, repo_root, Place};
+
+fn command_line(args: &[String]) -> String {
+    let shown: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--bench")
+        .collect();
+    format!("scripts/bench-suite.sh {}", shown.join(" "))
+        .trim_end()
+        .to_string()
+}
+
+/// Moves everything in `from` into `to` (same filesystem: the lab's output lands in the cache).
+fn move_contents(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    let entries = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    for entry in entries.flatten() {
+        let dest = to.join(entry.file_name());
+        if dest.is_dir() {
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        std::fs::rename(entry.path(), &dest)
+            .map_err(|e| format!("move {} to {}: {e}", entry.path().display(), dest.display()))?;
+    }
+    Ok(())
+}
+
+fn in_lab_from_host(o: &Options) -> ExitCode {
+    let cache = suite_bench::host_cache_dir();
+    let staging = cache.with_file_name(format!("suite-lab-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    if std::env::var_os("REAPVM_LAB_TIMEOUT").is_none() {
+        // About a minute per lab restore at most, plus boots: generous, the lab is slow.
+        let restores = o.functions.len() * (o.modes.len() * o.runs + 1);
+        let secs = 1200 + 60 * restores + 300 * o.functions.len();
+        std::env::set_var("REAPVM_LAB_TIMEOUT", secs.to_string());
+    }
+    let staging_s = staging.to_string_lossy().into_owned();
+    let code = support::place::rerun_in_lab_with(
+        "suite benchmark",
+        &[
+            ("REAPVM_LAB_DISK_MIB", "4096"),
+            ("REAPVM_LAB_OUT_DIR", &staging_s),
+        ],
+    );
+    let mut moved = Ok(());
+    if staging.join("results").is_dir() {
+        moved = moved.and(move_contents(&staging.join("results"), &o.out));
+    }
+    if staging.join("cache").is_dir() {
+        moved = moved.and(move_contents(&staging.join("cache"), &cache));
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    match moved {
+        Ok(()) => {
+            println!(
+                "results in {}; snapshots and WS files in {}",
+                o.out.display(),
+                cache.display()
+            );
+            code
+        }
+        Err(e) => {
+            eprintln!("suite benchmark: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match Options::parse(args.clone(), repo_root().join("target/suite-bench")) {
+        Ok(mut o) => {
+            // cargo runs benchmarks in the package's folder: a relative --out means the
+            // caller's folder (scripts/bench-suite.sh says which), else the repository's.
+            if o.out.is_relative() {
+                let base =
+                    std::env::var_os("REAPVM_CALLER_DIR").map_or_else(repo_root, PathBuf::from);
+                o.out = base.join(&o.out);
+            }
+            o
+        }
+        Err(e) => {
+            eprintln!("suite benchmark: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (work, cache, results) = match detect_place() {
+        Place::NeedsLab => return in_lab_from_host(&o),
+        Place::Lab => {
+            let (Some(out), Some(disk)) = (
+                std::env::var_os("REAPVM_LAB_OUT"),
+                std::env::var_os("REAPVM_LAB_DISK"),
+            ) else {
+                eprintln!("suite benchmark: in the lab it needs REAPVM_LAB_OUT and REAPVM_LAB_DISK (run it from the host)");
+                return ExitCode::FAILURE;
+            };
+            let out = PathBuf::from(out);
+            (
+                PathBuf::from(disk).join("suite-work"),
+                out.join("cache"),
+                out.join("results"),
+            )
+        }
+        Place::HardwareKvm => (
+            repo_root().join("target/suite-work"),
+            suite_bench::host_cache_dir(),
+            o.out.clone(),
+        ),
+    };
+    println!(
+        "suite benchmark: {} functions, modes {}, {} runs each, page cache {}; ran on: {}",
+        o.functions.len(),
+        o.modes
+            .iter()
+            .map(|m| m.label())
+            .collect::<Vec<_>>()
+            .join(","),
+        o.runs,
+        if o.hot {
+            "hot"
+        } else {
+            "dropped before every restore"
+        },
+        suite_bench::place_label()
+    );
+    let command = command_line(&args);
+    match suite_bench::run(&o, &work, &cache, &results, &command) {
+        Ok(run) => {
+            let done: Vec<String> = o.functions.clone();
+            match suite_bench::write_results(
+                &run.samples,
+                &o,
+                &done,
+                &run.retried,
+                &results,
+                &command,
+            ) {
+                Ok(md) => {
+                    println!("\n{md}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("suite benchmark: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("suite benchmark: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

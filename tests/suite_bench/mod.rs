@@ -1,0 +1,326 @@
+//! The REAP paper's experiment on the vSwarm function suite: for each function, boot, warm
+//! up, snapshot, record the WS (REAP's first restore), then N cold restores per mode and N
+//! warm invocations. Shared by the benchmark command (tests/benches/suite.rs) and its CI test
+//! (tests/suite.rs).
+
+#![allow(dead_code)]
+
+pub mod functions;
+pub mod measure;
+pub mod options;
+pub mod plot;
+pub mod report;
+
+use std::path::{Path, PathBuf};
+
+use functions::find;
+use measure::{boot_and_snapshot, restore_and_invoke, Restore, SnapshotFiles};
+use options::{Mode, Options};
+use report::Sample;
+
+use crate::support::function_vm::LAB_GUEST_SHUTDOWN;
+use crate::support::{detect_place, GuestArtifacts, Place, Trial};
+
+pub const RESULTS_CSV: &str = "runs.csv";
+pub const RESULTS_MD: &str = "results.md";
+pub const RESULTS_SVG: &str = "cold-latency.svg";
+
+/// Where the figures come from, said with every table.
+pub fn place_label() -> &'static str {
+    match detect_place() {
+        Place::Lab => "the KVM lab (QEMU TCG emulating an AMD machine with nested SVM, real KVM inside; snapshot files on a virtio disk that QEMU reads with O_DIRECT): latencies are NOT hardware latencies, fault counts and WS sizes are exact",
+        _ => "hardware KVM",
+    }
+}
+
+/// The host folder that keeps each function's snapshot, memory file and WS for later use
+/// (the replay benchmark).
+pub fn host_cache_dir() -> PathBuf {
+    let base = std::env::var_os("REAPVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/reapvm")
+        });
+    base.join("suite")
+}
+
+fn copy_into(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("copy {} to {}: {e}", from.display(), to.display()))
+}
+
+/// Keeps a function's snapshot files and what the replay needs to know about them.
+fn keep_in_cache(
+    files: &SnapshotFiles,
+    cache: &Path,
+    name: &str,
+    info: serde_json::Value,
+) -> Result<(), String> {
+    let dir = cache.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (src, file) in [
+        (files.vmstate(), "vmstate"),
+        (files.memory(), "memory"),
+        (files.ws(), "memory.ws"),
+    ] {
+        copy_into(&src, &dir.join(file))?;
+    }
+    std::fs::write(
+        dir.join("info.json"),
+        serde_json::to_string_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// A restore, once more when the KVM lab's emulated SVM triple-faulted the guest (rare, see
+/// docs/kvm-lab.md); the repeat is said on stderr and in the report (`retried`).
+fn restore_retrying_in_lab(
+    f: &functions::SuiteFunction,
+    files: &SnapshotFiles,
+    mode: Mode,
+    cold: bool,
+    retried: &mut Vec<String>,
+) -> Result<Restore, String> {
+    match restore_and_invoke(f, files, mode, cold) {
+        Err(e) if detect_place() == Place::Lab && e.contains(LAB_GUEST_SHUTDOWN) => {
+            eprintln!(
+                "WARNING: {} {}: the guest triple-faulted in the KVM lab; restoring once more. {e}",
+                f.name,
+                mode.label()
+            );
+            retried.push(format!("{} {}", f.name, mode.label()));
+            restore_and_invoke(f, files, mode, cold)
+        }
+        other => other,
+    }
+}
+
+/// Writes the CSV, the markdown report and the chart of what was measured so far.
+pub fn write_results(
+    samples: &[Sample],
+    o: &Options,
+    done: &[String],
+    retried: &[String],
+    results: &Path,
+    command: &str,
+) -> Result<String, String> {
+    std::fs::create_dir_all(results).map_err(|e| format!("{}: {e}", results.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(results.join(name), text)
+            .map_err(|e| format!("{}: {e}", results.join(name).display()))
+    };
+    write(RESULTS_CSV, &report::csv(samples))?;
+    let mut md = report::markdown(samples, done, &o.modes, place_label(), command);
+    if !retried.is_empty() {
+        md.push_str(&format!(
+            "\nRestores repeated after a guest triple fault in the KVM lab (the failed attempt is not in the figures): {}.\n",
+            retried.join(", ")
+        ));
+    }
+    write(RESULTS_MD, &md)?;
+    let mut kinds = vec!["warm"];
+    kinds.extend(o.modes.iter().map(|m| m.label()));
+    let title = format!(
+        "cold-start latency, median of {} ({}), ran on: {}",
+        o.runs,
+        if o.hot {
+            "page cache hot"
+        } else {
+            "page cache dropped"
+        },
+        if detect_place() == Place::Lab {
+            "KVM lab (not hardware times)"
+        } else {
+            "hardware KVM"
+        }
+    );
+    plot::latency_chart(&results.join(RESULTS_SVG), samples, done, &kinds, &title)?;
+    Ok(md)
+}
+
+/// Runs the suite. Snapshots are made under `work` (a real disk), kept in `cache`; results
+/// go to `results` after every function.
+/// What a run measured, and which restores it had to repeat.
+pub struct SuiteRun {
+    pub samples: Vec<Sample>,
+    pub retried: Vec<String>,
+}
+
+pub fn run(
+    o: &Options,
+    work: &Path,
+    cache: &Path,
+    results: &Path,
+    command: &str,
+) -> Result<SuiteRun, String> {
+    let guest = GuestArtifacts::locate()?;
+    let cache_state = if o.hot { "hot" } else { "cold" };
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut done: Vec<String> = Vec::new();
+    let mut retried: Vec<String> = Vec::new();
+    let total = o.functions.len();
+    for (index, name) in o.functions.iter().enumerate() {
+        let f = find(name).ok_or(format!("unknown function {name}"))?;
+        let progress = |what: &str| eprintln!("[suite {}/{total}] {name}: {what}", index + 1);
+        let files = SnapshotFiles {
+            dir: work.join(name),
+        };
+        let _ = std::fs::remove_dir_all(&files.dir);
+        progress("booting, warm invocations, snapshot");
+        let booted = boot_and_snapshot(&guest, f, o.runs, &files)?;
+        let base = |kind: &str, run: usize| Sample {
+            function: name.clone(),
+            kind: kind.into(),
+            page_cache: "-",
+            run,
+            load_ms: 0.0,
+            invoke_ms: 0.0,
+            latency_ms: 0.0,
+            faults_on_demand: 0,
+            bytes_read: 0,
+            ws_bytes: 0,
+            vmm_rss_overhead_kib: 0,
+        };
+        samples.push(Sample {
+            invoke_ms: booted.first_invocation_ms,
+            latency_ms: booted.boot_ms,
+            vmm_rss_overhead_kib: booted.vmm_rss_overhead_kib,
+            ..base("boot", 1)
+        });
+        for (i, &w) in booted.warm_ms.iter().enumerate() {
+            samples.push(Sample {
+                invoke_ms: w,
+                latency_ms: w,
+                ..base("warm", i + 1)
+            });
+        }
+        let warm =
+            report::spread_of(&samples, name, "warm", |s| s.latency_ms).map_or(0.0, |s| s.median);
+        progress(&format!(
+            "booted in {:.0} ms, first invocation {:.0} ms, warm median {warm:.1} ms, VMM RSS overhead {} KiB",
+            booted.boot_ms, booted.first_invocation_ms, booted.vmm_rss_overhead_kib
+        ));
+        let to_sample = |kind: &str, run: usize, r: &measure::Restore, ws_bytes: u64| Sample {
+            function: name.clone(),
+            kind: kind.into(),
+            page_cache: cache_state,
+            run,
+            load_ms: r.load_ms,
+            invoke_ms: r.invoke_ms,
+            latency_ms: r.latency_ms(),
+            faults_on_demand: r.faults_on_demand,
+            bytes_read: r.bytes_read,
+            ws_bytes,
+            vmm_rss_overhead_kib: 0,
+        };
+        // REAP's first restore records the WS (the paper's "record" run).
+        let r = restore_retrying_in_lab(f, &files, Mode::Reap, !o.hot, &mut retried)?;
+        if r.backend_mode != "record" {
+            return Err(format!(
+                "{name}: the first REAP restore did not record (mode {:?})",
+                r.backend_mode
+            ));
+        }
+        let ws_bytes = std::fs::metadata(files.ws()).map(|m| m.len()).unwrap_or(0);
+        progress(&format!(
+            "REAP recording restore: {:.0} ms, {} pages recorded, WS file {:.1} MB",
+            r.latency_ms(),
+            r.ws_pages_recorded,
+            ws_bytes as f64 / 1e6
+        ));
+        samples.push(to_sample("record", 1, &r, ws_bytes));
+        for &mode in &o.modes {
+            for run in 1..=o.runs {
+                let r = restore_retrying_in_lab(f, &files, mode, !o.hot, &mut retried)?;
+                if mode.is_reap() && (r.backend_mode != "prefetch" || r.ws_error.is_some()) {
+                    return Err(format!(
+                        "{name} {}: expected a prefetch from the recorded WS, got mode {:?} ({:?})",
+                        mode.label(),
+                        r.backend_mode,
+                        r.ws_error
+                    ));
+                }
+                progress(&format!(
+                    "{} {cache_state} {run}/{}: {:.0} ms (load {:.1} ms), {} faults on demand, {:.1} MB read",
+                    mode.label(),
+                    o.runs,
+                    r.latency_ms(),
+                    r.load_ms,
+                    r.faults_on_demand,
+                    r.bytes_read as f64 / 1e6
+                ));
+                samples.push(to_sample(
+                    mode.label(),
+                    run,
+                    &r,
+                    if mode.is_reap() { ws_bytes } else { 0 },
+                ));
+            }
+        }
+        let info = serde_json::json!({
+            "function": name,
+            "mem_size_mib": f.mem_mib,
+            "vcpu_count": 1,
+            "warm_median_ms": warm,
+            "ws_pages_recorded": r.ws_pages_recorded,
+            "ws_bytes": ws_bytes,
+            "rootfs": guest.rootfs,
+            "ran_on": place_label(),
+        });
+        keep_in_cache(&files, cache, name, info)?;
+        let _ = std::fs::remove_dir_all(&files.dir);
+        done.push(name.clone());
+        write_results(&samples, o, &done, &retried, results, command)?;
+        progress(&format!(
+            "done; snapshot, memory file and WS kept in {}",
+            cache.join(name).display()
+        ));
+    }
+    Ok(SuiteRun { samples, retried })
+}
+
+/// The checks of the benchmark's own logic (command line, tables, chart), as trials.
+pub fn logic_trials() -> Vec<Trial> {
+    let checks: [(&str, fn()); 7] = [
+        (
+            "suite_bench::functions::every_suite_function_has_a_folder_and_a_paper_row",
+            functions::tests::every_suite_function_has_a_folder_and_a_paper_row,
+        ),
+        (
+            "suite_bench::options::defaults_are_the_whole_suite_ten_runs_cold",
+            options::tests::defaults_are_the_whole_suite_ten_runs_cold,
+        ),
+        (
+            "suite_bench::options::selects_one_cell",
+            options::tests::selects_one_cell,
+        ),
+        (
+            "suite_bench::options::refuses_bad_input_with_the_reason",
+            options::tests::refuses_bad_input_with_the_reason,
+        ),
+        (
+            "suite_bench::report::spread_and_geomean",
+            report::tests::spread_and_geomean,
+        ),
+        (
+            "suite_bench::report::table_has_speedups_faults_and_the_paper",
+            report::tests::table_has_speedups_faults_and_the_paper,
+        ),
+        (
+            "suite_bench::plot::draws_one_bar_per_function_and_kind",
+            plot::tests::draws_one_bar_per_function_and_kind,
+        ),
+    ];
+    checks
+        .into_iter()
+        .map(|(name, check)| {
+            Trial::test(name, move || {
+                check();
+                Ok(())
+            })
+        })
+        .collect()
+}

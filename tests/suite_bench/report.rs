@@ -1,0 +1,295 @@
+//! The suite's results: every run as CSV, the summary tables in markdown beside the paper's.
+
+use std::fmt::Write as _;
+
+use super::functions::paper;
+use super::options::Mode;
+
+/// One measured run.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub function: String,
+    /// "boot", "warm", "record" (REAP's first restore), or a mode's label.
+    pub kind: String,
+    /// "cold" (snapshot files dropped from the page cache), "hot", or "-" (no snapshot).
+    pub page_cache: &'static str,
+    pub run: usize,
+    pub load_ms: f64,
+    pub invoke_ms: f64,
+    pub latency_ms: f64,
+    pub faults_on_demand: u64,
+    pub bytes_read: u64,
+    pub ws_bytes: u64,
+    pub vmm_rss_overhead_kib: u64,
+}
+
+pub const CSV_HEADER: &str = "function,kind,page_cache,run,load_to_resumed_ms,invocation_ms,latency_ms,faults_on_demand,bytes_read,ws_bytes,vmm_rss_overhead_kib";
+
+pub fn csv(samples: &[Sample]) -> String {
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    for s in samples {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{:.3},{:.3},{:.3},{},{},{},{}",
+            s.function,
+            s.kind,
+            s.page_cache,
+            s.run,
+            s.load_ms,
+            s.invoke_ms,
+            s.latency_ms,
+            s.faults_on_demand,
+            s.bytes_read,
+            s.ws_bytes,
+            s.vmm_rss_overhead_kib
+        );
+    }
+    out
+}
+
+/// Median, min and max.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn spread(values: &[f64]) -> Option<Spread> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Spread {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
+}
+
+pub fn geomean(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|&v| v <= 0.0 || !v.is_finite()) {
+        return None;
+    }
+    Some((values.iter().map(|v| v.ln()).sum::<f64>() / values.len() as f64).exp())
+}
+
+fn select<'a>(
+    samples: &'a [Sample],
+    function: &'a str,
+    kind: &'a str,
+) -> impl Iterator<Item = &'a Sample> {
+    samples
+        .iter()
+        .filter(move |s| s.function == function && s.kind == kind)
+}
+
+pub fn spread_of(
+    samples: &[Sample],
+    function: &str,
+    kind: &str,
+    value: fn(&Sample) -> f64,
+) -> Option<Spread> {
+    spread(
+        &select(samples, function, kind)
+            .map(value)
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn cell(s: Option<Spread>) -> String {
+    match s {
+        Some(s) if s.min == s.max => format!("{:.0}", s.median),
+        Some(s) => format!("{:.0} ({:.0}-{:.0})", s.median, s.min, s.max),
+        None => "-".into(),
+    }
+}
+
+fn ratio(a: Option<Spread>, b: Option<Spread>) -> Option<f64> {
+    Some(a?.median / b?.median)
+}
+
+fn x(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.2}x"))
+}
+
+/// The markdown report: the latency table beside the paper's, geometric-mean speedups,
+/// faults, WS sizes, and the per-function costs (boot, load-to-resumed, RSS, recording).
+pub fn markdown(
+    samples: &[Sample],
+    functions: &[String],
+    modes: &[Mode],
+    place: &str,
+    command: &str,
+) -> String {
+    let latency = |s: &Sample| s.latency_ms;
+    let mut out = String::new();
+    let _ = writeln!(out, "Ran on: {place}. Command: `{command}`.\n");
+    let _ = writeln!(out, "Cold-start latency in ms (PUT /snapshot/load to the first invocation's answer), median (min-max); warm: a booted VM's invocation.\n");
+    let mut head = String::from("| function | warm |");
+    for m in modes {
+        let _ = write!(head, " {} |", m.label());
+    }
+    head.push_str(" REAP vs File | REAP+ vs File | REAP vs Uffd | faults on demand Uffd -> REAP | WS (MB) | paper: warm / cold / REAP (speedup) |");
+    let _ = writeln!(out, "{head}");
+    let _ = writeln!(out, "|{}", "---|".repeat(modes.len() + 8));
+    let (mut vs_file, mut plus_vs_file, mut vs_uffd, mut fault_cut) =
+        (vec![], vec![], vec![], vec![]);
+    for f in functions {
+        let med = |m: Mode| spread_of(samples, f, m.label(), latency);
+        let faults = |m: Mode| spread_of(samples, f, m.label(), |s| s.faults_on_demand as f64);
+        let mut row = format!("| {f} | {} |", cell(spread_of(samples, f, "warm", latency)));
+        for &m in modes {
+            let _ = write!(row, " {} |", cell(med(m)));
+        }
+        let r1 = ratio(med(Mode::File), med(Mode::Reap));
+        let r2 = ratio(med(Mode::File), med(Mode::ReapPlus));
+        let r3 = ratio(med(Mode::Uffd), med(Mode::Reap));
+        vs_file.extend(r1);
+        plus_vs_file.extend(r2);
+        vs_uffd.extend(r3);
+        let fault_cell = match (faults(Mode::Uffd), faults(Mode::Reap)) {
+            (Some(u), Some(r)) => {
+                if u.median > 0.0 {
+                    fault_cut.push(1.0 - r.median / u.median);
+                }
+                format!("{:.0} -> {:.0}", u.median, r.median)
+            }
+            _ => "-".into(),
+        };
+        let ws_mb = select(samples, f, "record")
+            .map(|s| s.ws_bytes as f64 / 1e6)
+            .next();
+        let p = paper(f).map_or("-".into(), |(w, c, r, x)| {
+            format!("{w:.0} / {c:.0} / {r:.0} ({x}x)")
+        });
+        let _ = writeln!(
+            row,
+            " {} | {} | {} | {fault_cell} | {} | {p} |",
+            x(r1),
+            x(r2),
+            x(r3),
+            ws_mb.map_or("-".into(), |m| format!("{m:.1}"))
+        );
+        out.push_str(&row);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Geometric means over {} functions: REAP vs File {}, REAP+ vs File {}, REAP vs Uffd {}; faults on demand removed by REAP (vs Uffd): {}. The paper: 3.7x over its cold (File-like) restores, 97% of faults removed.\n",
+        functions.len(),
+        x(geomean(&vs_file)),
+        x(geomean(&plus_vs_file)),
+        x(geomean(&vs_uffd)),
+        if fault_cut.is_empty() { "-".into() } else { format!("{:.1}% (mean)", 100.0 * fault_cut.iter().sum::<f64>() / fault_cut.len() as f64) }
+    );
+    let mut head =
+        String::from("| function | boot to ready (ms) | first invocation after boot (ms) |");
+    for m in modes {
+        let _ = write!(head, " load-to-resumed {} (ms) |", m.label());
+    }
+    head.push_str(" REAP recording invocation (ms) | recording vs REAP | VMM RSS overhead (MiB) |");
+    let _ = writeln!(out, "{head}");
+    let _ = writeln!(out, "|{}", "---|".repeat(modes.len() + 6));
+    for f in functions {
+        let boot = spread_of(samples, f, "boot", |s| s.latency_ms);
+        let first = spread_of(samples, f, "boot", |s| s.invoke_ms);
+        let mut row = format!("| {f} | {} | {} |", cell(boot), cell(first));
+        for &m in modes {
+            let _ = write!(
+                row,
+                " {} |",
+                cell(spread_of(samples, f, m.label(), |s| s.load_ms))
+            );
+        }
+        let record = spread_of(samples, f, "record", latency);
+        let rss = select(samples, f, "boot")
+            .map(|s| s.vmm_rss_overhead_kib as f64 / 1024.0)
+            .next();
+        let _ = writeln!(
+            row,
+            " {} | {} | {} |",
+            cell(record),
+            x(ratio(
+                record,
+                spread_of(samples, f, Mode::Reap.label(), latency)
+            )),
+            rss.map_or("-".into(), |r| format!("{r:.1}"))
+        );
+        out.push_str(&row);
+    }
+    out
+}
+
+/// Checks of this module's logic, run as trials of the suite test (tests/suite.rs).
+pub mod tests {
+    use super::*;
+
+    fn sample(function: &str, kind: &str, latency_ms: f64, faults: u64) -> Sample {
+        Sample {
+            function: function.into(),
+            kind: kind.into(),
+            page_cache: "cold",
+            run: 1,
+            load_ms: 1.0,
+            invoke_ms: latency_ms - 1.0,
+            latency_ms,
+            faults_on_demand: faults,
+            bytes_read: 0,
+            ws_bytes: 2_000_000,
+            vmm_rss_overhead_kib: 4096,
+        }
+    }
+
+    pub fn spread_and_geomean() {
+        assert_eq!(
+            spread(&[3.0, 1.0, 2.0]),
+            Some(Spread {
+                median: 2.0,
+                min: 1.0,
+                max: 3.0
+            })
+        );
+        assert_eq!(spread(&[4.0, 1.0]).unwrap().median, 2.5);
+        assert_eq!(spread(&[]), None);
+        assert!((geomean(&[2.0, 8.0]).unwrap() - 4.0).abs() < 1e-12);
+        assert_eq!(geomean(&[2.0, 0.0]), None);
+    }
+
+    pub fn table_has_speedups_faults_and_the_paper() {
+        let samples = vec![
+            sample("helloworld", "warm", 2.0, 0),
+            sample("helloworld", "File", 400.0, 100),
+            sample("helloworld", "File", 600.0, 100),
+            sample("helloworld", "Uffd", 1000.0, 800),
+            sample("helloworld", "REAP", 100.0, 8),
+            sample("helloworld", "record", 1500.0, 800),
+        ];
+        let md = markdown(
+            &samples,
+            &["helloworld".into()],
+            &[Mode::File, Mode::Uffd, Mode::Reap],
+            "test",
+            "cmd",
+        );
+        assert!(md.contains("| helloworld | 2 | 500 (400-600) | 1000 | 100 | 5.00x | - | 10.00x | 800 -> 8 | 2.0 | 1 / 232 / 60 (3.9x) |"), "{md}");
+        assert!(md.contains("REAP vs File 5.00x"), "{md}");
+        assert!(md.contains("99.0% (mean)"), "{md}");
+        assert!(md.contains("| 1500 | 15.00x | 4.0 |"), "{md}");
+        let csv = csv(&samples);
+        assert_eq!(csv.lines().count(), 7);
+        assert!(csv
+            .lines()
+            .nth(2)
+            .unwrap()
+            .starts_with("helloworld,File,cold,1,1.000,399.000,400.000,100,"));
+    }
+}
