@@ -45,7 +45,51 @@ fn move_contents(from: &Path, to: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// With --merge: the rows of the earlier run in OUT/runs.csv (read before this run replaces it).
+fn previous_rows(o: &Options) -> Result<Vec<suite_bench::report::Sample>, String> {
+    if !o.merge {
+        return Ok(Vec::new());
+    }
+    let path = o.out.join(suite_bench::RESULTS_CSV);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("--merge: {}: {e}", path.display()))?;
+    suite_bench::report::parse_csv(&text).map_err(|e| format!("--merge: {}: {e}", path.display()))
+}
+
+/// With --merge: this run's rows (now in OUT/runs.csv) and the earlier run's, as one report.
+fn merge_into_out(
+    o: &Options,
+    previous: &[suite_bench::report::Sample],
+    command: &str,
+) -> Result<(), String> {
+    let path = o.out.join(suite_bench::RESULTS_CSV);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let new = suite_bench::report::parse_csv(&text)?;
+    let (all, covered) = suite_bench::merge(previous, &new);
+    let kept: Vec<&String> = covered
+        .iter()
+        .filter(|f| !o.functions.contains(f))
+        .collect();
+    let command = format!(
+        "{command} (rows of {} kept from the earlier run in runs.csv)",
+        kept.iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let md = suite_bench::write_results(&all, o, &covered, &[], &o.out, &command)?;
+    println!("\nmerged report:\n\n{md}");
+    Ok(())
+}
+
 fn in_lab_from_host(o: &Options) -> ExitCode {
+    let previous = match previous_rows(o) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("suite benchmark: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cache = suite_bench::host_cache_dir();
     let staging = cache.with_file_name(format!("suite-lab-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
@@ -71,6 +115,13 @@ fn in_lab_from_host(o: &Options) -> ExitCode {
         moved = moved.and(move_contents(&staging.join("cache"), &cache));
     }
     let _ = std::fs::remove_dir_all(&staging);
+    if o.merge && moved.is_ok() && code == ExitCode::SUCCESS {
+        moved = merge_into_out(
+            o,
+            &previous,
+            &command_line(&std::env::args().skip(1).collect::<Vec<_>>()),
+        );
+    }
     match moved {
         Ok(()) => {
             println!(
@@ -145,6 +196,15 @@ fn main() -> ExitCode {
         suite_bench::place_label()
     );
     let command = command_line(&args);
+    // On hardware KVM the results go straight to --out: keep the earlier rows first.
+    let previous = match (detect_place(), previous_rows(&o)) {
+        (Place::HardwareKvm, Ok(rows)) => rows,
+        (Place::HardwareKvm, Err(e)) => {
+            eprintln!("suite benchmark: {e}");
+            return ExitCode::FAILURE;
+        }
+        _ => Vec::new(),
+    };
     match suite_bench::run(&o, &work, &cache, &results, &command) {
         Ok(run) => {
             let done: Vec<String> = o.functions.clone();
@@ -158,6 +218,12 @@ fn main() -> ExitCode {
             ) {
                 Ok(md) => {
                     println!("\n{md}");
+                    if o.merge && detect_place() == Place::HardwareKvm {
+                        if let Err(e) = merge_into_out(&o, &previous, &command) {
+                            eprintln!("suite benchmark: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

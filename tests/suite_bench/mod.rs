@@ -143,6 +143,28 @@ pub fn write_results(
 
 /// Runs the suite. Snapshots are made under `work` (a real disk), kept in `cache`; results
 /// go to `results` after every function.
+/// The rows of `previous` (an earlier runs.csv) for functions this run did not measure,
+/// then this run's, in the suite's order; and the functions they cover.
+pub fn merge(previous: &[Sample], new: &[Sample]) -> (Vec<Sample>, Vec<String>) {
+    let rerun: Vec<&str> = new.iter().map(|s| s.function.as_str()).collect();
+    let mut all: Vec<Sample> = previous
+        .iter()
+        .filter(|s| !rerun.contains(&s.function.as_str()))
+        .cloned()
+        .collect();
+    all.extend(new.iter().cloned());
+    let order = |name: &str| {
+        functions::SUITE
+            .iter()
+            .position(|f| f.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    all.sort_by_key(|s| order(&s.function));
+    let mut covered: Vec<String> = all.iter().map(|s| s.function.clone()).collect();
+    covered.dedup();
+    (all, covered)
+}
+
 /// What a run measured, and which restores it had to repeat.
 pub struct SuiteRun {
     pub samples: Vec<Sample>,

@@ -62,9 +62,11 @@ pub struct Options {
     pub hot: bool,
     /// Where the table, the CSV and the chart go.
     pub out: PathBuf,
+    /// Keep the rows of other functions already in OUT/runs.csv (re-run a few functions).
+    pub merge: bool,
 }
 
-pub const USAGE: &str = "usage: suite [--functions a,b,..] [--modes File,Uffd,REAP,REAP+] [--runs N] [--hot] [--out DIR]";
+pub const USAGE: &str = "usage: suite [--functions a,b,..] [--modes File,Uffd,REAP,REAP+] [--runs N] [--hot] [--out DIR] [--merge]";
 
 impl Options {
     pub fn parse(
@@ -77,6 +79,7 @@ impl Options {
             runs: 10,
             hot: false,
             out: default_out,
+            merge: false,
         };
         let mut args = args.into_iter();
         while let Some(a) = args.next() {
@@ -119,6 +122,7 @@ impl Options {
                         .ok_or(format!("--runs {v:?}: a number >= 1"))?;
                 }
                 "--hot" => o.hot = true,
+                "--merge" => o.merge = true,
                 "--out" => o.out = PathBuf::from(value("--out")?),
                 // cargo bench passes --bench to harness-less benchmarks.
                 "--bench" => {}

@@ -48,6 +48,44 @@ pub fn csv(samples: &[Sample]) -> String {
     out
 }
 
+/// Reads back what `csv` wrote.
+pub fn parse_csv(text: &str) -> Result<Vec<Sample>, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(CSV_HEADER) {
+        return Err("not a runs.csv of this benchmark (header differs)".into());
+    }
+    lines
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, line)| {
+            let f: Vec<&str> = line.split(',').collect();
+            let bad = || format!("runs.csv line {}: {line:?}", i + 2);
+            if f.len() != 11 {
+                return Err(bad());
+            }
+            let num = |k: usize| f[k].parse::<f64>().map_err(|_| bad());
+            let int = |k: usize| f[k].parse::<u64>().map_err(|_| bad());
+            Ok(Sample {
+                function: f[0].to_string(),
+                kind: f[1].to_string(),
+                page_cache: match f[2] {
+                    "cold" => "cold",
+                    "hot" => "hot",
+                    _ => "-",
+                },
+                run: int(3)? as usize,
+                load_ms: num(4)?,
+                invoke_ms: num(5)?,
+                latency_ms: num(6)?,
+                faults_on_demand: int(7)?,
+                bytes_read: int(8)?,
+                ws_bytes: int(9)?,
+                vmm_rss_overhead_kib: int(10)?,
+            })
+        })
+        .collect()
+}
+
 /// Median, min and max.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Spread {
@@ -286,6 +324,17 @@ pub mod tests {
         assert!(md.contains("| 1500 | 15.00x | 4.0 |"), "{md}");
         let csv = csv(&samples);
         assert_eq!(csv.lines().count(), 7);
+        let back = parse_csv(&csv).unwrap();
+        assert_eq!(back.len(), 6);
+        assert_eq!(
+            (
+                back[1].kind.as_str(),
+                back[1].latency_ms,
+                back[1].faults_on_demand
+            ),
+            ("File", 400.0, 100)
+        );
+        assert!(parse_csv("x,y\n").is_err());
         assert!(csv
             .lines()
             .nth(2)

@@ -89,10 +89,31 @@ impl NetNs {
     }
 
     /// A TCP connection to the guest made from inside the namespace.
+    /// Retries until `timeout` while the guest is not there yet (no ARP answer, nothing
+    /// listening): a restored guest that pages its memory in slowly answers late.
     pub fn connect(&self, port: u16, timeout: Duration) -> Result<TcpStream, String> {
         let addr: SocketAddr = format!("{GUEST_IP}:{port}").parse().expect("address");
-        self.run(|| TcpStream::connect_timeout(&addr, timeout))?
-            .map_err(|e| format!("connect {addr}: {e}"))
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let attempt =
+                self.run(|| TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))))?;
+            match attempt {
+                Ok(stream) => return Ok(stream),
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::HostUnreachable
+                                | std::io::ErrorKind::ConnectionRefused
+                                | std::io::ErrorKind::NetworkUnreachable
+                        ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(format!("connect {addr}: {e}")),
+            }
+        }
     }
 }
 
