@@ -201,14 +201,56 @@ fn register(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: usize) -
         .unwrap_or(0)
 }
 
-/// The CPU features `saved` (a snapshotted vCPU's CPUID) has and `host` (this host's CPUID,
-/// normalized the same way) lacks, as "leaf 0x7.0 ebx bit 5" lines: a guest restored here
-/// could execute instructions this CPU does not have.
-pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
+/// The feature leaves as this CPU's own CPUID instruction reports them. On kvm-pvm hosts the
+/// vCPUs report (KVM_GET_CPUID2) features of the host CPU that KVM_GET_SUPPORTED_CPUID does
+/// not list, and guest user code runs on that CPU natively.
+pub fn host_cpu_features() -> Vec<kvm_cpuid_entry2> {
+    use std::arch::x86_64::__cpuid_count;
+    // SAFETY: CPUID exists on every x86-64 CPU and only reads identification registers.
+    #[allow(unused_unsafe)]
+    let (max_basic, max_ext) =
+        unsafe { (__cpuid_count(0, 0).eax, __cpuid_count(0x8000_0000, 0).eax) };
+    FEATURE_REGISTERS
+        .iter()
+        .filter(|&&(leaf, ..)| {
+            if leaf >= 0x8000_0000 {
+                leaf <= max_ext
+            } else {
+                leaf <= max_basic
+            }
+        })
+        .map(|&(leaf, subleaf, ..)| {
+            // SAFETY: as above; the leaf is within the CPU's range.
+            #[allow(unused_unsafe)]
+            let r = unsafe { __cpuid_count(leaf, subleaf) };
+            kvm_cpuid_entry2 {
+                function: leaf,
+                index: subleaf,
+                eax: r.eax,
+                ebx: r.ebx,
+                ecx: r.ecx,
+                edx: r.edx,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// The CPU features `saved` (a snapshotted vCPU's CPUID) has and neither `host` (KVM's
+/// supported CPUID, normalized the same way) nor `cpu` (this CPU's own, `host_cpu_features`)
+/// has, as "leaf 0x7.0 ebx bit 5" lines: a guest restored here could execute instructions
+/// this CPU does not have.
+pub fn missing_features(
+    saved: &[kvm_cpuid_entry2],
+    host: &[kvm_cpuid_entry2],
+    cpu: &[kvm_cpuid_entry2],
+) -> Vec<String> {
     let mut missing = Vec::new();
     for &(leaf, subleaf, reg, dynamic) in FEATURE_REGISTERS {
-        let lacking =
-            register(saved, leaf, subleaf, reg) & !register(host, leaf, subleaf, reg) & !dynamic;
+        let lacking = register(saved, leaf, subleaf, reg)
+            & !register(host, leaf, subleaf, reg)
+            & !register(cpu, leaf, subleaf, reg)
+            & !dynamic;
         for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
             missing.push(format!(
                 "leaf {leaf:#x}.{subleaf} {} bit {bit}",
@@ -371,14 +413,18 @@ mod tests {
         ];
         let same = [entry(1, 0, 0, 1 << 20), entry(7, 0, 1 << 5, 0)];
         assert!(
-            missing_features(&saved, &same).is_empty(),
+            missing_features(&saved, &same, &[]).is_empty(),
             "OSXSAVE is run-time state"
         );
         let older = [entry(1, 0, 0, 1 << 20), entry(7, 0, 0, 0)];
         assert_eq!(
-            missing_features(&saved, &older),
+            missing_features(&saved, &older, &[]),
             vec!["leaf 0x7.0 ebx bit 5".to_string()]
         );
-        assert_eq!(missing_features(&saved, &[]).len(), 2);
+        assert_eq!(missing_features(&saved, &[], &[]).len(), 2);
+        assert!(
+            missing_features(&saved, &[], &saved).is_empty(),
+            "features the CPU itself has are not missing"
+        );
     }
 }
