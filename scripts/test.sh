@@ -12,6 +12,8 @@ step "host packages"
 scripts/setup-host.sh
 step "guest kernel and agent initramfs"
 scripts/build-guest.sh
+step "replay guest (no_std; runs on this host's own KVM)"
+scripts/build-replay-guest.sh
 place="$(scripts/kvm-place.sh)"
 if [ "$place" = lab ]; then
   step "KVM lab (this host's KVM cannot boot Linux guests)"
@@ -21,8 +23,10 @@ else
 fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
+(cd guest/replay && cargo fmt -- --check)
 step "cargo clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
+(cd guest/replay && CARGO_TARGET_DIR="$root/target/replay" cargo clippy -q --release -- -D warnings)
 step "cargo test (KVM suites run: $place)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

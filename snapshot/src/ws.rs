@@ -198,6 +198,24 @@ pub fn decode<'a>(
     expected: SnapshotIdentity,
     layout: &[WsRegion],
 ) -> Result<WorkingSet<'a>, WsError> {
+    let ws = decode_any(bytes)?;
+    if ws.identity != expected {
+        return Err(WsError::ForeignSnapshot {
+            found: ws.identity.vmstate_checksum,
+            found_len: ws.identity.memory_len,
+            expected: expected.vmstate_checksum,
+            expected_len: expected.memory_len,
+        });
+    }
+    if ws.regions != layout {
+        return Err(WsError::LayoutMismatch);
+    }
+    Ok(ws)
+}
+
+/// Checks and decodes a WS file's bytes, whichever snapshot it belongs to (for tools that
+/// read recordings, such as the replay trace export).
+pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
     let payload = envelope::decode(WS_MAGIC, WS_VERSION, bytes)?;
     let mut c = Cursor {
         bytes: payload,
@@ -207,14 +225,6 @@ pub fn decode<'a>(
         vmstate_checksum: c.u64("identity")?,
         memory_len: c.u64("identity")?,
     };
-    if identity != expected {
-        return Err(WsError::ForeignSnapshot {
-            found: identity.vmstate_checksum,
-            found_len: identity.memory_len,
-            expected: expected.vmstate_checksum,
-            expected_len: expected.memory_len,
-        });
-    }
     let page_size = c.u32("page size")?;
     if page_size != PAGE_SIZE {
         return Err(WsError::Malformed(format!(
@@ -231,9 +241,6 @@ pub fn decode<'a>(
             size: c.u64("region")?,
             file_offset: c.u64("region")?,
         });
-    }
-    if regions != layout {
-        return Err(WsError::LayoutMismatch);
     }
     let mut runs = Vec::with_capacity(run_count.min(payload.len() / RUN_LEN));
     let mut data_pages = 0u64;

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{
-    BootTimer, ConsoleSignalFilter, I8042Device, I8042State, InvocationSignal, SerialDevice,
-    SerialSnapshot, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_PORT,
-    I8042_PORT_LEN,
+    BootTimer, ConsoleSignalFilter, I8042Device, I8042State, InvocationSignal, ReplayControl,
+    ReplayReport, SerialDevice, SerialSnapshot, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT,
+    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, REPLAY_CONTROL_ADDR, REPLAY_CONTROL_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
@@ -190,7 +190,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     for entry in mmio.cmdline_entries() {
         cmdline.insert_str(entry).map_err(LoaderError::Cmdline)?;
     }
-    let mmio_bus = mmio.bus().clone();
+    let mmio_bus = with_replay_control(mmio.bus(), &legacy)?;
 
     // Kernel, command line, initrd, zero page, MP table.
     let kernel = loader::load_kernel(&guest_memory, &mut kernel_file, &kernel_path)?;
@@ -275,6 +275,23 @@ pub(crate) struct LegacyDevices {
     /// The agent's "invocation answered" signal, seen in the console output.
     pub invocation_signal: InvocationSignal,
     pub reset_evt: EventFd,
+    /// The replay guest's control page (an MMIO device; see `with_replay_control`).
+    pub replay: Arc<Mutex<ReplayControl>>,
+}
+
+/// The MMIO bus the vCPUs get: the virtio devices' and the replay control page.
+fn with_replay_control(bus: &Bus, legacy: &LegacyDevices) -> Result<Bus, BuildError> {
+    let mut bus = bus.clone();
+    bus.insert(
+        legacy.replay.clone(),
+        REPLAY_CONTROL_ADDR,
+        REPLAY_CONTROL_LEN,
+    )
+    .map_err(|source| BuildError::Bus {
+        what: "the replay control page",
+        source,
+    })?;
+    Ok(bus)
 }
 
 fn legacy_devices(
@@ -334,12 +351,21 @@ fn legacy_devices(
             what: "the boot timer",
             source,
         })?;
+    // A restored replay guest goes at once; a booted one waits to be snapshotted.
+    let report = ReplayReport::default();
+    crate::metrics::metrics().replay.set(report.clone());
+    let replay = Arc::new(Mutex::new(ReplayControl::new(
+        saved.is_some(),
+        invocation_signal.clone(),
+        report,
+    )));
     Ok(LegacyDevices {
         bus,
         serial,
         i8042,
         invocation_signal,
         reset_evt,
+        replay,
     })
 }
 
@@ -524,7 +550,11 @@ fn check_cpu_features(
         topology,
         kvm.check_extension(Cap::TscDeadlineTimer),
     );
-    let missing = crate::arch::cpuid::missing_features(&saved.cpuid, host.as_slice());
+    let missing = crate::arch::cpuid::missing_features(
+        &saved.cpuid,
+        host.as_slice(),
+        &crate::arch::cpuid::host_cpu_features(),
+    );
     if missing.is_empty() {
         return Ok(());
     }
@@ -706,7 +736,7 @@ pub fn restore_from_snapshot(
         )));
     }
 
-    let mmio_bus = mmio.bus().clone();
+    let mmio_bus = with_replay_control(mmio.bus(), &legacy)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     let mut msrs_to_save = None;
     for (index, vcpu_state) in state.vcpus.iter().enumerate() {

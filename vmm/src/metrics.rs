@@ -249,6 +249,41 @@ pub struct Metrics {
     pub latencies_us: LatencyMetrics,
     pub vcpu: VcpuMetrics,
     pub memory_restore: MemoryRestoreMetrics,
+    pub replay: ReplayMetrics,
+}
+
+/// What the replay guest reported (docs/replay.md): ready, done, its checksum, an error.
+#[derive(Default)]
+pub struct ReplayMetrics(Mutex<Option<devices::legacy::ReplayReport>>);
+
+impl std::fmt::Debug for ReplayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayMetrics")
+    }
+}
+
+impl ReplayMetrics {
+    pub fn set(&self, report: devices::legacy::ReplayReport) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+}
+
+impl Serialize for ReplayMetrics {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let status = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| r.status())
+            .unwrap_or_default();
+        let mut st = s.serialize_struct("ReplayMetrics", 4)?;
+        st.serialize_field("ready", &status.ready)?;
+        st.serialize_field("done", &status.done)?;
+        st.serialize_field("checksum", &status.checksum)?;
+        st.serialize_field("error", &status.error.unwrap_or_default())?;
+        st.end()
+    }
 }
 
 impl Serialize for Metrics {
@@ -257,12 +292,13 @@ impl Serialize for Metrics {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut st = s.serialize_struct("Metrics", 5)?;
+        let mut st = s.serialize_struct("Metrics", 6)?;
         st.serialize_field("utc_timestamp_ms", &now_ms)?;
         st.serialize_field("api_server", &self.api_server)?;
         st.serialize_field("latencies_us", &self.latencies_us)?;
         st.serialize_field("vcpu", &self.vcpu)?;
         st.serialize_field("memory_restore", &self.memory_restore)?;
+        st.serialize_field("replay", &self.replay)?;
         st.end()
     }
 }

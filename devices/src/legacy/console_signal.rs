@@ -24,7 +24,7 @@ impl InvocationSignal {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
-    fn fire(&self) {
+    pub(crate) fn fire(&self) {
         if let Some(hook) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             hook();
         }

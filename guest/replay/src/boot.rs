@@ -1,0 +1,38 @@
+//! What the VMM tells the guest in the boot parameters (the zero page, Linux's layout): the
+//! e820 memory map and where the initrd (the trace) is.
+
+const E820_ENTRIES: u64 = 0x1e8;
+const E820_TABLE: u64 = 0x2d0;
+const E820_ENTRY_LEN: u64 = 20;
+const E820_RAM: u32 = 1;
+const RAMDISK_IMAGE: u64 = 0x218;
+const RAMDISK_SIZE: u64 = 0x21c;
+
+pub struct BootInfo {
+    /// One past the highest RAM address.
+    pub ram_end: u64,
+    pub initrd_addr: u64,
+    pub initrd_len: u64,
+}
+
+fn read<T: Copy>(addr: u64) -> T {
+    // SAFETY: the zero page is identity-mapped, readable from user mode (entry.rs), and the
+    // fields read are inside it; unaligned reads are fine on x86.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+pub fn read_boot_info(zero_page: u64) -> BootInfo {
+    let entries = u64::from(read::<u8>(zero_page + E820_ENTRIES)).min(128);
+    let mut ram_end = 0;
+    for i in 0..entries {
+        let e = zero_page + E820_TABLE + i * E820_ENTRY_LEN;
+        if read::<u32>(e + 16) == E820_RAM {
+            ram_end = ram_end.max(read::<u64>(e) + read::<u64>(e + 8));
+        }
+    }
+    BootInfo {
+        ram_end,
+        initrd_addr: u64::from(read::<u32>(zero_page + RAMDISK_IMAGE)),
+        initrd_len: u64::from(read::<u32>(zero_page + RAMDISK_SIZE)),
+    }
+}

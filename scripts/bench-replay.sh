@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Real-speed cold starts on this machine's own KVM: replays the working sets the suite
+# benchmark recorded (~/.cache/reapvm/suite) in the no-Linux replay guest, restored with each
+# memory backend (docs/replay.md). Arguments go to tests/benches/replay.rs:
+#   --functions a,b  --modes File,Uffd,REAP,REAP+  --runs N (default 10)
+#   --out DIR (default target/replay-bench: replay-results.md, replay-runs.csv, replay-cold-latency.svg)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export REAPVM_CALLER_DIR="$PWD"
+cd "$root"
+scripts/setup-host.sh
+scripts/build-replay-guest.sh >/dev/null
+exec cargo bench -q -p vmm --bench replay -- "$@"

@@ -1,0 +1,185 @@
+//! The replay guest on this host's own KVM (directly, never in the KVM lab: it runs in guest
+//! user mode, which kvm-pvm hosts run natively): it boots, is snapshotted, and every memory
+//! backend restores it to a replay that reads back exactly what the trace says (checksum);
+//! REAP's prefetch serves its pages without faults; a trace outside guest memory is refused.
+
+#[path = "replay_vm/mod.rs"]
+mod replay_vm;
+mod support;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use replay_vm::{boot_and_snapshot, restore_and_replay, ReplayVmm};
+use snapshot::replay_trace::{Touch, Trace, TraceError, GUEST_RESERVED_PAGES};
+use support::{Arguments, Failed, Scratch, Trial};
+
+const MEM_MIB: u64 = 64;
+/// Pages the synthetic trace may use: 2 MiB .. 56 MiB (the initrd sits at the top).
+const TRACE_PAGES: u64 = 56 * 256;
+
+/// A function-like trace: data in most pages, 3000 touches in a seeded order, some writes.
+fn synthetic_trace() -> Trace {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let fills = (GUEST_RESERVED_PAGES..TRACE_PAGES)
+        .step_by(64)
+        .map(|first| (first, 40))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut touches = Vec::new();
+    while touches.len() < 3000 {
+        let page = GUEST_RESERVED_PAGES + next() % (TRACE_PAGES - GUEST_RESERVED_PAGES);
+        if seen.insert(page) {
+            touches.push(Touch {
+                page: page as u32,
+                write: next() % 4 == 0,
+                gap: 2000,
+            });
+        }
+    }
+    Trace { fills, touches }
+}
+
+fn write_trace(dir: &Path, trace: &Trace) -> Result<std::path::PathBuf, String> {
+    let path = dir.join("trace.bin");
+    std::fs::write(&path, trace.encode()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn every_backend_replays_the_trace() -> Result<(), String> {
+    let scratch = Scratch::new("replay");
+    let trace = synthetic_trace();
+    trace.check_fits(MEM_MIB * 256).map_err(|e| e.to_string())?;
+    let expected = trace.expected_checksum();
+    let snap = boot_and_snapshot(&scratch.dir, &write_trace(&scratch.dir, &trace)?, MEM_MIB)?;
+    let mem = &snap.memory;
+    let backends = [
+        (
+            "File",
+            serde_json::json!({"backend_type": "File", "backend_path": mem}),
+            None,
+        ),
+        (
+            "OnDemand",
+            serde_json::json!({"backend_type": "OnDemand", "backend_path": mem}),
+            None,
+        ),
+        (
+            "Reap (record)",
+            serde_json::json!({"backend_type": "Reap", "backend_path": mem}),
+            Some("record"),
+        ),
+        (
+            "Reap (prefetch)",
+            serde_json::json!({"backend_type": "Reap", "backend_path": mem}),
+            Some("prefetch"),
+        ),
+        (
+            "Reap (prefetch, all options)",
+            serde_json::json!({"backend_type": "Reap", "backend_path": mem,
+                "reap_options": {"fetch_in_parallel": true, "o_direct": true, "chunked_install": true}}),
+            Some("prefetch"),
+        ),
+    ];
+    let mut on_demand_faults = 0;
+    for (label, backend, mode) in backends {
+        let run = restore_and_replay(&scratch.dir, &snap, backend, true)?;
+        if run.checksum != expected {
+            return Err(format!(
+                "{label}: checksum {:#010x}, the trace says {expected:#010x}",
+                run.checksum
+            ));
+        }
+        if let Some(mode) = mode {
+            if run.backend_mode != mode || run.ws_error.is_some() {
+                return Err(format!(
+                    "{label}: mode {:?}, WS error {:?}",
+                    run.backend_mode, run.ws_error
+                ));
+            }
+        }
+        match label {
+            "OnDemand" => {
+                on_demand_faults = run.faults_on_demand;
+                // Every touched page (and the guest's own few) comes through userfaultfd.
+                if on_demand_faults < trace.touches.len() as u64 {
+                    return Err(format!(
+                        "OnDemand served {on_demand_faults} faults for {} touches",
+                        trace.touches.len()
+                    ));
+                }
+            }
+            "Reap (prefetch)" if run.faults_on_demand * 100 > on_demand_faults * 3 => {
+                return Err(format!(
+                    "REAP prefetch left {} faults on demand, over 3% of OnDemand's {on_demand_faults}",
+                    run.faults_on_demand
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn a_trace_outside_guest_memory_is_refused() -> Result<(), String> {
+    let scratch = Scratch::new("replay-outside");
+    let mut trace = synthetic_trace();
+    let beyond = (MEM_MIB * 256 + 10) as u32;
+    trace.touches.push(Touch {
+        page: beyond,
+        write: false,
+        gap: 0,
+    });
+    // The host side refuses it...
+    match trace.check_fits(MEM_MIB * 256) {
+        Err(TraceError::OutsideMemory { page, .. }) if page == u64::from(beyond) => {}
+        other => return Err(format!("check_fits: {other:?}")),
+    }
+    // ...and so does the guest, which stops before it says ready, and the VMM says why.
+    let path = write_trace(&scratch.dir, &trace)?;
+    let config = scratch.path("vm.json");
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": replay_vm::replay_guest()?, "initrd_path": path, "boot_args": ""},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
+    });
+    std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
+    let vmm = ReplayVmm::start(&scratch.dir, "boot", Some(&config))?;
+    match vmm.wait_for("ready", std::time::Duration::from_secs(30)) {
+        Err(e) if e.contains(&format!("touches page {beyond}, outside guest memory")) => Ok(()),
+        Err(e) => Err(format!("unexpected error: {e}")),
+        Ok(_) => Err("the guest accepted a trace outside its memory".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let trials = vec![
+        Trial::test(
+            "every_backend_replays_the_trace_with_the_right_checksum",
+            || every_backend_replays_the_trace().map_err(Failed::from),
+        ),
+        Trial::test("a_trace_outside_guest_memory_is_refused", || {
+            a_trace_outside_guest_memory_is_refused().map_err(Failed::from)
+        }),
+    ];
+    if !args.list {
+        // The replay guest needs /dev/kvm and nothing else: it runs here, on hardware KVM or
+        // on kvm-pvm alike (never in the KVM lab). Without KVM the suite fails, loudly.
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("replay suite: /dev/kvm does not exist here");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = replay_vm::replay_guest() {
+            eprintln!("replay suite: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("replay suite: running directly on this host's KVM");
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}

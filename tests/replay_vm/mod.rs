@@ -1,0 +1,263 @@
+//! Replay VMs on this host's own KVM (docs/replay.md): the no-Linux replay guest
+//! (guest/replay) with a trace as its initrd, booted, snapshotted, and restored with each
+//! memory backend; the VMM's metrics say when the replay was done and what it read. No guest
+//! network: the guest talks to the VMM through its MMIO control page only.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::http::unix_request;
+use crate::support::{reapvm_bin, repo_root, wait_for_socket};
+
+/// The replay guest as scripts/build-replay-guest.sh builds it.
+pub fn replay_guest() -> Result<PathBuf, String> {
+    let path = repo_root().join("target/replay/release/reapvm-replay");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} does not exist: run scripts/build-replay-guest.sh",
+            path.display()
+        ))
+    }
+}
+
+/// A reapvm process with its API socket and metrics file in `dir`, killed when dropped.
+pub struct ReplayVmm {
+    child: Child,
+    pub socket: PathBuf,
+    metrics: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for ReplayVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ReplayVmm {
+    /// Starts reapvm (with `config`, a config file, or waiting for the API).
+    pub fn start(dir: &Path, tag: &str, config: Option<&Path>) -> Result<Self, String> {
+        let socket = dir.join(format!("{tag}.sock"));
+        let metrics = dir.join(format!("{tag}.metrics"));
+        let log = dir.join(format!("{tag}.log"));
+        let _ = std::fs::remove_file(&socket);
+        std::fs::write(&metrics, b"").map_err(|e| format!("{}: {e}", metrics.display()))?;
+        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(reapvm_bin());
+        cmd.arg("--api-sock")
+            .arg(&socket)
+            .arg("--metrics-path")
+            .arg(&metrics);
+        if let Some(config) = config {
+            cmd.arg("--config-file").arg(config);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start reapvm: {e}"))?;
+        let vmm = Self {
+            child,
+            socket,
+            metrics,
+            log,
+        };
+        wait_for_socket(&vmm.socket, Duration::from_secs(10))?;
+        Ok(vmm)
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: serde_json::Value) -> Result<(), String> {
+        let (status, answer) = unix_request(&self.socket, method, path, &body.to_string())?;
+        if status != 204 {
+            return Err(format!(
+                "{method} {path}: {status} {answer}\n--- reapvm ---\n{}",
+                self.log_tail()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The metrics as of now (FlushMetrics, then the last line).
+    pub fn metrics(&self) -> Result<serde_json::Value, String> {
+        self.api(
+            "PUT",
+            "/actions",
+            serde_json::json!({"action_type": "FlushMetrics"}),
+        )?;
+        let text = std::fs::read_to_string(&self.metrics).map_err(|e| e.to_string())?;
+        let last = text.lines().last().ok_or("no metrics written")?;
+        serde_json::from_str(last).map_err(|e| format!("metrics line {last:?}: {e}"))
+    }
+
+    /// Polls the metrics until the replay guest reported `field` (ready or done), or an error.
+    pub fn wait_for(&self, field: &str, timeout: Duration) -> Result<serde_json::Value, String> {
+        let start = Instant::now();
+        loop {
+            let m = self.metrics()?;
+            let replay = &m["replay"];
+            if let Some(error) = replay["error"].as_str().filter(|e| !e.is_empty()) {
+                return Err(format!("the replay guest stopped: {error}"));
+            }
+            if replay[field] == true {
+                return Ok(m);
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "the replay guest was not {field} after {timeout:?}\n--- reapvm ---\n{}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The files of a replay VM's snapshot.
+pub struct ReplaySnapshot {
+    pub vmstate: PathBuf,
+    pub memory: PathBuf,
+}
+
+impl ReplaySnapshot {
+    pub fn ws(&self) -> PathBuf {
+        let mut p = self.memory.as_os_str().to_owned();
+        p.push(".ws");
+        p.into()
+    }
+}
+
+/// Boots the replay guest with `trace` (a file) in `mem_mib` of memory, waits until it is
+/// ready (trace checked, memory filled), and snapshots it paused into `dir`.
+pub fn boot_and_snapshot(dir: &Path, trace: &Path, mem_mib: u64) -> Result<ReplaySnapshot, String> {
+    let config = dir.join("replay-vm.json");
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": replay_guest()?, "initrd_path": trace, "boot_args": "reapvm-replay"},
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": mem_mib},
+    });
+    std::fs::write(&config, body.to_string()).map_err(|e| format!("{}: {e}", config.display()))?;
+    let vmm = ReplayVmm::start(dir, "boot", Some(&config))?;
+    vmm.wait_for("ready", Duration::from_secs(60))?;
+    let snap = ReplaySnapshot {
+        vmstate: dir.join("vmstate"),
+        memory: dir.join("memory"),
+    };
+    let _ = std::fs::remove_file(snap.ws());
+    vmm.api("PATCH", "/vm", serde_json::json!({"state": "Paused"}))?;
+    vmm.api(
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_type": "Full", "snapshot_path": snap.vmstate, "mem_file_path": snap.memory}),
+    )?;
+    Ok(snap)
+}
+
+/// One restore and its replay.
+#[derive(Debug, Clone)]
+pub struct ReplayRun {
+    /// PUT /snapshot/load (resume_vm) sent to answered, at the client.
+    pub load_ms: f64,
+    /// The VMM's own account: load_snapshot latency, then restore to "done".
+    pub vmm_load_ms: f64,
+    pub replay_ms: f64,
+    pub checksum: u32,
+    pub faults_on_demand: u64,
+    pub bytes_read: u64,
+    pub backend_mode: String,
+    pub ws_error: Option<String>,
+}
+
+impl ReplayRun {
+    /// PUT /snapshot/load to the replay's end, as the VMM measured it.
+    pub fn latency_ms(&self) -> f64 {
+        self.vmm_load_ms + self.replay_ms
+    }
+}
+
+pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: fadvise on a descriptor this function owns; it only advises the kernel.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(format!(
+            "posix_fadvise(DONTNEED) on {}: error {rc}",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Restores `snap` with `backend` (a mem_backend object) in a fresh reapvm and waits for the
+/// replay to finish. `cold` drops the snapshot and WS files from the page cache first.
+pub fn restore_and_replay(
+    dir: &Path,
+    snap: &ReplaySnapshot,
+    backend: serde_json::Value,
+    cold: bool,
+) -> Result<ReplayRun, String> {
+    if cold {
+        for path in [&snap.vmstate, &snap.memory, &snap.ws()] {
+            if path.exists() {
+                drop_from_page_cache(path)?;
+            }
+        }
+    }
+    let vmm = ReplayVmm::start(dir, "restore", None)?;
+    let body = serde_json::json!({"snapshot_path": snap.vmstate, "mem_backend": backend, "resume_vm": true});
+    let t = Instant::now();
+    let (status, answer) = unix_request(&vmm.socket, "PUT", "/snapshot/load", &body.to_string())?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    if status != 204 {
+        return Err(format!(
+            "snapshot/load ({backend}): {status} {answer}\n--- reapvm ---\n{}",
+            vmm.log_tail()
+        ));
+    }
+    let m = vmm.wait_for("done", Duration::from_secs(120))?;
+    let r = &m["memory_restore"];
+    let run = ReplayRun {
+        load_ms,
+        vmm_load_ms: m["latencies_us"]["load_snapshot"].as_f64().unwrap_or(0.0) / 1e3,
+        replay_ms: r["first_response_us"].as_f64().unwrap_or(0.0) / 1e3,
+        checksum: m["replay"]["checksum"].as_u64().unwrap_or(0) as u32,
+        faults_on_demand: r["faults_on_demand"].as_u64().unwrap_or(0),
+        bytes_read: r["bytes_read"].as_u64().unwrap_or(0),
+        backend_mode: r["mode"].as_str().unwrap_or("").to_string(),
+        ws_error: r["ws_error"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+    };
+    if run.backend_mode == "record" {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !snap.ws().exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !snap.ws().exists() {
+            return Err(format!(
+                "the recording restore wrote no WS\n{}",
+                vmm.log_tail()
+            ));
+        }
+    }
+    Ok(run)
+}
