@@ -118,16 +118,38 @@ impl Trace {
     }
 
     /// Refuses a trace a VM with `ram_pages` pages of memory cannot replay.
+    /// Also refuses what would make the checksum ambiguous: a page touched twice, fill runs
+    /// that overlap.
     pub fn check_fits(&self, ram_pages: u64) -> Result<(), TraceError> {
-        let pages = self
-            .fills
-            .iter()
-            .flat_map(|&(first, n)| [first, first + n.max(1) - 1])
-            .chain(self.touches.iter().map(|t| u64::from(t.page)));
-        for page in pages {
-            if page >= ram_pages {
-                return Err(TraceError::OutsideMemory { page, ram_pages });
+        for &(first, n) in &self.fills {
+            let last = first.saturating_add(n.max(1) - 1);
+            if last >= ram_pages {
+                return Err(TraceError::OutsideMemory {
+                    page: last,
+                    ram_pages,
+                });
             }
+        }
+        for t in &self.touches {
+            if u64::from(t.page) >= ram_pages {
+                return Err(TraceError::OutsideMemory {
+                    page: u64::from(t.page),
+                    ram_pages,
+                });
+            }
+        }
+        let mut fills = self.fills.clone();
+        fills.sort_unstable();
+        if fills.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(TraceError::Malformed("fill runs overlap".into()));
+        }
+        let mut pages: Vec<u32> = self.touches.iter().map(|t| t.page).collect();
+        pages.sort_unstable();
+        if let Some(w) = pages.windows(2).find(|w| w[0] == w[1]) {
+            return Err(TraceError::Malformed(format!(
+                "page {} is touched twice (a trace lists first touches)",
+                w[0]
+            )));
         }
         if let Some(t) = self
             .touches

@@ -6,12 +6,12 @@
 //!
 //! `scripts/bench-replay.sh [--functions a,b] [--modes File,Uffd,REAP,REAP+] [--runs N] [--out DIR]`
 
-#[path = "../support/mod.rs"]
-mod support;
-#[path = "../suite_bench/mod.rs"]
-mod suite_bench;
 #[path = "../replay_vm/mod.rs"]
 mod replay_vm;
+#[path = "../suite_bench/mod.rs"]
+mod suite_bench;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use suite_bench::options::{Mode, Options};
 use suite_bench::report::{csv, geomean, spread_of, Sample, Spread};
 use support::repo_root;
 
-/// How much slower guest code runs in the KVM lab than on hardware (docs/kvm-here: ~25x):
+/// How much slower guest code runs in the KVM lab than on hardware (docs/kvm-lab.md: ~25x):
 /// the compute between a trace's touches is the function's lab warm latency divided by it.
 const LAB_SLOWDOWN: f64 = 25.0;
 
@@ -52,20 +52,48 @@ struct Prepared {
 
 fn prepare(name: &str, cache: &Path, iters_per_us: f64) -> Result<Prepared, String> {
     let dir = cache.join(name);
-    let read = |file: &str| std::fs::read(dir.join(file)).map_err(|e| format!("{}: {e} (run scripts/bench-suite.sh first)", dir.join(file).display()));
-    let info: serde_json::Value = serde_json::from_slice(&read("info.json")?).map_err(|e| format!("{name} info.json: {e}"))?;
+    let read = |file: &str| {
+        std::fs::read(dir.join(file)).map_err(|e| {
+            format!(
+                "{}: {e} (run scripts/bench-suite.sh first)",
+                dir.join(file).display()
+            )
+        })
+    };
+    let info: serde_json::Value = serde_json::from_slice(&read("info.json")?)
+        .map_err(|e| format!("{name} info.json: {e}"))?;
     let memory = read("memory")?;
     let ws_bytes = read("memory.ws")?;
     let ws = snapshot::ws::decode_any(&ws_bytes).map_err(|e| format!("{name} WS: {e}"))?;
-    let warm_ms = info["warm_median_ms"].as_f64().ok_or(format!("{name} info.json: no warm_median_ms"))?;
-    let compute_ms = warm_ms / LAB_SLOWDOWN;
+    let warm_ms = info["warm_median_ms"]
+        .as_f64()
+        .ok_or(format!("{name} info.json: no warm_median_ms"))?;
+    // Lab figures are ~25x slow; a recording made on hardware KVM is taken as it is.
+    let in_lab = info["ran_on"]
+        .as_str()
+        .is_some_and(|r| r.contains("KVM lab"));
+    let compute_ms = if in_lab {
+        warm_ms / LAB_SLOWDOWN
+    } else {
+        warm_ms
+    };
     let (trace, report) = export(&ws, &memory, (compute_ms * 1e3 * iters_per_us) as u64);
-    let fn_mib = info["mem_size_mib"].as_u64().ok_or(format!("{name} info.json: no mem_size_mib"))?;
+    let fn_mib = info["mem_size_mib"]
+        .as_u64()
+        .ok_or(format!("{name} info.json: no mem_size_mib"))?;
     // Room above the function's memory for the initrd (the trace), which goes at the top.
     let trace_mib = (trace.encode().len() as u64).div_ceil(1 << 20);
     let mem_mib = fn_mib + trace_mib + 4;
-    trace.check_fits(fn_mib * (1 << 20) / PAGE_SIZE).map_err(|e| format!("{name}: {e}"))?;
-    Ok(Prepared { trace, mem_mib, ws_pages: report.ws_pages, dropped: report.dropped_reserved, compute_ms })
+    trace
+        .check_fits(fn_mib * (1 << 20) / PAGE_SIZE)
+        .map_err(|e| format!("{name}: {e}"))?;
+    Ok(Prepared {
+        trace,
+        mem_mib,
+        ws_pages: report.ws_pages,
+        dropped: report.dropped_reserved,
+        compute_ms,
+    })
 }
 
 fn cell(s: Option<Spread>) -> String {
@@ -75,11 +103,23 @@ fn cell(s: Option<Spread>) -> String {
     }
 }
 
-fn markdown(samples: &[Sample], done: &[(String, Prepared)], modes: &[Mode], command: &str, iters_per_us: f64) -> String {
+fn markdown(
+    samples: &[Sample],
+    done: &[(String, Prepared)],
+    modes: &[Mode],
+    command: &str,
+    iters_per_us: f64,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Ran on: this machine's own KVM (kvm-pvm: guest user mode runs natively; the replay runs in user mode), snapshot files on its disk. Command: `{command}`. The replay loop ran {iters_per_us:.0} iterations/us here; each trace's compute is the function's lab warm latency / {LAB_SLOWDOWN}.\n");
-    for (cache, title) in [("cold", "snapshot and WS files dropped from the page cache"), ("hot", "page cache hot")] {
-        let _ = writeln!(out, "Restore to replay done, ms ({title}), median (min-max):\n");
+    for (cache, title) in [
+        ("cold", "snapshot and WS files dropped from the page cache"),
+        ("hot", "page cache hot"),
+    ] {
+        let _ = writeln!(
+            out,
+            "Restore to replay done, ms ({title}), median (min-max):\n"
+        );
         let mut head = String::from("| function | WS pages | compute (ms) |");
         for m in modes {
             let _ = write!(head, " {} |", m.label());
@@ -88,27 +128,66 @@ fn markdown(samples: &[Sample], done: &[(String, Prepared)], modes: &[Mode], com
         let _ = writeln!(out, "{head}\n|{}", "---|".repeat(modes.len() + 8));
         let (mut a, mut b, mut c) = (vec![], vec![], vec![]);
         for (name, p) in done {
-            let kind = |m: Mode| if cache == "cold" { m.label().to_string() } else { format!("{} hot", m.label()) };
+            let kind = |m: Mode| {
+                if cache == "cold" {
+                    m.label().to_string()
+                } else {
+                    format!("{} hot", m.label())
+                }
+            };
             let lat = |m: Mode| spread_of(samples, name, &kind(m), |s| s.latency_ms);
-            let mut row = format!("| {name} | {} | {:.1} |", p.trace.touches.len(), p.compute_ms);
+            let mut row = format!(
+                "| {name} | {} | {:.1} |",
+                p.trace.touches.len(),
+                p.compute_ms
+            );
             for &m in modes {
                 let _ = write!(row, " {} |", cell(lat(m)));
             }
             let ratio = |x: Mode, y: Mode| Some(lat(x)?.median / lat(y)?.median);
-            let (r1, r2, r3) = (ratio(Mode::File, Mode::Reap), ratio(Mode::File, Mode::ReapPlus), ratio(Mode::Uffd, Mode::Reap));
+            let (r1, r2, r3) = (
+                ratio(Mode::File, Mode::Reap),
+                ratio(Mode::File, Mode::ReapPlus),
+                ratio(Mode::Uffd, Mode::Reap),
+            );
             a.extend(r1);
             b.extend(r2);
             c.extend(r3);
             let x = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}x"));
-            let faults = |m: Mode| spread_of(samples, name, &kind(m), |s| s.faults_on_demand as f64).map_or("-".into(), |s| format!("{:.0}", s.median));
+            let faults = |m: Mode| {
+                spread_of(samples, name, &kind(m), |s| s.faults_on_demand as f64)
+                    .map_or("-".into(), |s| format!("{:.0}", s.median))
+            };
             let load = spread_of(samples, name, &kind(Mode::Reap), |s| s.load_ms);
-            let _ = writeln!(row, " {} | {} | {} | {} -> {} | {} |", x(r1), x(r2), x(r3), faults(Mode::Uffd), faults(Mode::Reap), cell(load));
+            let _ = writeln!(
+                row,
+                " {} | {} | {} | {} -> {} | {} |",
+                x(r1),
+                x(r2),
+                x(r3),
+                faults(Mode::Uffd),
+                faults(Mode::Reap),
+                cell(load)
+            );
             out.push_str(&row);
         }
         let g = |v: &[f64]| geomean(v).map_or("-".into(), |g| format!("{g:.2}x"));
-        let _ = writeln!(out, "\nGeometric means ({cache}): REAP vs File {}, REAP+ vs File {}, REAP vs Uffd {}.\n", g(&a), g(&b), g(&c));
+        let _ = writeln!(
+            out,
+            "\nGeometric means ({cache}): REAP vs File {}, REAP+ vs File {}, REAP vs Uffd {}.\n",
+            g(&a),
+            g(&b),
+            g(&c)
+        );
     }
-    let _ = writeln!(out, "WS pages below 2 MiB (the replay guest's own region, left out of the traces): {}.", done.iter().map(|(n, p)| format!("{n} {}", p.dropped)).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        out,
+        "WS pages below 2 MiB (the replay guest's own region, left out of the traces): {}.",
+        done.iter()
+            .map(|(n, p)| format!("{n} {}", p.dropped))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     out
 }
 
@@ -125,17 +204,32 @@ fn run(o: &Options, cache: &Path, work: &Path, command: &str) -> Result<String, 
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let trace_path = dir.join("trace.bin");
         std::fs::write(&trace_path, p.trace.encode()).map_err(|e| e.to_string())?;
-        eprintln!("[replay] {name}: {} touches ({} WS pages), {:.1} ms compute, {} MiB VM", p.trace.touches.len(), p.ws_pages, p.compute_ms, p.mem_mib);
+        eprintln!(
+            "[replay] {name}: {} touches ({} WS pages), {:.1} ms compute, {} MiB VM",
+            p.trace.touches.len(),
+            p.ws_pages,
+            p.compute_ms,
+            p.mem_mib
+        );
         let snap = replay_vm::boot_and_snapshot(&dir, &trace_path, p.mem_mib)?;
-        let mut one = |mode: Mode, cold: bool, run: usize, kind: String| -> Result<(), String> {
+        let one = |mode: Mode, cold: bool, run: usize, kind: String| -> Result<Sample, String> {
             let r = replay_vm::restore_and_replay(&dir, &snap, mode.backend(&snap.memory), cold)?;
             if r.checksum != expected {
-                return Err(format!("{name} {kind}: checksum {:#010x}, the trace says {expected:#010x}", r.checksum));
+                return Err(format!(
+                    "{name} {kind}: checksum {:#010x}, the trace says {expected:#010x}",
+                    r.checksum
+                ));
             }
-            if kind != "record" && mode.is_reap() && (r.backend_mode != "prefetch" || r.ws_error.is_some()) {
-                return Err(format!("{name} {kind}: mode {:?}, WS error {:?}", r.backend_mode, r.ws_error));
+            if kind != "record"
+                && mode.is_reap()
+                && (r.backend_mode != "prefetch" || r.ws_error.is_some())
+            {
+                return Err(format!(
+                    "{name} {kind}: mode {:?}, WS error {:?}",
+                    r.backend_mode, r.ws_error
+                ));
             }
-            samples.push(Sample {
+            Ok(Sample {
                 function: name.clone(),
                 kind,
                 page_cache: if cold { "cold" } else { "hot" },
@@ -147,16 +241,16 @@ fn run(o: &Options, cache: &Path, work: &Path, command: &str) -> Result<String, 
                 bytes_read: r.bytes_read,
                 ws_bytes: std::fs::metadata(snap.ws()).map(|m| m.len()).unwrap_or(0),
                 vmm_rss_overhead_kib: 0,
-            });
-            Ok(())
+            })
         };
-        one(Mode::Reap, true, 1, "record".into())?;
+        samples.push(one(Mode::Reap, true, 1, "record".into())?);
         for &mode in &o.modes {
             for run in 1..=o.runs {
-                one(mode, true, run, mode.label().into())?;
-                one(mode, false, run, format!("{} hot", mode.label()))?;
+                samples.push(one(mode, true, run, mode.label().into())?);
+                samples.push(one(mode, false, run, format!("{} hot", mode.label()))?);
             }
-            let med = spread_of(&samples, name, mode.label(), |s| s.latency_ms).map_or(0.0, |s| s.median);
+            let med =
+                spread_of(&samples, name, mode.label(), |s| s.latency_ms).map_or(0.0, |s| s.median);
             eprintln!("[replay] {name} {}: cold median {med:.2} ms", mode.label());
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -188,15 +282,30 @@ fn main() -> ExitCode {
     }
     if !args.iter().any(|a| a == "--functions") {
         // Default: every function the suite benchmark has recorded.
-        o.functions.retain(|f| cache.join(f).join("memory.ws").is_file());
+        o.functions
+            .retain(|f| cache.join(f).join("memory.ws").is_file());
         if o.functions.is_empty() {
-            eprintln!("replay benchmark: no recordings in {}: run scripts/bench-suite.sh first", cache.display());
+            eprintln!(
+                "replay benchmark: no recordings in {}: run scripts/bench-suite.sh first",
+                cache.display()
+            );
             return ExitCode::FAILURE;
         }
     }
-    let shown: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "--bench").collect();
-    let command = format!("scripts/bench-replay.sh {}", shown.join(" ")).trim_end().to_string();
-    match run(&o, &cache, &repo_root().join("target/replay-work"), &command) {
+    let shown: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--bench")
+        .collect();
+    let command = format!("scripts/bench-replay.sh {}", shown.join(" "))
+        .trim_end()
+        .to_string();
+    match run(
+        &o,
+        &cache,
+        &repo_root().join("target/replay-work"),
+        &command,
+    ) {
         Ok(md) => {
             println!("\n{md}");
             ExitCode::SUCCESS

@@ -109,7 +109,7 @@ impl NetNs {
                                 | std::io::ErrorKind::NetworkUnreachable
                         ) =>
                 {
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(e) => return Err(format!("connect {addr}: {e}")),
             }

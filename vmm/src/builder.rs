@@ -758,6 +758,11 @@ pub fn restore_from_snapshot(
             rec.stop("the guest answered an invocation");
         }
     }));
+    // Before the vCPUs start: the restore time is what first_response_us counts from, and a
+    // fast guest may answer (or a replay guest finish) before assemble returns.
+    metrics::metrics()
+        .memory_restore
+        .set(restore_report, live_faults);
     let mut microvm = assemble(
         kvm,
         vm,
@@ -771,9 +776,6 @@ pub fn restore_from_snapshot(
     )?;
     microvm.ws_recorder = recorder;
     microvm.memory_handlers = Some(handlers);
-    metrics::metrics()
-        .memory_restore
-        .set(restore_report, live_faults);
     log::info!(
         "restored from a snapshot: {} vCPU(s), {} MiB, memory backend {:?} ({})",
         state.vcpus.len(),

@@ -84,8 +84,9 @@ _start:
     mov ax, {user_data}
     mov ds, ax
     mov es, ax
-    /* Ring 3: iretq with SS, RSP, RFLAGS, CS, RIP. */
-    lea rax, [rip + {ustack} + {ustack_size}]
+    /* Ring 3: iretq with SS, RSP, RFLAGS, CS, RIP. user_main is entered as if called:
+       RSP + 8 aligned to 16, as the ABI expects after a call pushed its return address. */
+    lea rax, [rip + {ustack} + {ustack_size} - 8]
     push {user_data}
     push rax
     push {rflags}
@@ -107,7 +108,7 @@ _start:
     rflags = const USER_RFLAGS,
     user_main = sym crate::user_main,
     mmio_pd = sym MMIO_PAGE_DIRECTORY,
-    control_base = const crate::port::CONTROL_BASE,
+    control_base = const crate::control::CONTROL_BASE,
 );
 
 /// The page directory of the 3rd GiB (only the control page's 2 MiB entry is used).

@@ -6,8 +6,8 @@
 #![no_main]
 
 mod boot;
+mod control;
 mod entry;
-mod port;
 mod replay;
 
 /// The first user-mode code; `zero_page` is the boot parameters' address.
@@ -18,7 +18,7 @@ pub extern "C" fn user_main(zero_page: u64) -> ! {
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
-    port::console(b"panic\n");
+    control::console(b"panic\n");
     loop {
         core::hint::spin_loop();
     }

@@ -3,7 +3,7 @@
 //! report the checksum of what was read. The trace format is snapshot/src/replay_trace.rs's.
 
 use crate::boot::BootInfo;
-use crate::port;
+use crate::control;
 
 const MAGIC: &[u8; 8] = b"REAPTRC1";
 const PAGE: u64 = 4096;
@@ -29,8 +29,8 @@ fn read<T: Copy>(addr: u64) -> T {
 }
 
 fn stop(code: u32, detail: u64) -> ! {
-    port::write(port::DETAIL, detail as u32);
-    port::write(port::ERROR, code);
+    control::write(control::DETAIL, detail as u32);
+    control::write(control::ERROR, code);
     loop {
         core::hint::spin_loop();
     }
@@ -118,8 +118,8 @@ pub fn run(info: &BootInfo) -> ! {
             unsafe { core::ptr::write_volatile((page * PAGE) as *mut u64, pattern(page)) };
         }
     }
-    port::write(port::READY, 1);
-    while port::read(port::GO) == 0 {
+    control::write(control::READY, 1);
+    while control::read(control::GO) == 0 {
         core::hint::spin_loop();
     }
     let mut c = 0u64;
@@ -136,7 +136,7 @@ pub fn run(info: &BootInfo) -> ! {
         }
         c = (c ^ value).rotate_left(7) ^ page;
     }
-    port::write(port::DONE, (c ^ (c >> 32)) as u32);
+    control::write(control::DONE, (c ^ (c >> 32)) as u32);
     loop {
         core::hint::spin_loop();
     }

@@ -27,6 +27,8 @@ def grey_means(path: str, out_path: str):
         if writer is None:
             fourcc = cv2.VideoWriter_fourcc(*"MJPG")
             writer = cv2.VideoWriter(out_path, fourcc, 25.0, (grey.shape[1], grey.shape[0]), isColor=False)
+            if not writer.isOpened():
+                raise ValueError(f"OpenCV cannot write {out_path}")
         writer.write(grey)
         means.append(float(grey.mean()))
     capture.release()
@@ -37,6 +39,8 @@ def grey_means(path: str, out_path: str):
 
 def handler(body: bytes) -> bytes:
     out_path = "/tmp/video_processing-out.avi"
+    if os.path.exists(out_path):
+        os.remove(out_path)  # the size check below must see this invocation's output
     means = grey_means(os.path.join(HERE, "input.avi"), out_path)
     size = os.path.getsize(out_path) if os.path.exists(out_path) else 0
     if len(means) != EXPECTED["frames"]:

@@ -201,10 +201,15 @@ fn register(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: usize) -
         .unwrap_or(0)
 }
 
-/// The feature leaves as this CPU's own CPUID instruction reports them. On kvm-pvm hosts the
-/// vCPUs report (KVM_GET_CPUID2) features of the host CPU that KVM_GET_SUPPORTED_CPUID does
-/// not list, and guest user code runs on that CPU natively.
+/// On kvm-pvm hosts, the feature leaves as this CPU's own CPUID instruction reports them: there
+/// the vCPUs report (KVM_GET_CPUID2) features of the host CPU that KVM_GET_SUPPORTED_CPUID
+/// does not list, and guest user code runs on that CPU natively.
+/// Empty elsewhere: on hardware KVM the supported CPUID is the whole truth (the CPU may have
+/// features KVM does not expose, such as state the host OS did not enable).
 pub fn host_cpu_features() -> Vec<kvm_cpuid_entry2> {
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return Vec::new();
+    }
     use std::arch::x86_64::__cpuid_count;
     // SAFETY: CPUID exists on every x86-64 CPU and only reads identification registers.
     #[allow(unused_unsafe)]
