@@ -227,7 +227,7 @@ pub fn markdown(
         x(geomean(&vs_file)),
         x(geomean(&plus_vs_file)),
         x(geomean(&vs_uffd)),
-        if fault_cut.is_empty() { "-".into() } else { format!("{:.1}% (mean)", 100.0 * fault_cut.iter().sum::<f64>() / fault_cut.len() as f64) }
+        if fault_cut.is_empty() { "-".into() } else { format!("{:.2}% (mean)", 100.0 * fault_cut.iter().sum::<f64>() / fault_cut.len() as f64) }
     );
     let mut head =
         String::from("| function | boot to ready (ms) | first invocation after boot (ms) |");
@@ -320,7 +320,7 @@ pub mod tests {
         );
         assert!(md.contains("| helloworld | 2 | 500 (400-600) | 1000 | 100 | 5.00x | - | 10.00x | 800 -> 8 | 2.0 | 1 / 232 / 60 (3.9x) |"), "{md}");
         assert!(md.contains("REAP vs File 5.00x"), "{md}");
-        assert!(md.contains("99.0% (mean)"), "{md}");
+        assert!(md.contains("99.00% (mean)"), "{md}");
         assert!(md.contains("| 1500 | 15.00x | 4.0 |"), "{md}");
         let csv = csv(&samples);
         assert_eq!(csv.lines().count(), 7);
