@@ -115,7 +115,8 @@ fn in_lab_from_host(o: &Options) -> ExitCode {
         moved = moved.and(move_contents(&staging.join("cache"), &cache));
     }
     let _ = std::fs::remove_dir_all(&staging);
-    if o.merge && moved.is_ok() && code == ExitCode::SUCCESS {
+    // Also after a failed run: its finished functions' rows join the earlier ones.
+    if o.merge && moved.is_ok() && o.out.join(suite_bench::RESULTS_CSV).is_file() {
         moved = merge_into_out(
             o,
             &previous,
@@ -234,6 +235,15 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("suite benchmark: {e}");
+            // The functions finished before the failure keep the earlier run's rows company.
+            if o.merge
+                && detect_place() == Place::HardwareKvm
+                && results.join(suite_bench::RESULTS_CSV).is_file()
+            {
+                if let Err(e) = merge_into_out(&o, &previous, &command) {
+                    eprintln!("suite benchmark: {e}");
+                }
+            }
             ExitCode::FAILURE
         }
     }
