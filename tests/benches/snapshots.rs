@@ -12,7 +12,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -53,17 +52,6 @@ fn parse_args() -> Result<Options, String> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Drops `path` from the page cache (it was synced when written).
-fn drop_from_page_cache(path: &Path) -> Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: fadvise on a descriptor we own; it only advises the kernel.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        return Err(format!("posix_fadvise({}): error {rc}", path.display()));
-    }
-    Ok(())
 }
 
 /// Where the snapshot files go: a real disk.

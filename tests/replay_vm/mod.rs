@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::http::unix_request;
-use crate::support::{reapvm_bin, repo_root, wait_for_socket};
+use crate::support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket};
 
 /// The replay guest as scripts/build-replay-guest.sh builds it.
 pub fn replay_guest() -> Result<PathBuf, String> {
@@ -191,20 +191,6 @@ impl ReplayRun {
     pub fn latency_ms(&self) -> f64 {
         self.vmm_load_ms + self.replay_ms
     }
-}
-
-pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: fadvise on a descriptor this function owns; it only advises the kernel.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        return Err(format!(
-            "posix_fadvise(DONTNEED) on {}: error {rc}",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 /// Restores `snap` with `backend` (a mem_backend object) in a fresh reapvm and waits for the

@@ -1,8 +1,7 @@
 //! One function's measurements: boot and warm invocations of a booted VM, its snapshot, the
 //! REAP recording restore, and cold restores per mode.
 
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::functions::SuiteFunction;
@@ -11,7 +10,7 @@ use crate::support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use crate::support::http::HttpConn;
 use crate::support::netns::NetNs;
 use crate::support::restore::{api, create_snapshot, flushed_metrics, set_vm_state, Vmm};
-use crate::support::{GuestArtifacts, Scratch};
+use crate::support::{drop_from_page_cache, GuestArtifacts, Scratch};
 
 /// A function's snapshot files.
 pub struct SnapshotFiles {
@@ -146,20 +145,6 @@ pub fn boot_and_snapshot(
         warm_ms,
         vmm_rss_overhead_kib,
     })
-}
-
-/// Drops `path` from the page cache (the snapshot writer synced it).
-pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: fadvise on a descriptor this function owns; it only advises the kernel.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        return Err(format!(
-            "posix_fadvise(DONTNEED) on {}: error {rc}",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 /// Restores `files` with `mode` in a fresh reapvm and invokes `f` once.

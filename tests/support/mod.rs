@@ -314,3 +314,19 @@ pub fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
         Err(msg().into())
     }
 }
+
+/// Drops `path` from the page cache (posix_fadvise DONTNEED), so that the next read of it is
+/// a real read: the "cold" of the snapshot benchmarks. The snapshot writer synced the file.
+pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: fadvise on a descriptor this function owns; it only advises the kernel.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(format!(
+            "posix_fadvise(DONTNEED) on {}: error {rc}",
+            path.display()
+        ));
+    }
+    Ok(())
+}
