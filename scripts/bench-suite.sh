@@ -11,7 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export REAPVM_CALLER_DIR="$PWD"
 cd "$root"
 scripts/setup-host.sh
-scripts/build-guest.sh
+scripts/build-guest.sh --suite
 if [ "$(scripts/kvm-place.sh)" = lab ]; then
   resources/lab/build-lab.sh >/dev/null
 fi

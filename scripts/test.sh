@@ -11,7 +11,7 @@ step() { echo "==> [$(( $(date +%s) - start ))s] $*"; }
 step "host packages"
 scripts/setup-host.sh
 step "guest kernel and agent initramfs"
-scripts/build-guest.sh
+scripts/build-guest.sh --suite
 step "replay guest (no_std; runs on this host's own KVM)"
 scripts/build-replay-guest.sh
 place="$(scripts/kvm-place.sh)"

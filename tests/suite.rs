@@ -14,7 +14,7 @@ use suite_bench::options::{Mode, Options};
 use support::*;
 
 fn answers_booted_and_restored(f: &SuiteFunction) -> Result<(), String> {
-    let guest = GuestArtifacts::locate()?;
+    let guest = GuestArtifacts::locate_suite()?;
     let scratch = Scratch::new(&format!("suite-{}", f.name));
     let files = SnapshotFiles {
         dir: scratch.path("snapshot"),

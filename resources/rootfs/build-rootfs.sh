@@ -3,15 +3,21 @@
 # plus resources/rootfs/packages.txt, no Recommends, no docs/man/locales), the agent as
 # /sbin/init, and optionally function code copied into /functions.
 #
-#   build-rootfs.sh AGENT_BINARY [FUNCTIONS_DIR]
+#   build-rootfs.sh [--flavor core|suite] AGENT_BINARY [FUNCTIONS_DIR]
 #
-# Two caches in ${REAPVM_CACHE:-$HOME/.cache/reapvm}:
-#   rootfs-base-<key>.tar   the mmdebstrap tree (the slow, networked part);
-#                           key = sha256(this script + packages.txt), 16 hex chars
-#   rootfs-<key2>.ext4      the final image; key2 = sha256(key, sha256 of the agent,
-#                           sha256 of a normalised tar of FUNCTIONS_DIR), 16 hex chars
-# An existing image is reused as is. Progress goes to stderr as "[rootfs] ..."; the image
-# path is the last line of stdout.
+# Two flavors (default core):
+#   core    packages.txt only; the functions of FUNCTIONS_DIR except those named in its
+#           suite-only.txt. Small (a few hundred MB): the tests and the demo use it, and
+#           tests that need a writable root copy it.
+#   suite   packages.txt plus packages-suite.txt (the vSwarm suite's libraries: numpy,
+#           torch, OpenCV, ...; ~3 GB) and every function: the function suite uses it.
+# Two caches per flavor in ${REAPVM_CACHE:-$HOME/.cache/reapvm}:
+#   rootfs-base-FLAVOR-<key>.tar   the mmdebstrap tree (the slow, networked part);
+#                           key = sha256(flavor, this script, the flavor's package lists)
+#   rootfs-FLAVOR-<key2>.ext4      the final image; key2 = sha256(key, sha256 of the agent,
+#                           sha256 of a normalised tar of the functions it holds)
+# (16 hex chars each). An existing image is reused as is. Progress goes to stderr as
+# "[rootfs] ..."; the image path is the last line of stdout.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 self="$here/$(basename "${BASH_SOURCE[0]}")"
@@ -20,8 +26,18 @@ cache="${REAPVM_CACHE:-$HOME/.cache/reapvm}"
 log() { echo "[rootfs] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+flavor=core
+if [ "${1:-}" = --flavor ]; then
+  flavor="${2:-}"
+  shift 2 || die "--flavor needs a value (core or suite)"
+fi
+case "$flavor" in
+  core) package_files=("$packages_file") ;;
+  suite) package_files=("$packages_file" "$here/packages-suite.txt") ;;
+  *) die "unknown flavor '$flavor' (core or suite)" ;;
+esac
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
-  die "usage: $(basename "$0") AGENT_BINARY [FUNCTIONS_DIR]"
+  die "usage: $(basename "$0") [--flavor core|suite] AGENT_BINARY [FUNCTIONS_DIR]"
 fi
 agent="$1"
 functions="${2:-}"
@@ -35,24 +51,37 @@ fi
 if [ -n "$functions" ]; then
   [ -d "$functions" ] || die "functions directory not found: $functions"
 fi
-[ -f "$packages_file" ] || die "package list not found: $packages_file"
+for f in "${package_files[@]}"; do
+  [ -f "$f" ] || die "package list not found: $f"
+done
+# The core image leaves out the functions that need the suite's libraries.
+excludes=()
+if [ -n "$functions" ] && [ "$flavor" = core ] && [ -f "$functions/suite-only.txt" ]; then
+  while read -r name; do
+    [ -d "$functions/$name" ] || die "$functions/suite-only.txt names $name, which is not a function folder"
+    excludes+=("--exclude=./$name")
+  done < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$functions/suite-only.txt" | grep -v '^$')
+fi
 
 # A fixed epoch makes mmdebstrap's tarball and mke2fs's timestamps independent of the build time.
 export SOURCE_DATE_EPOCH=1700000000
 
-key="$(cat "$self" "$packages_file" | sha256sum | cut -c1-16)"
-base="$cache/rootfs-base-$key.tar"
+key="$({ echo "flavor $flavor"; cat "$self" "${package_files[@]}"; } | sha256sum | cut -c1-16)"
+base="$cache/rootfs-base-$flavor-$key.tar"
 agent_sum="$(sha256sum < "$agent" | cut -d' ' -f1)"
 # Names, modes and contents only: mtimes and owners of the caller's checkout must not
 # change the key, and the copy into the image is made from the same normalised stream.
-functions_tar() { tar -c --sort=name --mtime=@"$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner -C "$functions" .; }
+functions_tar() {
+  tar -c --sort=name --mtime=@"$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
+    --exclude=./suite-only.txt "${excludes[@]}" -C "$functions" .
+}
 if [ -n "$functions" ]; then
   functions_sum="$(functions_tar | sha256sum | cut -d' ' -f1)"
 else
   functions_sum=none
 fi
 key2="$(printf '%s\n' "$key" "$agent_sum" "$functions_sum" | sha256sum | cut -c1-16)"
-image="$cache/rootfs-$key2.ext4"
+image="$cache/rootfs-$flavor-$key2.ext4"
 
 if [ -f "$image" ]; then
   log "cached: $image"
@@ -82,9 +111,9 @@ if [ -f "$base" ]; then
   log "base tree cached: $base"
 else
   # Comments and blank lines out; mmdebstrap takes a comma-separated list.
-  include="$(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$packages_file" | grep -v '^$' | paste -sd, -)" || true
-  [ -n "$include" ] || die "no packages in $packages_file"
-  log "building base tree (bookworm, essential + $include); progress from mmdebstrap follows"
+  include="$(cat "${package_files[@]}" | sed -e 's/#.*//' -e 's/[[:space:]]//g' | grep -v '^$' | paste -sd, -)" || true
+  [ -n "$include" ] || die "no packages in ${package_files[*]}"
+  log "building the $flavor base tree (bookworm, essential + $include); progress from mmdebstrap follows"
   start=$(date +%s)
   base_tmp="$base.tmp.$$"
   tmp_files+=("$base_tmp")
@@ -118,6 +147,8 @@ else
     --format=tar \
     bookworm "$base_tmp" >&2 || die "mmdebstrap failed (see its messages above)"
   mv "$base_tmp" "$base"
+  # A recipe change makes a new tree: keep this flavor's two newest.
+  ls -t "$cache"/rootfs-base-"$flavor"-*.tar 2>/dev/null | tail -n +3 | xargs -r rm -f
   log "base tree built in $(( $(date +%s) - start ))s: $base ($(du -h "$base" | cut -f1))"
 fi
 
@@ -186,7 +217,7 @@ E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" mkfs.ext4 -q \
   -E "lazy_itable_init=0,lazy_journal_init=0,assume_storage_prezeroed=1,hash_seed=$uuid,root_owner=0:0" \
   -d "$root" "$image_tmp" >&2 || die "mkfs.ext4 failed on $image_tmp"
 mv "$image_tmp" "$image"
-# Every agent or function change makes a new image: keep the three newest.
-ls -t "$cache"/rootfs-[0-9a-f]*.ext4 2>/dev/null | tail -n +4 | xargs -r rm -f
-log "image built in $(( $(date +%s) - start ))s: $image ($size_mib MiB, $(du -h "$image" | cut -f1) allocated)"
+# Every agent or function change makes a new image: keep this flavor's three newest.
+ls -t "$cache"/rootfs-"$flavor"-*.ext4 2>/dev/null | tail -n +4 | xargs -r rm -f
+log "$flavor image built in $(( $(date +%s) - start ))s: $image ($size_mib MiB, $(du -h "$image" | cut -f1) allocated)"
 echo "$image"

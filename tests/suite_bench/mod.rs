@@ -178,7 +178,7 @@ pub fn run(
     results: &Path,
     command: &str,
 ) -> Result<SuiteRun, String> {
-    let guest = GuestArtifacts::locate()?;
+    let guest = GuestArtifacts::locate_suite()?;
     let cache_state = if o.hot { "hot" } else { "cold" };
     let mut samples: Vec<Sample> = Vec::new();
     let mut done: Vec<String> = Vec::new();

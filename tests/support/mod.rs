@@ -27,7 +27,18 @@ pub struct GuestArtifacts {
 }
 
 impl GuestArtifacts {
+    /// The guest with the core rootfs (Python and the test functions).
     pub fn locate() -> Result<Self, String> {
+        Self::locate_with_rootfs("REAPVM_ROOTFS", "scripts/build-guest.sh")
+    }
+
+    /// The guest with the function suite's rootfs (its libraries and every function), built
+    /// by `scripts/build-guest.sh --suite`.
+    pub fn locate_suite() -> Result<Self, String> {
+        Self::locate_with_rootfs("REAPVM_SUITE_ROOTFS", "scripts/build-guest.sh --suite")
+    }
+
+    fn locate_with_rootfs(rootfs_key: &str, build: &str) -> Result<Self, String> {
         let env_file = repo_root().join("target/guest/guest.env");
         let from_file = std::fs::read_to_string(&env_file).unwrap_or_default();
         let lookup = |key: &str| -> Option<String> {
@@ -37,15 +48,16 @@ impl GuestArtifacts {
                     .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
             })
         };
-        let missing = || {
+        let missing = |key: &str| {
             format!(
-                "guest artifacts are not built ({} is missing): run scripts/test.sh, or scripts/build-guest.sh",
+                "guest artifacts are not built ({key} is not in {}): run scripts/test.sh, or {build}",
                 env_file.display()
             )
         };
-        let kernel_dir = PathBuf::from(lookup("REAPVM_KERNEL_DIR").ok_or_else(missing)?);
-        let initramfs = PathBuf::from(lookup("REAPVM_INITRAMFS").ok_or_else(missing)?);
-        let rootfs = PathBuf::from(lookup("REAPVM_ROOTFS").ok_or_else(missing)?);
+        let find = |key: &str| lookup(key).map(PathBuf::from).ok_or_else(|| missing(key));
+        let kernel_dir = find("REAPVM_KERNEL_DIR")?;
+        let initramfs = find("REAPVM_INITRAMFS")?;
+        let rootfs = find(rootfs_key)?;
         let artifacts = Self {
             vmlinux: kernel_dir.join("vmlinux"),
             bzimage: kernel_dir.join("bzImage"),
@@ -59,10 +71,7 @@ impl GuestArtifacts {
             &artifacts.rootfs,
         ] {
             if !path.is_file() {
-                return Err(format!(
-                    "{} does not exist: run scripts/build-guest.sh",
-                    path.display()
-                ));
+                return Err(format!("{} does not exist: run {build}", path.display()));
             }
         }
         Ok(artifacts)
