@@ -85,12 +85,7 @@ fn restore(
     let ns = NetNs::with_tap(tag)?;
     let vmm = Vmm::start(&ns, &scratch.path(&format!("{tag}.sock")))?;
     let metrics = scratch.path(&format!("{tag}.metrics"));
-    api(
-        &vmm.socket,
-        "PUT",
-        "/metrics",
-        serde_json::json!({ "metrics_path": metrics }),
-    )?;
+    vmm.put_metrics(&metrics)?;
     let body = serde_json::json!({
         "snapshot_path": vmstate,
         "mem_backend": mem_backend,

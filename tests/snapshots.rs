@@ -71,9 +71,7 @@ fn restore_and_count(backend: Backend) -> Result<(), Failed> {
     let ns = NetNs::with_tap("restore")?;
     let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
     let metrics_path = scratch.path("metrics.json");
-    let body = serde_json::json!({ "metrics_path": metrics_path }).to_string();
-    let (status, answer) = unix_request(&vmm.socket, "PUT", "/metrics", &body)?;
-    check(status == 204, || format!("PUT /metrics: {status} {answer}"))?;
+    vmm.put_metrics(&metrics_path)?;
     let started = Instant::now();
     let (status, answer) = match backend {
         Backend::File => vmm.load_with("File", &vmstate, &mem)?,

@@ -9,7 +9,7 @@ use super::options::Mode;
 use crate::support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use crate::support::http::HttpConn;
 use crate::support::netns::NetNs;
-use crate::support::restore::{api, create_snapshot, flushed_metrics, set_vm_state, Vmm};
+use crate::support::restore::{create_snapshot, flushed_metrics, set_vm_state, Vmm};
 use crate::support::{drop_from_page_cache, GuestArtifacts, Scratch};
 
 /// A function's snapshot files.
@@ -166,12 +166,7 @@ pub fn restore_and_invoke(
     let vmm = Vmm::start(&ns, &scratch.path("api.sock"))?;
     let metrics = scratch.path("metrics.json");
     std::fs::write(&metrics, b"").map_err(|e| e.to_string())?;
-    api(
-        &vmm.socket,
-        "PUT",
-        "/metrics",
-        serde_json::json!({ "metrics_path": metrics }),
-    )?;
+    vmm.put_metrics(&metrics)?;
     let body = serde_json::json!({
         "snapshot_path": files.vmstate(),
         "mem_backend": mode.backend(&files.memory()),

@@ -36,6 +36,16 @@ impl Vmm {
         })
     }
 
+    /// `PUT /metrics`: reapvm writes its metrics to `path` (read them with `flushed_metrics`).
+    pub fn put_metrics(&self, path: &Path) -> Result<(), String> {
+        api(
+            &self.socket,
+            "PUT",
+            "/metrics",
+            serde_json::json!({ "metrics_path": path }),
+        )
+    }
+
     /// `PUT /snapshot/load` with `body` as given.
     pub fn load_body(&self, body: &serde_json::Value) -> Result<(u16, String), String> {
         unix_request(&self.socket, "PUT", "/snapshot/load", &body.to_string())
