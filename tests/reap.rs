@@ -182,6 +182,7 @@ fn records_then_prefetches(function: &str, min_ws_pages: u64) -> Result<(), Fail
     check(recorded >= min_ws_pages, || {
         format!("the WS has {recorded} pages, expected at least {min_ws_pages}: {m}")
     })?;
+    check_touch_log(&ws)?;
     drop(recording);
 
     let prefetching = restore(&scratch, "pre", &snap.vmstate, reap_backend(&snap))?;
@@ -252,6 +253,45 @@ fn records_then_prefetches(function: &str, min_ws_pages: u64) -> Result<(), Fail
             && left * 100 <= all * 3,
         || format!("chunked install of {recorded} pages: {m}"),
     )
+}
+
+/// The recording's touch log lists the WS's pages in the WS's order, for the same snapshot,
+/// with reads and writes among them (the invocation runs code and writes its data).
+fn check_touch_log(ws: &Path) -> Result<(), Failed> {
+    let ws_bytes = std::fs::read(ws).map_err(|e| format!("{}: {e}", ws.display()))?;
+    let decoded = snapshot::ws::decode_any(&ws_bytes).map_err(|e| e.to_string())?;
+    let log_path = snapshot::touch_log::path_for(ws);
+    let log_bytes = std::fs::read(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let log = snapshot::touch_log::TouchLog::decode(&log_bytes).map_err(|e| e.to_string())?;
+    let ws_pages: Vec<u64> = decoded
+        .runs
+        .iter()
+        .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.file_offset + i * 4096))
+        .collect();
+    let log_pages: Vec<u64> = log.touches.iter().map(|t| t.file_offset).collect();
+    let writes = log.touches.iter().filter(|t| t.write).count();
+    eprintln!(
+        "touch log: {} pages, {writes} first touched by a write",
+        log_pages.len()
+    );
+    check(
+        log.identity == decoded.identity && log_pages == ws_pages,
+        || {
+            format!(
+                "the touch log ({} pages, {:?}) does not match the WS ({} pages, {:?})",
+                log_pages.len(),
+                log.identity,
+                ws_pages.len(),
+                decoded.identity
+            )
+        },
+    )?;
+    check(writes > 0 && writes < log_pages.len(), || {
+        format!(
+            "{writes} of {} touches are writes: expected reads and writes",
+            log_pages.len()
+        )
+    })
 }
 
 /// Corrupted, truncated and foreign WS files are refused with a reason; the restore records

@@ -118,7 +118,13 @@ fn benchmark_end_to_end() -> Result<(), String> {
     check_rows(svg.replace('\n', "").contains(">helloworld<"), || {
         "the chart names helloworld".into()
     })?;
-    for file in ["vmstate", "memory", "memory.ws", "info.json"] {
+    for file in [
+        "vmstate",
+        "memory",
+        "memory.ws",
+        "memory.ws.touches",
+        "info.json",
+    ] {
         let path = scratch.path("cache").join("helloworld").join(file);
         check_rows(path.is_file(), || format!("{} kept", path.display()))?;
     }

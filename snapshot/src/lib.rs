@@ -5,6 +5,7 @@
 pub mod diff;
 pub mod envelope;
 pub mod replay_trace;
+pub mod touch_log;
 pub mod ws;
 
 pub use envelope::{decode, encode, write_atomic, EnvelopeError};

@@ -16,6 +16,8 @@
 //! Pages are guest-physical page numbers. The replay guest owns the first 2 MiB (its image,
 //! stacks, the boot structures) and its initrd; traces stay out of both.
 
+use std::collections::HashSet;
+
 use crate::ws::WorkingSet;
 
 pub const TRACE_MAGIC: &[u8; 8] = b"REAPTRC1";
@@ -196,11 +198,20 @@ pub struct ExportReport {
     /// guest touches its own pages anyway).
     pub dropped_reserved: u64,
     pub filled_pages: u64,
+    /// Touches that are writes (the touch log's first writes).
+    pub write_touches: u64,
 }
 
 /// Makes a trace from a decoded WS, the function's memory file content (`memory`, as the
-/// snapshot wrote it), and `gap_iterations` of compute spread evenly before the touches.
-pub fn export(ws: &WorkingSet<'_>, memory: &[u8], gap_iterations: u64) -> (Trace, ExportReport) {
+/// snapshot wrote it), the pages the recording saw first touched by a write (memory-file
+/// offsets, from its touch log; empty without one: every touch a read), and
+/// `gap_iterations` of compute spread evenly before the touches.
+pub fn export(
+    ws: &WorkingSet<'_>,
+    memory: &[u8],
+    first_writes: &HashSet<u64>,
+    gap_iterations: u64,
+) -> (Trace, ExportReport) {
     let page = PAGE_SIZE as usize;
     let to_guest_page = |file_offset: u64| {
         ws.regions
@@ -213,14 +224,17 @@ pub fn export(ws: &WorkingSet<'_>, memory: &[u8], gap_iterations: u64) -> (Trace
     for run in &ws.runs {
         for i in 0..u64::from(run.pages) {
             report.ws_pages += 1;
-            let Some(gp) = to_guest_page(run.file_offset + i * PAGE_SIZE) else {
+            let offset = run.file_offset + i * PAGE_SIZE;
+            let Some(gp) = to_guest_page(offset) else {
                 continue;
             };
             if gp < GUEST_RESERVED_PAGES {
                 report.dropped_reserved += 1;
                 continue;
             }
-            pages.push(gp);
+            let write = first_writes.contains(&offset);
+            report.write_touches += u64::from(write);
+            pages.push((gp, write));
         }
     }
     let per_touch = if pages.is_empty() {
@@ -230,9 +244,9 @@ pub fn export(ws: &WorkingSet<'_>, memory: &[u8], gap_iterations: u64) -> (Trace
     };
     let touches = pages
         .iter()
-        .map(|&p| Touch {
+        .map(|&(p, write)| Touch {
             page: p as u32,
-            write: false,
+            write,
             gap: per_touch.min(u64::from(MAX_GAP)) as u32,
         })
         .collect();
@@ -381,7 +395,7 @@ mod tests {
         .concat();
         let bytes = ws::encode(identity, 4096, &regions, &runs, &data);
         let decoded = ws::decode_any(&bytes).unwrap();
-        let (trace, report) = export(&decoded, &memory, 1000);
+        let (trace, report) = export(&decoded, &memory, &HashSet::new(), 1000);
         assert_eq!(
             trace.touches.iter().map(|t| t.page).collect::<Vec<_>>(),
             vec![601, 600]
@@ -393,8 +407,21 @@ mod tests {
             ExportReport {
                 ws_pages: 3,
                 dropped_reserved: 1,
-                filled_pages: 4
+                filled_pages: 4,
+                write_touches: 0,
             }
         );
+        // With a touch log: page 600 was first touched by a write (10 too, but it is dropped).
+        let writes = HashSet::from([600 * PAGE_SIZE, 10 * PAGE_SIZE]);
+        let (trace, report) = export(&decoded, &memory, &writes, 1000);
+        assert_eq!(
+            trace
+                .touches
+                .iter()
+                .map(|t| (t.page, t.write))
+                .collect::<Vec<_>>(),
+            vec![(601, false), (600, true)]
+        );
+        assert_eq!(report.write_touches, 1);
     }
 }

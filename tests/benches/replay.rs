@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use snapshot::replay_trace::{export, Trace, PAGE_SIZE};
+use snapshot::touch_log::TouchLog;
 use suite_bench::options::{Mode, Options};
 use suite_bench::report::{csv, geomean, spread_of, Sample, Spread};
 use support::repo_root;
@@ -47,6 +48,8 @@ struct Prepared {
     mem_mib: u64,
     ws_pages: u64,
     dropped: u64,
+    /// Touches that are writes; None when the recording has no touch log (all reads).
+    writes: Option<u64>,
     compute_ms: f64,
 }
 
@@ -77,7 +80,27 @@ fn prepare(name: &str, cache: &Path, iters_per_us: f64) -> Result<Prepared, Stri
     } else {
         warm_ms
     };
-    let (trace, report) = export(&ws, &memory, (compute_ms * 1e3 * iters_per_us) as u64);
+    // Recordings made before reapvm kept touch logs have none: their touches are reads.
+    let log = match std::fs::read(dir.join("memory.ws.touches")) {
+        Ok(bytes) => {
+            let log = TouchLog::decode(&bytes).map_err(|e| format!("{name} touch log: {e}"))?;
+            if log.identity != ws.identity {
+                return Err(format!(
+                    "{name}: the touch log belongs to another recording than memory.ws"
+                ));
+            }
+            Some(log)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{name} touch log: {e}")),
+    };
+    let first_writes = log.as_ref().map(TouchLog::first_writes).unwrap_or_default();
+    let (trace, report) = export(
+        &ws,
+        &memory,
+        &first_writes,
+        (compute_ms * 1e3 * iters_per_us) as u64,
+    );
     let fn_mib = info["mem_size_mib"]
         .as_u64()
         .ok_or(format!("{name} info.json: no mem_size_mib"))?;
@@ -92,6 +115,7 @@ fn prepare(name: &str, cache: &Path, iters_per_us: f64) -> Result<Prepared, Stri
         mem_mib,
         ws_pages: report.ws_pages,
         dropped: report.dropped_reserved,
+        writes: log.map(|_| report.write_touches),
         compute_ms,
     })
 }
@@ -188,6 +212,17 @@ fn markdown(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let _ = writeln!(
+        out,
+        "Write touches (from each recording's touch log; \"-\": no log, every touch a read): {}.",
+        done.iter()
+            .map(|(n, p)| match p.writes {
+                Some(w) => format!("{n} {w}"),
+                None => format!("{n} -"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     out
 }
 
@@ -205,8 +240,10 @@ fn run(o: &Options, cache: &Path, work: &Path, command: &str) -> Result<String, 
         let trace_path = dir.join("trace.bin");
         std::fs::write(&trace_path, p.trace.encode()).map_err(|e| e.to_string())?;
         eprintln!(
-            "[replay] {name}: {} touches ({} WS pages), {:.1} ms compute, {} MiB VM",
+            "[replay] {name}: {} touches ({} writes), {} WS pages, {:.1} ms compute, {} MiB VM",
             p.trace.touches.len(),
+            p.writes
+                .map_or("no touch log: no".into(), |w| w.to_string()),
             p.ws_pages,
             p.compute_ms,
             p.mem_mib

@@ -18,6 +18,8 @@ use measure::{boot_and_snapshot, restore_and_invoke, Restore, SnapshotFiles};
 use options::{Mode, Options};
 use report::Sample;
 
+use snapshot::touch_log;
+
 use crate::support::function_vm::LAB_GUEST_SHUTDOWN;
 use crate::support::{detect_place, GuestArtifacts, Place, Trial};
 
@@ -65,6 +67,7 @@ fn keep_in_cache(
         (files.vmstate(), "vmstate"),
         (files.memory(), "memory"),
         (files.ws(), "memory.ws"),
+        (touch_log::path_for(&files.ws()), "memory.ws.touches"),
     ] {
         copy_into(&src, &dir.join(file))?;
     }

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use snapshot::touch_log::{self, Touch, TouchLog};
 use snapshot::ws::{self, RunKind, SnapshotIdentity, WsRegion};
-use userfaultfd::Uffd;
+use userfaultfd::{Event, ReadWrite, Uffd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ReapError;
@@ -147,7 +148,7 @@ impl Recorder {
     ) {
         let file = Arc::new(file);
         let mut page = vec![0u8; PAGE_SIZE];
-        let mut touched: Vec<u64> = Vec::new();
+        let mut touched: Vec<Touch> = Vec::new();
         let mut target = Some(target);
         loop {
             let mut fds = [
@@ -191,6 +192,13 @@ impl Recorder {
                 loop {
                     match uffd.read_event() {
                         Ok(Some(event)) => {
+                            let write = matches!(
+                                event,
+                                Event::Pagefault {
+                                    rw: ReadWrite::Write,
+                                    ..
+                                }
+                            );
                             let served = uffd_backend::serve_event(
                                 uffd,
                                 &file,
@@ -202,8 +210,10 @@ impl Recorder {
                             // Faults after stop() (a snapshot copying memory, the guest
                             // after its answer) are served, not recorded.
                             let recording = self.recording.load(Ordering::Acquire);
-                            if let (Some(offset), true) = (served, recording && target.is_some()) {
-                                touched.push(offset);
+                            if let (Some(file_offset), true) =
+                                (served, recording && target.is_some())
+                            {
+                                touched.push(Touch { file_offset, write });
                                 self.recorded_pages.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -248,18 +258,23 @@ impl Recorder {
     }
 }
 
-/// What ending a recording writes: a WS of the touched pages; when merging misses into an
-/// existing WS, that WS's pages then the misses, or no WS at all past the re-record
-/// threshold. Returns the pages in the WS written.
-fn finish_ws(mem_file: &File, touched: &[u64], target: &WsTarget) -> Result<u64, String> {
+/// What ending a recording writes: a WS of the touched pages and its touch log; when
+/// merging misses into an existing WS, that WS's pages then the misses (the touch log stays
+/// the first recording's), or no WS at all past the re-record threshold. Returns the pages in
+/// the WS written.
+fn finish_ws(mem_file: &File, touched: &[Touch], target: &WsTarget) -> Result<u64, String> {
+    let offsets: Vec<u64> = touched.iter().map(|t| t.file_offset).collect();
     if target.base_pages.is_empty() {
-        write_ws(mem_file, touched, target)?;
+        // The log first: whoever sees the WS appear finds its log there too.
+        write_touch_log(touched, target);
+        write_ws(mem_file, &offsets, target)?;
         return Ok(touched.len() as u64);
     }
     let misses = touched.len() as u64;
     if target.rerecord_above.is_some_and(|limit| misses > limit) {
         std::fs::remove_file(&target.path)
             .map_err(|e| format!("cannot remove the WS {}: {e}", target.path.display()))?;
+        let _ = std::fs::remove_file(touch_log::path_for(&target.path));
         log::info!(
             "REAP: {misses} pages missed the WS, past the re-record threshold: {} removed, the next restore records a new one",
             target.path.display()
@@ -270,10 +285,33 @@ fn finish_ws(mem_file: &File, touched: &[u64], target: &WsTarget) -> Result<u64,
         return Ok(target.base_pages.len() as u64);
     }
     let mut pages = target.base_pages.clone();
-    pages.extend_from_slice(touched);
+    pages.extend_from_slice(&offsets);
     write_ws(mem_file, &pages, target)?;
     log::info!("REAP: {misses} missed pages merged into the WS");
     Ok(pages.len() as u64)
+}
+
+/// Writes the touch log beside the WS. The WS is what restores need: a log that cannot be
+/// written is reported, and the recording stands.
+fn write_touch_log(touched: &[Touch], target: &WsTarget) {
+    let path = touch_log::path_for(&target.path);
+    let log = TouchLog {
+        identity: target.identity,
+        touches: touched.to_vec(),
+    };
+    match touch_log::write(&path, &log) {
+        Ok(()) => log::info!(
+            "REAP: touch log of {} pages ({} first touched by a write) written to {}",
+            touched.len(),
+            touched.iter().filter(|t| t.write).count(),
+            path.display()
+        ),
+        Err(e) => {
+            log::warn!("REAP: cannot write the touch log {}: {e}", path.display());
+            // An earlier recording's log must not pass for this one's.
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// Writes the WS file for the pages at `offsets` (memory-file offsets in first-touch order),
