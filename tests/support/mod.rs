@@ -275,18 +275,23 @@ pub fn start_until_booted(
 }
 
 /// Waits until a freshly started VMM has created its API socket.
+/// Waits until the API socket takes connections. Its file appears at bind(), a moment before
+/// listen(): a connection in between is refused (seen once in the KVM lab).
 pub fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();
-    while !socket.exists() {
+    loop {
+        let last = match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
         if start.elapsed() > timeout {
             return Err(format!(
-                "the API socket {} never appeared",
+                "the API socket {} takes no connections: {last}",
                 socket.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// Boot arguments for test guests: serial console, quiet kernel, reset on reboot.
