@@ -120,8 +120,8 @@ fn network_64_mib_each_way() -> Result<(), Failed> {
     let guest = GuestArtifacts::locate()?;
     let scratch = Scratch::new("net64");
     let mut spec = VmSpec::read_only(&guest);
-    // The agent and the Python worker each hold the 64 MiB body: in 256 MiB the guest
-    // thrashes its page cache (the Python runtime's pages) and the transfer crawls.
+    // Room for the 64 MiB body, which the agent and the Python worker each hold (and the
+    // worker's result for the other direction).
     spec.mem_mib = 512;
     let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
     let mut payload = blob(SIZE);
