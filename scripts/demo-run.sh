@@ -46,6 +46,28 @@ api_call() { # METHOD PATH BODY
   code="$(curl -s -o "$snap/answer" -w '%{http_code}' --unix-socket "$api" -X "$1" -H 'Content-Type: application/json' -d "$3" "http://localhost$2")"
   [ "$code" = 204 ] || { echo "[demo] $1 $2 answered $code: $(cat "$snap/answer")" >&2; exit 1; }
 }
+# Until reapvm's API socket takes connections (its file appears a moment before it listens).
+wait_api() {
+  for _ in $(seq 100); do
+    curl -s -o /dev/null --unix-socket "$api" http://localhost/ 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "[demo] reapvm's API socket $api takes no connections" >&2; exit 1
+}
+# The agent signals each answered invocation through the console just after the answer:
+# wait until reapvm has seen them all, so that none is left in the snapshot to come out
+# after a restore and end its REAP recording at once.
+wait_signals() { # COUNT
+  local seen=0
+  api_call PUT /metrics "{\"metrics_path\": \"$snap/boot-metrics.json\"}"
+  for _ in $(seq 300); do
+    api_call PUT /actions '{"action_type": "FlushMetrics"}'
+    seen="$(tail -n 1 "$snap/boot-metrics.json" | sed -n 's/.*"invocations_signalled":\([0-9]*\).*/\1/p')"
+    [ "${seen:-0}" -ge "$1" ] && return 0
+    sleep 0.1
+  done
+  echo "[demo] reapvm saw ${seen:-0} of $1 invocation signals from the agent" >&2; exit 1
+}
 invoke() { # LABEL BODY
   local t0 answer
   t0=$(now_ms)
@@ -56,6 +78,7 @@ wait_ready
 ready=$(now_ms)
 echo "[demo] agent ready $(( ready - start )) ms after reapvm started"
 for who in reapvm REAP world; do invoke "booted VM" "$who"; done
+wait_signals 3
 
 t0=$(now_ms)
 api_call PATCH /vm '{"state": "Paused"}'
@@ -72,7 +95,7 @@ for i in "${!runs[@]}"; do
   metrics="$snap/metrics-$i.json"
   ip netns exec "$ns" "$reapvm" --api-sock "$api" --metrics-path "$metrics" < /dev/null > /dev/null &
   vmm_pid=$!
-  for _ in $(seq 100); do [ -S "$api" ] && break; sleep 0.1; done
+  wait_api
   t0=$(now_ms)
   api_call PUT /snapshot/load "{\"snapshot_path\": \"$snap/vmstate\", \"mem_backend\": {\"backend_type\": \"$backend\", \"backend_path\": \"$snap/memory\"}, \"resume_vm\": true}"
   echo "[demo] $backend restore: a fresh reapvm loaded and resumed the snapshot in $(( $(now_ms) - t0 )) ms"

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use support::http::{unix_request, HttpConn};
 use support::netns::NetNs;
-use support::restore::{api, create_snapshot, flushed_metrics, set_vm_state, Vmm};
+use support::restore::{
+    api, create_snapshot, flushed_metrics, set_vm_state, wait_for_invocation_signals, Vmm,
+};
 use support::*;
 
 /// A paused function VM's snapshot: files, and the answer to `POST /invoke` with body
@@ -47,6 +49,12 @@ fn take_snapshot(
         return Err(format!("invocation of {function}: {status}"));
     }
     let socket = scratch.path("api.sock");
+    wait_for_invocation_signals(
+        &socket,
+        &scratch.path("boot-metrics.json"),
+        2,
+        Duration::from_secs(60),
+    )?;
     set_vm_state(&socket, "Paused")?;
     let (vmstate, mem) = (scratch.path("vmstate"), scratch.path("memory"));
     create_snapshot(&socket, "Full", &vmstate, &mem)?;

@@ -9,7 +9,9 @@ use super::options::Mode;
 use crate::support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use crate::support::http::HttpConn;
 use crate::support::netns::NetNs;
-use crate::support::restore::{create_snapshot, flushed_metrics, set_vm_state, Vmm};
+use crate::support::restore::{
+    create_snapshot, flushed_metrics, set_vm_state, wait_for_invocation_signals, Vmm,
+};
 use crate::support::{drop_from_page_cache, GuestArtifacts, Scratch};
 
 /// A function's snapshot files.
@@ -134,6 +136,14 @@ pub fn boot_and_snapshot(
     drop(conn);
     let vmm_rss_overhead_kib = vmm_rss_overhead_kib(vm.pid(), f.mem_mib)?;
     let socket = scratch.path("api.sock");
+    // The first invocation, two warm-ups and the warm runs.
+    let answered = 3 + runs as u64;
+    wait_for_invocation_signals(
+        &socket,
+        &scratch.path("boot-metrics.json"),
+        answered,
+        Duration::from_secs(60),
+    )?;
     set_vm_state(&socket, "Paused")?;
     std::fs::create_dir_all(&files.dir).map_err(|e| format!("{}: {e}", files.dir.display()))?;
     let _ = std::fs::remove_file(files.ws());

@@ -142,3 +142,35 @@ pub fn create_snapshot(
         serde_json::json!({"snapshot_type": kind, "snapshot_path": vmstate, "mem_file_path": mem}),
     )
 }
+
+/// Waits until reapvm has seen `answered` invocation signals from the agent (metrics
+/// `agent.invocations_signalled`; metrics go to `metrics_path`, set here). The agent signals
+/// after it sends an answer: a snapshot taken before the signal is out would carry it, and
+/// its restore would see it at once and end a REAP recording before any invocation.
+pub fn wait_for_invocation_signals(
+    socket: &Path,
+    metrics_path: &Path,
+    answered: u64,
+    timeout: Duration,
+) -> Result<(), String> {
+    api(
+        socket,
+        "PUT",
+        "/metrics",
+        serde_json::json!({ "metrics_path": metrics_path }),
+    )?;
+    let start = std::time::Instant::now();
+    loop {
+        let m = flushed_metrics(socket, metrics_path)?;
+        let seen = m["agent"]["invocations_signalled"].as_u64().unwrap_or(0);
+        if seen >= answered {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "reapvm saw {seen} invocation signals from the agent after {timeout:?}, expected {answered}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -354,6 +354,9 @@ fn legacy_devices(
     // A restored replay guest goes at once; a booted one waits to be snapshotted.
     let report = ReplayReport::default();
     crate::metrics::metrics().replay.set(report.clone());
+    crate::metrics::metrics()
+        .agent
+        .set(invocation_signal.clone());
     let replay = Arc::new(Mutex::new(ReplayControl::new(
         saved.is_some(),
         invocation_signal.clone(),

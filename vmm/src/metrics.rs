@@ -250,6 +250,39 @@ pub struct Metrics {
     pub vcpu: VcpuMetrics,
     pub memory_restore: MemoryRestoreMetrics,
     pub replay: ReplayMetrics,
+    pub agent: AgentMetrics,
+}
+
+/// What the guest's agent signalled through the console.
+#[derive(Default)]
+pub struct AgentMetrics(Mutex<Option<devices::legacy::InvocationSignal>>);
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentMetrics")
+    }
+}
+
+impl AgentMetrics {
+    pub fn set(&self, signal: devices::legacy::InvocationSignal) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(signal);
+    }
+}
+
+impl Serialize for AgentMetrics {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let seen = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |signal| signal.seen());
+        let mut st = s.serialize_struct("AgentMetrics", 1)?;
+        // A total since the VMM started, not a delta: a snapshot waits for it to reach the
+        // number of invocations answered.
+        st.serialize_field("invocations_signalled", &seen)?;
+        st.end()
+    }
 }
 
 /// What the replay guest reported (docs/replay.md): ready, done, its checksum, an error.
@@ -292,13 +325,14 @@ impl Serialize for Metrics {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut st = s.serialize_struct("Metrics", 6)?;
+        let mut st = s.serialize_struct("Metrics", 7)?;
         st.serialize_field("utc_timestamp_ms", &now_ms)?;
         st.serialize_field("api_server", &self.api_server)?;
         st.serialize_field("latencies_us", &self.latencies_us)?;
         st.serialize_field("vcpu", &self.vcpu)?;
         st.serialize_field("memory_restore", &self.memory_restore)?;
         st.serialize_field("replay", &self.replay)?;
+        st.serialize_field("agent", &self.agent)?;
         st.end()
     }
 }

@@ -7,6 +7,7 @@
 //! a working set there).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What the agent writes after answering an invocation.
@@ -17,15 +18,27 @@ pub type InvocationHook = Box<dyn FnMut() + Send>;
 
 /// Where a hook for the invocation signal can be set after the console exists.
 #[derive(Clone, Default)]
-pub struct InvocationSignal(Arc<Mutex<Option<InvocationHook>>>);
+pub struct InvocationSignal {
+    hook: Arc<Mutex<Option<InvocationHook>>>,
+    /// Signals seen since this VMM started (metrics: an orchestrator waits for its last
+    /// invocation's signal before it snapshots, so that the signal cannot come out after a
+    /// restore and end a recording at once).
+    seen: Arc<AtomicU64>,
+}
 
 impl InvocationSignal {
     pub fn set_hook(&self, hook: InvocationHook) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Signals seen so far.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
     }
 
     pub(crate) fn fire(&self) {
-        if let Some(hook) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        self.seen.fetch_add(1, Ordering::AcqRel);
+        if let Some(hook) = self.hook.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             hook();
         }
     }
