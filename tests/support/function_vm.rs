@@ -110,6 +110,9 @@ fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
     });
 }
 
+/// How a boot that never became ready fails.
+const NOT_READY: &str = "the agent was not ready";
+
 /// What reapvm logs when a vCPU reports a guest shutdown (triple fault).
 pub const LAB_GUEST_SHUTDOWN: &str = "the guest shut the machine down";
 
@@ -133,6 +136,16 @@ impl FunctionVm {
                 eprintln!(
                     "WARNING: the guest shut down (triple fault) while booting in the KVM lab; \
                      booting it once more. First attempt: {e}"
+                );
+                Self::boot_once(guest, spec, scratch)
+            }
+            // Open item (docs/kvm-lab.md): about one boot in a hundred in the lab stalls after
+            // the agent's first console line, cause not found yet. In the lab only, one more
+            // boot, said out loud; on hardware KVM, or a second time, it is a failure.
+            Err(e) if detect_place() == Place::Lab && e.contains(NOT_READY) => {
+                eprintln!(
+                    "WARNING: the guest stalled while booting in the KVM lab (open item, \
+                     docs/kvm-lab.md); booting it once more. First attempt: {e}"
                 );
                 Self::boot_once(guest, spec, scratch)
             }
@@ -188,7 +201,7 @@ impl FunctionVm {
             std::thread::sleep(Duration::from_millis(250));
         }
         Err(format!(
-            "the agent was not ready after {READY_DEADLINE:?}; {}",
+            "{NOT_READY} after {READY_DEADLINE:?}; {}",
             self.describe()
         ))
     }
