@@ -38,12 +38,7 @@ impl Vmm {
 
     /// `PUT /metrics`: reapvm writes its metrics to `path` (read them with `flushed_metrics`).
     pub fn put_metrics(&self, path: &Path) -> Result<(), String> {
-        api(
-            &self.socket,
-            "PUT",
-            "/metrics",
-            serde_json::json!({ "metrics_path": path }),
-        )
+        put_metrics(&self.socket, path)
     }
 
     /// `PUT /snapshot/load` with `body` as given.
@@ -143,6 +138,16 @@ pub fn create_snapshot(
     )
 }
 
+/// `PUT /metrics` on the API at `socket`: reapvm writes its metrics to `path`.
+pub fn put_metrics(socket: &Path, path: &Path) -> Result<(), String> {
+    api(
+        socket,
+        "PUT",
+        "/metrics",
+        serde_json::json!({ "metrics_path": path }),
+    )
+}
+
 /// Waits until reapvm has seen `answered` invocation signals from the agent (metrics
 /// `agent.invocations_signalled`; metrics go to `metrics_path`, set here). The agent signals
 /// after it sends an answer: a snapshot taken before the signal is out would carry it, and
@@ -153,12 +158,7 @@ pub fn wait_for_invocation_signals(
     answered: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    api(
-        socket,
-        "PUT",
-        "/metrics",
-        serde_json::json!({ "metrics_path": metrics_path }),
-    )?;
+    put_metrics(socket, metrics_path)?;
     let start = std::time::Instant::now();
     loop {
         let m = flushed_metrics(socket, metrics_path)?;

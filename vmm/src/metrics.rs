@@ -253,30 +253,37 @@ pub struct Metrics {
     pub agent: AgentMetrics,
 }
 
-/// What the guest's agent signalled through the console.
-#[derive(Default)]
-pub struct AgentMetrics(Mutex<Option<devices::legacy::InvocationSignal>>);
+/// A device the metrics read from when they are written (set once the device exists).
+pub struct DeviceSlot<T>(Mutex<Option<T>>);
 
-impl std::fmt::Debug for AgentMetrics {
+impl<T> Default for DeviceSlot<T> {
+    fn default() -> Self {
+        Self(Mutex::new(None))
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceSlot<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AgentMetrics")
+        f.write_str("DeviceSlot")
     }
 }
 
-impl AgentMetrics {
-    pub fn set(&self, signal: devices::legacy::InvocationSignal) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(signal);
+impl<T> DeviceSlot<T> {
+    pub fn set(&self, device: T) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(device);
+    }
+
+    fn read<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
+        f(self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref())
     }
 }
+
+/// What the guest's agent signalled through the console.
+pub type AgentMetrics = DeviceSlot<devices::legacy::InvocationSignal>;
 
 impl Serialize for AgentMetrics {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let seen = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, |signal| signal.seen());
+        let seen = self.read(|signal| signal.map_or(0, |signal| signal.seen()));
         let mut st = s.serialize_struct("AgentMetrics", 1)?;
         // A total since the VMM started, not a delta: a snapshot waits for it to reach the
         // number of invocations answered.
@@ -286,30 +293,11 @@ impl Serialize for AgentMetrics {
 }
 
 /// What the replay guest reported (docs/replay.md): ready, done, its checksum, an error.
-#[derive(Default)]
-pub struct ReplayMetrics(Mutex<Option<devices::legacy::ReplayReport>>);
-
-impl std::fmt::Debug for ReplayMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ReplayMetrics")
-    }
-}
-
-impl ReplayMetrics {
-    pub fn set(&self, report: devices::legacy::ReplayReport) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
-    }
-}
+pub type ReplayMetrics = DeviceSlot<devices::legacy::ReplayReport>;
 
 impl Serialize for ReplayMetrics {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let status = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|r| r.status())
-            .unwrap_or_default();
+        let status = self.read(|r| r.map(|r| r.status()).unwrap_or_default());
         let mut st = s.serialize_struct("ReplayMetrics", 4)?;
         st.serialize_field("ready", &status.ready)?;
         st.serialize_field("done", &status.done)?;
