@@ -139,7 +139,7 @@ impl FunctionVm {
                 );
                 Self::boot_once(guest, spec, scratch)
             }
-            // Open item (docs/kvm-lab.md): about one boot in a hundred in the lab stalls after
+            // Open item (docs/kvm-lab.md): now and then a boot in the lab stalls after
             // the agent's first console line, cause not found yet. In the lab only, one more
             // boot, said out loud; on hardware KVM, or a second time, it is a failure.
             Err(e) if detect_place() == Place::Lab && e.contains(NOT_READY) => {
