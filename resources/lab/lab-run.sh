@@ -22,6 +22,9 @@ command -v qemu-system-x86_64 >/dev/null || { echo "lab: qemu-system-x86_64 is n
 lab="$("$here/build-lab.sh" | tail -n 1)"
 
 mkdir -p "$cache/lab-runs"
+# Consoles kept from faulty labs: the ten newest are enough to compare.
+find "$cache/lab-runs" -maxdepth 1 -name '*.log' -printf '%T@ %p\n' 2>/dev/null | sort -rn |
+  tail -n +11 | cut -d' ' -f2- | xargs -r rm -f
 run="$(mktemp -d "$cache/lab-runs/run.XXXXXX")"
 qpid=""
 # REAPVM_LAB_OUT_DIR (a host folder): the command gets a writable folder (REAPVM_LAB_OUT in
@@ -75,8 +78,25 @@ qpid=$!
 tail -n +1 -f --pid="$qpid" "$run/output.log" | grep -v '^REAPVM_LAB_EXIT=' &
 tailpid=$!
 
+# The lab's own kernel sometimes stops taking timer interrupts on one of its CPUs (QEMU TCG
+# with nested SVM; docs/kvm-lab.md): its RCU then reports a timer wakeup that did not happen,
+# and everything that sleeps on that CPU, guests' timers included, waits forever. The lab is
+# beyond repair then: stop it at once with a distinct exit code rather than at the time limit.
+timer_lost_sign="timer wakeup didn't happen"
 deadline=$(( $(date +%s) + timeout_s ))
+polls=0
 while kill -0 "$qpid" 2>/dev/null; do
+  polls=$((polls + 1))
+  if [ $((polls % 10)) -eq 0 ] && grep -qF "$timer_lost_sign" "$run/console.log" 2>/dev/null; then
+    kept="$cache/lab-runs/timer-lost-$(date +%Y%m%d-%H%M%S)-$$.log"
+    cp "$run/console.log" "$kept" 2>/dev/null || true
+    echo "lab: the lab's kernel lost a CPU's timer (its console: \"$(grep -m1 -F "$timer_lost_sign" "$run/console.log")\"); stopping this lab, console kept in $kept" >&2
+    kill "$qpid" 2>/dev/null || true
+    wait "$qpid" 2>/dev/null || true
+    qpid=""
+    wait "$tailpid" 2>/dev/null || true
+    exit 123
+  fi
   if [ "$(date +%s)" -ge "$deadline" ]; then
     echo "lab: time limit of ${timeout_s}s reached, stopping the lab" >&2
     kill "$qpid" 2>/dev/null || true

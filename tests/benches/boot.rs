@@ -116,7 +116,7 @@ fn main() -> ExitCode {
     };
     let place = detect_place();
     if place == Place::NeedsLab {
-        return rerun_in_lab("boot benchmark");
+        return support::place::rerun_in_lab("boot benchmark");
     }
     let guest = match GuestArtifacts::locate() {
         Ok(g) => g,

@@ -149,7 +149,7 @@ fn run() -> Result<(), String> {
 
 fn main() -> ExitCode {
     if detect_place() == Place::NeedsLab {
-        return rerun_in_lab("function VM benchmark");
+        return support::place::rerun_in_lab("function VM benchmark");
     }
     match run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ pub mod http;
 pub mod netns;
 pub mod place;
 pub mod restore;
-pub use place::{detect_place, repo_root, rerun_in_lab, Place};
+pub use place::{detect_place, repo_root, rerun_suite_in_lab, Place};
 
 /// Paths of the guest kernel and initramfs built by scripts/build-guest.sh.
 #[derive(Debug, Clone)]
@@ -86,7 +86,7 @@ pub fn run_kvm_suite(suite: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCo
         return libtest_mimic::run(&args, trials()).exit_code();
     }
     match detect_place() {
-        Place::NeedsLab => return rerun_in_lab(&format!("KVM suite `{suite}`")),
+        Place::NeedsLab => return rerun_suite_in_lab(&format!("KVM suite `{suite}`")),
         Place::HardwareKvm => {
             println!("KVM suite `{suite}`: running directly on this host's hardware KVM")
         }

@@ -1,7 +1,8 @@
 //! Where whole-guest code runs: on hardware KVM directly, or re-run inside the KVM lab.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 /// Where the suite runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,14 +45,38 @@ pub fn detect_place() -> Place {
 
 /// lab-run.sh's exit code when the lab machine died before the command reported its own.
 const LAB_MACHINE_DIED: i32 = 122;
+/// lab-run.sh's exit code when the lab's own kernel stopped taking timer interrupts on a CPU
+/// (its RCU said so on its console) and the lab was stopped.
+const LAB_TIMER_LOST: i32 = 123;
+/// Lab runs that end in one of the two faults above before the run is given up.
+const LAB_ATTEMPTS: usize = 3;
+
+/// What happens to a run that the lab's own faults cut short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Run the whole command again (benchmarks: they keep their own partial results).
+    Whole,
+    /// A libtest suite: run again only the tests that have not reported a verdict.
+    UnfinishedTests,
+}
 
 /// Re-runs this very executable, with its arguments, inside the KVM lab.
 pub fn rerun_in_lab(what: &str) -> ExitCode {
     rerun_in_lab_with(what, &[])
 }
 
+/// As `rerun_in_lab`, for a libtest suite: after a lab fault, a fresh lab runs only the
+/// tests that had not finished, so a fault late in a long suite costs little.
+pub fn rerun_suite_in_lab(what: &str) -> ExitCode {
+    rerun(what, &[], Retry::UnfinishedTests)
+}
+
 /// As `rerun_in_lab`, with extra environment for lab-run.sh (e.g. REAPVM_LAB_DISK_MIB).
 pub fn rerun_in_lab_with(what: &str, env: &[(&str, &str)]) -> ExitCode {
+    rerun(what, env, Retry::Whole)
+}
+
+fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
     let lab_run = repo_root().join("resources/lab/lab-run.sh");
     println!(
         "{what}: this host's KVM cannot boot Linux (no vmx/svm; see docs/kvm-lab.md); \
@@ -60,35 +85,236 @@ pub fn rerun_in_lab_with(what: &str, env: &[(&str, &str)]) -> ExitCode {
     let exe = std::env::current_exe().expect("the test binary's own path");
     let timeout = std::env::var("REAPVM_LAB_TIMEOUT").unwrap_or_else(|_| "2400".into());
     let mem = std::env::var("REAPVM_LAB_MEM_MIB").unwrap_or_else(|_| "6144".into());
-    let run_once = || {
-        Command::new(&lab_run)
+    let mut verdicts = TestVerdicts::default();
+    let mut attempt = 1;
+    loop {
+        let mut skips = Vec::new();
+        if retry == Retry::UnfinishedTests && attempt > 1 {
+            for name in verdicts.safe_skips(&list_tests(&exe)) {
+                skips.extend(["--skip".to_string(), name]);
+            }
+        }
+        let mut child = match Command::new(&lab_run)
             .args(["--timeout", &timeout, "--mem", &mem, "--"])
             .envs(env.iter().copied())
             .arg(&exe)
             .args(std::env::args_os().skip(1))
-            .status()
-    };
-    let mut status = run_once();
-    if matches!(&status, Ok(s) if s.code() == Some(LAB_MACHINE_DIED)) {
-        // The emulated machine died (not a test verdict): one fresh lab, loudly.
-        eprintln!(
-            "{what}: the KVM lab machine itself died before the suite finished \
-             (see the kept console above); running the suite once more in a fresh lab"
-        );
-        status = run_once();
-    }
-    match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            eprintln!("{what}: the lab run failed ({s})");
-            ExitCode::FAILURE
+            .args(&skips)
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!(
+                    "{what}: cannot start the KVM lab ({}): {e}",
+                    lab_run.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        let finished_before = verdicts.finished().count();
+        if let Some(out) = child.stdout.take() {
+            // Passed through line by line, as it comes: the lab's runs take minutes.
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                println!("{line}");
+                verdicts.feed(&line);
+            }
         }
-        Err(e) => {
+        let status = match child.wait() {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("{what}: lost the KVM lab's process: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let fault = match status.code() {
+            Some(LAB_MACHINE_DIED) => {
+                "the KVM lab machine itself died (see its kept console above)"
+            }
+            Some(LAB_TIMER_LOST) => "the KVM lab's kernel lost a CPU's timer (see above)",
+            _ => {
+                if status.success() && !verdicts.any_failed() {
+                    if attempt > 1 {
+                        println!(
+                            "{what}: passed over {attempt} lab runs ({} test verdicts seen)",
+                            verdicts.finished().count()
+                        );
+                    }
+                    return ExitCode::SUCCESS;
+                }
+                eprintln!("{what}: the lab run failed ({status})");
+                return ExitCode::FAILURE;
+            }
+        };
+        let progressed = verdicts.finished().count() > finished_before;
+        if attempt >= LAB_ATTEMPTS || (attempt > 1 && !progressed) {
             eprintln!(
-                "{what}: cannot start the KVM lab ({}): {e}",
-                lab_run.display()
+                "{what}: {fault}, before the run finished, in {attempt} lab run(s); giving up"
             );
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+        attempt += 1;
+        match retry {
+            Retry::Whole => eprintln!(
+                "WARNING: {what}: {fault}, before the run finished (not a verdict on reapvm); \
+                 running it once more in a fresh lab (attempt {attempt} of {LAB_ATTEMPTS})"
+            ),
+            Retry::UnfinishedTests => eprintln!(
+                "WARNING: {what}: {fault}, before the suite finished (not a verdict on reapvm); \
+                 {} test(s) have their verdict ({} failed), the rest run in a fresh lab \
+                 (attempt {attempt} of {LAB_ATTEMPTS})",
+                verdicts.finished().count(),
+                verdicts.failed.len()
+            ),
+        }
+    }
+}
+
+/// The verdicts of a libtest run's tests, read from its output ("test NAME ... ok", with
+/// whatever the test printed before the verdict, and colour codes, in between).
+#[derive(Debug, Default)]
+pub struct TestVerdicts {
+    current: Option<String>,
+    passed: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl TestVerdicts {
+    pub fn feed(&mut self, line: &str) {
+        let plain = strip_ansi(line);
+        let mut verdict = plain.trim();
+        if let Some((name, rest)) = plain
+            .strip_prefix("test ")
+            .and_then(|rest| rest.split_once(" ..."))
+        {
+            self.current = Some(name.trim().to_string());
+            verdict = rest.trim();
+        }
+        // Only a line that is the verdict alone counts: a test's own output that merely ends
+        // in "ok" must not pass it (a missed verdict only makes a retry run the test again).
+        let Some(name) = self.current.take() else {
+            return;
+        };
+        match verdict {
+            "ok" => self.passed.push(name),
+            "FAILED" => self.failed.push(name),
+            _ => self.current = Some(name),
+        }
+    }
+
+    /// Tests that passed or failed (not those that were running when the run was cut short).
+    pub fn finished(&self) -> impl Iterator<Item = &str> {
+        self.passed.iter().chain(&self.failed).map(String::as_str)
+    }
+
+    /// Finished tests that `--skip` (a substring match) can leave out without also leaving
+    /// out an unfinished test of `all` whose name contains theirs.
+    pub fn safe_skips(&self, all: &[String]) -> Vec<String> {
+        if all.is_empty() {
+            // The suite's list is unknown: no skip is known to be safe.
+            return Vec::new();
+        }
+        let finished: Vec<&str> = self.finished().collect();
+        let unfinished: Vec<&String> = all
+            .iter()
+            .filter(|t| !finished.contains(&t.as_str()))
+            .collect();
+        finished
+            .iter()
+            .filter(|name| !unfinished.iter().any(|t| t.contains(**name)))
+            .map(|name| name.to_string())
+            .collect()
+    }
+
+    pub fn any_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+}
+
+/// The names of the tests this run selects (its own `--list`, which never enters the lab).
+fn list_tests(exe: &Path) -> Vec<String> {
+    let listed = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--list")
+        .stderr(Stdio::inherit())
+        .output();
+    let Ok(listed) = listed else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI sequences (colours): ESC '[' parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verdicts_from_libtest_output() {
+        let mut v = super::TestVerdicts::default();
+        for line in [
+            "running 5 tests",
+            "test restored_with_file_backend     ... snapshot/load answered after 2ms (lab time)",
+            "\u{1b}[32mok\u{1b}[0m",
+            "test damaged_snapshots_are_refused ... \u{1b}[32mok\u{1b}[0m",
+            "test lr_serving_answers ... WARNING: the guest shut down (triple fault); once more",
+            "reapvm-agent: cpus=1 ok",
+            "  ok",
+            "test broken_one ... \u{1b}[31mFAILED\u{1b}[0m",
+            "test cut_short ... WARNING: booting it once more",
+            "the agent said ok",
+            "test result: ok. 3 passed; 1 failed",
+        ] {
+            v.feed(line);
+        }
+        assert_eq!(
+            v.finished().collect::<Vec<_>>(),
+            [
+                "restored_with_file_backend",
+                "damaged_snapshots_are_refused",
+                "lr_serving_answers",
+                "broken_one"
+            ]
+        );
+        assert_eq!(v.passed.len(), 3);
+        let all = [
+            "restored_with_file_backend",
+            "restored_with_file_backend_twice",
+            "damaged_snapshots_are_refused",
+            "lr_serving_answers",
+            "broken_one",
+            "cut_short",
+        ]
+        .map(String::from);
+        // The first is also part of an unfinished test's name: skipping it would skip both.
+        assert_eq!(
+            v.safe_skips(&all),
+            [
+                "damaged_snapshots_are_refused",
+                "lr_serving_answers",
+                "broken_one"
+            ]
+        );
+        assert!(v.any_failed());
+        assert_eq!(v.current.as_deref(), Some("cut_short"));
     }
 }
