@@ -75,22 +75,23 @@ qemu-system-x86_64 -machine q35 -accel "tcg,thread=${REAPVM_LAB_TCG_THREAD:-mult
   -device virtio-serial-pci -chardev "file,id=out,path=$run/output.log" \
   -device virtconsole,chardev=out < /dev/null > "$run/qemu.log" 2>&1 &
 qpid=$!
-tail -n +1 -f --pid="$qpid" "$run/output.log" | grep -v '^REAPVM_LAB_EXIT=' &
+tail -n +1 -f --pid="$qpid" "$run/output.log" | grep --line-buffered -v '^REAPVM_LAB_EXIT=' &
 tailpid=$!
 
 # The lab's own kernel sometimes stops taking timer interrupts on one of its CPUs (QEMU TCG
-# with nested SVM; docs/kvm-lab.md): its RCU then reports a timer wakeup that did not happen,
-# and everything that sleeps on that CPU, guests' timers included, waits forever. The lab is
-# beyond repair then: stop it at once with a distinct exit code rather than at the time limit.
-timer_lost_sign="timer wakeup didn't happen"
+# with nested SVM; docs/kvm-lab.md), and everything that sleeps on that CPU, guests' timers
+# included, waits forever. lab-init's watchers say so on the console, and so does RCU when
+# its own thread sleeps there. The lab is beyond repair then: stop it at once with a
+# distinct exit code rather than at the time limit.
+timer_lost_sign="timer wakeup didn't happen|reapvm-lab: cpu [0-9]+'s timer is lost"
 deadline=$(( $(date +%s) + timeout_s ))
 polls=0
 while kill -0 "$qpid" 2>/dev/null; do
   polls=$((polls + 1))
-  if [ $((polls % 10)) -eq 0 ] && grep -qF "$timer_lost_sign" "$run/console.log" 2>/dev/null; then
+  if [ $((polls % 10)) -eq 0 ] && grep -qE "$timer_lost_sign" "$run/console.log" 2>/dev/null; then
     kept="$cache/lab-runs/timer-lost-$(date +%Y%m%d-%H%M%S)-$$.log"
     cp "$run/console.log" "$kept" 2>/dev/null || true
-    echo "lab: the lab's kernel lost a CPU's timer (its console: \"$(grep -m1 -F "$timer_lost_sign" "$run/console.log")\"); stopping this lab, console kept in $kept" >&2
+    echo "lab: the lab's kernel lost a CPU's timer (its console: \"$(grep -m1 -E "$timer_lost_sign" "$run/console.log")\"); stopping this lab, console kept in $kept" >&2
     kill "$qpid" 2>/dev/null || true
     wait "$qpid" 2>/dev/null || true
     qpid=""

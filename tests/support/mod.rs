@@ -12,6 +12,7 @@ pub use libtest_mimic::{Arguments, Failed, Trial};
 
 pub mod function_vm;
 pub mod http;
+pub mod lab_probe;
 pub mod netns;
 pub mod place;
 pub mod restore;
