@@ -42,6 +42,9 @@ mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs shm /host/dev/shm
+# KVM's counters and exit tracing, read by the tests when a guest stalls.
+mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
+mount -t tracefs tracefs /host/sys/kernel/tracing 2>/dev/null
 mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 labrun "/host$run" \

@@ -114,7 +114,7 @@ fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
 const NOT_READY: &str = "the agent was not ready";
 
 /// Boots of one function VM in the lab before its emulation faults fail the test.
-const LAB_BOOT_ATTEMPTS: usize = 3;
+const LAB_BOOT_ATTEMPTS: usize = 4;
 
 /// What reapvm logs when a vCPU reports a guest shutdown (triple fault).
 pub const LAB_GUEST_SHUTDOWN: &str = "the guest shut the machine down";
