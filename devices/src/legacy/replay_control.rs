@@ -108,11 +108,13 @@ impl BusDevice for ReplayControl {
             }
             DONE => {
                 log::info!("replay guest: done, checksum {value:#010x}");
+                // The signal first: it stamps the restore's first_response_us, which whoever
+                // sees `done` in the metrics reads next.
+                self.signal.fire();
                 self.report.update(|s| {
                     s.done = true;
                     s.checksum = value;
                 });
-                self.signal.fire();
             }
             DETAIL => self.detail = value,
             ERROR => {
@@ -139,6 +141,22 @@ impl BusDevice for ReplayControl {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn done_is_shown_after_the_signal_has_fired() {
+        // Whoever polls the metrics for `done` then reads what the signal's hook stamped.
+        let signal = InvocationSignal::default();
+        let report = ReplayReport::default();
+        let seen_done_in_hook = Arc::new(AtomicU32::new(2));
+        let (r, seen) = (report.clone(), seen_done_in_hook.clone());
+        signal.set_hook(Box::new(move || {
+            seen.store(u32::from(r.status().done), Ordering::Relaxed);
+        }));
+        let mut restored = ReplayControl::new(true, signal, report.clone());
+        restored.write(DONE, &7u32.to_le_bytes());
+        assert_eq!(seen_done_in_hook.load(Ordering::Relaxed), 0);
+        assert!(report.status().done);
+    }
 
     #[test]
     fn go_ready_done_and_errors() {
