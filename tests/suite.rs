@@ -140,6 +140,11 @@ fn check_rows(ok: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("REAPVM_LAB_TIMEOUT").is_none() {
+        // About 25 minutes in the lab when nothing goes wrong; each of the lab's stalled
+        // boots (docs/kvm-lab.md) costs 5 more before it is booted again.
+        std::env::set_var("REAPVM_LAB_TIMEOUT", "3600");
+    }
     run_kvm_suite("suite", || {
         let mut trials: Vec<Trial> = SUITE
             .iter()
