@@ -1,13 +1,14 @@
 //! What the KVM lab looked like when a guest stalled: the VMM's threads (state, where each
-//! waits in the lab's kernel) and each lab CPU's next timer event, so that a stall's report
-//! says whether the vCPU waited for an interrupt that never came.
+//! waits in the lab's kernel) and what the lab's KVM did for the VM meanwhile, so that a
+//! stall's report says whether the vCPU waited, looped in the guest or kept exiting. (A lost
+//! timer is lab-init's watchers' to report: they stop the lab long before a boot's deadline.)
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
 use std::time::Duration;
 
-/// The state of process `pid`'s threads and of the lab kernel's per-CPU timers.
+/// The state of process `pid`'s threads and its VM's activity in the lab's KVM.
 pub fn describe_stall(pid: u32) -> String {
     let mut out = String::from("--- lab state at the stall ---\n");
     let tasks = format!("/proc/{pid}/task");
@@ -27,24 +28,6 @@ pub fn describe_stall(pid: u32) -> String {
         }
     }
     out.push_str(&kvm_activity(pid));
-    match std::fs::read_to_string("/proc/timer_list") {
-        Ok(list) => {
-            for (cpu, overdue_ms) in overdue_timers(&list) {
-                let _ = writeln!(
-                    out,
-                    "lab cpu {cpu}: next timer event {}",
-                    match overdue_ms {
-                        Some(ms) if ms > 0 => format!("overdue by {ms} ms"),
-                        Some(_) => "ahead".to_string(),
-                        None => "none set".to_string(),
-                    }
-                );
-            }
-        }
-        Err(e) => {
-            let _ = writeln!(out, "/proc/timer_list: {e}");
-        }
-    }
     out
 }
 
@@ -174,63 +157,4 @@ fn describe_thread(dir: &str) -> String {
         if wchan.is_empty() { "-" } else { wchan.trim() },
         stack.join(" < ")
     )
-}
-
-/// Each CPU's clock event device in `/proc/timer_list`: how far its next event lies in the
-/// past, in ms (negative: ahead), or None when none is set.
-pub fn overdue_timers(timer_list: &str) -> Vec<(u32, Option<i64>)> {
-    let mut now: Option<i64> = None;
-    let mut cpu: Option<u32> = None;
-    let mut found = Vec::new();
-    for line in timer_list.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["now", "at", ns, ..] => now = ns.parse().ok(),
-            ["Per", "CPU", "device:", n, ..] => cpu = n.parse().ok(),
-            ["next_event:", ns, ..] => {
-                if let (Some(c), Some(now)) = (cpu.take(), now) {
-                    let next: i64 = ns.parse().unwrap_or(i64::MAX);
-                    let overdue = (next != i64::MAX).then(|| (now - next) / 1_000_000);
-                    found.push((c, overdue));
-                }
-            }
-            _ => {}
-        }
-    }
-    found
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn overdue_timers_per_cpu() {
-        let list = "\
-Timer List Version: v0.9
-now at 8230491443 nsecs
-
-Tick Device: mode:     1
-Broadcast device
-Clock Event Device: hpet
- next_event:     9223372036854775807 nsecs
-
-Tick Device: mode:     1
-Per CPU device: 0
-Clock Event Device: lapic
- next_event:     8000000000 nsecs
-
-Tick Device: mode:     1
-Per CPU device: 1
-Clock Event Device: lapic
- next_event:     8236000000 nsecs
-
-Tick Device: mode:     1
-Per CPU device: 2
-Clock Event Device: lapic
- next_event:     9223372036854775807 nsecs
-";
-        assert_eq!(
-            super::overdue_timers(list),
-            [(0, Some(230)), (1, Some(-5)), (2, None)]
-        );
-    }
 }
