@@ -143,17 +143,30 @@ fn a_trace_outside_guest_memory_is_refused() -> Result<(), String> {
     }
     // ...and so does the guest, which stops before it says ready, and the VMM says why.
     let path = write_trace(&scratch.dir, &trace)?;
-    let config = scratch.path("vm.json");
-    let body = serde_json::json!({
-        "boot-source": {"kernel_image_path": replay_vm::replay_guest()?, "initrd_path": path, "boot_args": ""},
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
-    });
-    std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
-    let vmm = ReplayVmm::start(&scratch.dir, "boot", Some(&config))?;
+    let config = |replay_control: bool| -> Result<std::path::PathBuf, String> {
+        let config = scratch.path(&format!("vm-{replay_control}.json"));
+        let body = serde_json::json!({
+            "boot-source": {"kernel_image_path": replay_vm::replay_guest()?, "initrd_path": path, "boot_args": ""},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
+            "replay-control": replay_control,
+        });
+        std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
+        Ok(config)
+    };
+    let vmm = ReplayVmm::start(&scratch.dir, "boot", Some(&config(true)?))?;
     match vmm.wait_for("ready", std::time::Duration::from_secs(30)) {
-        Err(e) if e.contains(&format!("touches page {beyond}, outside guest memory")) => Ok(()),
-        Err(e) => Err(format!("unexpected error: {e}")),
-        Ok(_) => Err("the guest accepted a trace outside its memory".into()),
+        Err(e) if e.contains(&format!("touches page {beyond}, outside guest memory")) => {}
+        Err(e) => return Err(format!("unexpected error: {e}")),
+        Ok(_) => return Err("the guest accepted a trace outside its memory".into()),
+    }
+    drop(vmm);
+    // Without `replay-control` the VM has no control page: the guest's report goes nowhere.
+    let vmm = ReplayVmm::start(&scratch.dir, "no-control", Some(&config(false)?))?;
+    match vmm.wait_for("ready", std::time::Duration::from_secs(3)) {
+        Err(e) if e.contains("was not ready after") => Ok(()),
+        other => Err(format!(
+            "a VM without replay-control had the replay control page: {other:?}"
+        )),
     }
 }
 

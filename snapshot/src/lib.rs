@@ -8,4 +8,7 @@ pub mod replay_trace;
 pub mod touch_log;
 pub mod ws;
 
+/// The only page size reapvm's guest memory, snapshots, WS files and traces use.
+pub const PAGE_SIZE: usize = 4096;
+
 pub use envelope::{decode, encode, write_atomic, EnvelopeError};

@@ -20,8 +20,10 @@ use std::collections::HashSet;
 
 use crate::ws::WorkingSet;
 
+/// The page size as the trace's arithmetic on file offsets and addresses uses it.
+const PAGE: u64 = crate::PAGE_SIZE as u64;
+
 pub const TRACE_MAGIC: &[u8; 8] = b"REAPTRC1";
-pub const PAGE_SIZE: u64 = 4096;
 pub const HEADER_LEN: usize = 32;
 /// Pages below this belong to the replay guest (2 MiB).
 pub const GUEST_RESERVED_PAGES: u64 = 512;
@@ -64,7 +66,7 @@ impl Trace {
         let mut out =
             Vec::with_capacity(HEADER_LEN + self.fills.len() * 16 + self.touches.len() * 8);
         out.extend_from_slice(TRACE_MAGIC);
-        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&(crate::PAGE_SIZE as u32).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(self.fills.len() as u64).to_le_bytes());
         out.extend_from_slice(&(self.touches.len() as u64).to_le_bytes());
@@ -87,7 +89,7 @@ impl Trace {
         }
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        if u64::from(u32_at(8)) != PAGE_SIZE {
+        if u64::from(u32_at(8)) != PAGE {
             return Err(bad(format!("page size {}", u32_at(8))));
         }
         let (fills, touches) = (u64_at(16), u64_at(24));
@@ -212,19 +214,19 @@ pub fn export(
     first_writes: &HashSet<u64>,
     gap_iterations: u64,
 ) -> (Trace, ExportReport) {
-    let page = PAGE_SIZE as usize;
+    let page = crate::PAGE_SIZE;
     let to_guest_page = |file_offset: u64| {
         ws.regions
             .iter()
             .find(|r| file_offset >= r.file_offset && file_offset < r.file_offset + r.size)
-            .map(|r| (r.guest_addr + (file_offset - r.file_offset)) / PAGE_SIZE)
+            .map(|r| (r.guest_addr + (file_offset - r.file_offset)) / PAGE)
     };
     let mut report = ExportReport::default();
     let mut pages = Vec::new();
     for run in &ws.runs {
         for i in 0..u64::from(run.pages) {
             report.ws_pages += 1;
-            let offset = run.file_offset + i * PAGE_SIZE;
+            let offset = run.file_offset + i * PAGE;
             let Some(gp) = to_guest_page(offset) else {
                 continue;
             };
@@ -257,7 +259,7 @@ pub fn export(
         let mut offset = start;
         while offset + page <= end {
             if memory[offset..offset + page].iter().any(|&b| b != 0) {
-                let gp = (r.guest_addr + (offset - start) as u64) / PAGE_SIZE;
+                let gp = (r.guest_addr + (offset - start) as u64) / PAGE;
                 if gp >= GUEST_RESERVED_PAGES {
                     report.filled_pages += 1;
                     match fills.last_mut() {
@@ -357,7 +359,7 @@ mod tests {
     #[test]
     fn exports_touch_order_fills_and_gaps_from_a_ws() {
         // 1 MiB of memory: pages 600.. hold data; the WS touched 601, 600, then 10 (reserved).
-        let page = PAGE_SIZE as usize;
+        let page = crate::PAGE_SIZE;
         let mut memory = vec![0u8; 1024 * page];
         for p in [600usize, 601, 602, 900] {
             memory[p * page + 17] = 1;
@@ -373,17 +375,17 @@ mod tests {
         }];
         let runs = [
             WsRun {
-                file_offset: 601 * PAGE_SIZE,
+                file_offset: 601 * PAGE,
                 pages: 1,
                 kind: RunKind::Data,
             },
             WsRun {
-                file_offset: 600 * PAGE_SIZE,
+                file_offset: 600 * PAGE,
                 pages: 1,
                 kind: RunKind::Data,
             },
             WsRun {
-                file_offset: 10 * PAGE_SIZE,
+                file_offset: 10 * PAGE,
                 pages: 1,
                 kind: RunKind::Zero,
             },
@@ -412,7 +414,7 @@ mod tests {
             }
         );
         // With a touch log: page 600 was first touched by a write (10 too, but it is dropped).
-        let writes = HashSet::from([600 * PAGE_SIZE, 10 * PAGE_SIZE]);
+        let writes = HashSet::from([600 * PAGE, 10 * PAGE]);
         let (trace, report) = export(&decoded, &memory, &writes, 1000);
         assert_eq!(
             trace

@@ -18,7 +18,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::envelope::{self, EnvelopeError};
-use crate::ws::{SnapshotIdentity, PAGE_SIZE};
+use crate::ws::SnapshotIdentity;
+use crate::PAGE_SIZE;
 
 pub const TOUCH_LOG_MAGIC: &[u8; 8] = b"REAPTLOG";
 pub const TOUCH_LOG_VERSION: u32 = 1;
@@ -85,7 +86,7 @@ impl TouchLog {
                 "{count} touches declared, {present} bytes of them present"
             )));
         }
-        let page_mask = u64::from(PAGE_SIZE) - 1;
+        let page_mask = PAGE_SIZE as u64 - 1;
         let mut touches = Vec::with_capacity(count as usize);
         for i in 0..count as usize {
             let w = word(3 + i).expect("length checked above");

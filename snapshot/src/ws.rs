@@ -21,8 +21,7 @@ use crate::envelope::{self, EnvelopeError};
 
 pub const WS_MAGIC: &[u8; 8] = b"REAPWSET";
 pub const WS_VERSION: u32 = 1;
-/// The only page size reapvm's guest memory and WS files use.
-pub const PAGE_SIZE: u32 = 4096;
+use crate::PAGE_SIZE;
 
 const IDENTITY_LEN: usize = 16;
 const COUNTS_LEN: usize = 16;
@@ -226,7 +225,7 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
         memory_len: c.u64("identity")?,
     };
     let page_size = c.u32("page size")?;
-    if page_size != PAGE_SIZE {
+    if page_size as usize != PAGE_SIZE {
         return Err(WsError::Malformed(format!(
             "page size {page_size} (reapvm works in {PAGE_SIZE}-byte pages)"
         )));

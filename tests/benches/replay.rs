@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use snapshot::replay_trace::{export, Trace, PAGE_SIZE};
+use snapshot::replay_trace::{export, Trace};
 use snapshot::touch_log::TouchLog;
+use snapshot::PAGE_SIZE;
 use suite_bench::options::{Mode, Options};
 use suite_bench::report::{csv, geomean, spread_of, Sample, Spread};
 use support::repo_root;
@@ -108,7 +109,7 @@ fn prepare(name: &str, cache: &Path, iters_per_us: f64) -> Result<Prepared, Stri
     let trace_mib = (trace.encode().len() as u64).div_ceil(1 << 20);
     let mem_mib = fn_mib + trace_mib + 4;
     trace
-        .check_fits(fn_mib * (1 << 20) / PAGE_SIZE)
+        .check_fits(fn_mib * (1 << 20) / PAGE_SIZE as u64)
         .map_err(|e| format!("{name}: {e}"))?;
     Ok(Prepared {
         trace,

@@ -153,6 +153,7 @@ pub fn boot_and_snapshot(dir: &Path, trace: &Path, mem_mib: u64) -> Result<Repla
         "boot-source": {"kernel_image_path": replay_guest()?, "initrd_path": trace, "boot_args": "reapvm-replay"},
         "drives": [],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": mem_mib},
+        "replay-control": true,
     });
     std::fs::write(&config, body.to_string()).map_err(|e| format!("{}: {e}", config.display()))?;
     let vmm = ReplayVmm::start(dir, "boot", Some(&config))?;

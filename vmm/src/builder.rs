@@ -25,10 +25,8 @@ use crate::console::StdinToSerial;
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
-use crate::metrics;
+
 use crate::microvm::{MicroVm, Subscriber};
-use crate::reap;
-use crate::uffd_backend;
 use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
 use crate::vm::{Vm, VmError};
 
@@ -60,8 +58,6 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("device state: {0}")]
     DeviceState(String),
-    #[error("cannot restore the snapshot: {0}")]
-    Restore(String),
     #[error("cannot list the MSRs to save: {0}")]
     MsrList(crate::vstate::VcpuStateError),
     #[error(transparent)]
@@ -190,7 +186,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     for entry in mmio.cmdline_entries() {
         cmdline.insert_str(entry).map_err(LoaderError::Cmdline)?;
     }
-    let mmio_bus = with_replay_control(mmio.bus(), &legacy)?;
+    let mmio_bus = vcpu_mmio_bus(mmio.bus(), &legacy, config)?;
 
     // Kernel, command line, initrd, zero page, MP table.
     let kernel = loader::load_kernel(&guest_memory, &mut kernel_file, &kernel_path)?;
@@ -275,26 +271,33 @@ pub(crate) struct LegacyDevices {
     /// The agent's "invocation answered" signal, seen in the console output.
     pub invocation_signal: InvocationSignal,
     pub reset_evt: EventFd,
-    /// The replay guest's control page (an MMIO device; see `with_replay_control`).
+    /// The replay guest's control page (an MMIO device; see `vcpu_mmio_bus`).
     pub replay: Arc<Mutex<ReplayControl>>,
 }
 
-/// The MMIO bus the vCPUs get: the virtio devices' and the replay control page.
-fn with_replay_control(bus: &Bus, legacy: &LegacyDevices) -> Result<Bus, BuildError> {
+/// The MMIO bus the vCPUs get: the virtio devices', and the replay control page when the
+/// configuration asks for it (`replay-control`).
+pub(crate) fn vcpu_mmio_bus(
+    bus: &Bus,
+    legacy: &LegacyDevices,
+    config: &VmConfig,
+) -> Result<Bus, BuildError> {
     let mut bus = bus.clone();
-    bus.insert(
-        legacy.replay.clone(),
-        REPLAY_CONTROL_ADDR,
-        REPLAY_CONTROL_LEN,
-    )
-    .map_err(|source| BuildError::Bus {
-        what: "the replay control page",
-        source,
-    })?;
+    if config.replay_control {
+        bus.insert(
+            legacy.replay.clone(),
+            REPLAY_CONTROL_ADDR,
+            REPLAY_CONTROL_LEN,
+        )
+        .map_err(|source| BuildError::Bus {
+            what: "the replay control page",
+            source,
+        })?;
+    }
     Ok(bus)
 }
 
-fn legacy_devices(
+pub(crate) fn legacy_devices(
     vm: &Vm,
     console_out: Box<dyn Write + Send>,
     start_time: devices::legacy::StartTime,
@@ -375,7 +378,7 @@ fn legacy_devices(
 /// Puts the parts together and starts the vCPU threads (running, or parked when `control`
 /// says so).
 #[allow(clippy::too_many_arguments)]
-fn assemble(
+pub(crate) fn assemble(
     kvm: Kvm,
     vm: Vm,
     guest_memory: devices::GuestMemoryMmap,
@@ -428,7 +431,7 @@ fn assemble(
 }
 
 /// Opens every drive (root first, so it becomes /dev/vda) and every tap.
-fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError> {
+pub(crate) fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError> {
     let mut drives: Vec<_> = config.drives.iter().collect();
     drives.sort_by_key(|d| !d.is_root_device);
     let mut blocks = Vec::with_capacity(drives.len());
@@ -479,319 +482,9 @@ fn check_ext_superblock(id: &str, path: &std::path::Path) -> Result<(), BuildErr
     }
 }
 
-/// Where a restored VM's memory comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryBackend {
-    /// The memory file mapped MAP_PRIVATE: the host kernel pages it in on fault.
-    File(PathBuf),
-    /// Anonymous memory behind a userfaultfd; reapvm's own thread fills each faulting page
-    /// from the memory file.
-    OnDemand(PathBuf),
-    /// Anonymous memory behind a userfaultfd handed to an external handler listening on this
-    /// Unix socket (Firecracker's handshake).
-    Uffd(PathBuf),
-    /// REAP: with a valid WS file at `ws_path`, the working set installed before the guest
-    /// runs and the rest on demand; without one, on demand while recording the WS.
-    Reap {
-        mem_path: PathBuf,
-        ws_path: PathBuf,
-        options: reap::ReapOptions,
-    },
-}
-
-/// How to restore a snapshot.
-pub struct RestoreParams {
-    pub backend: MemoryBackend,
-    /// (iface_id, host_dev_name): the tap each interface uses instead of the saved one.
-    pub network_overrides: Vec<(String, String)>,
-    /// Run the vCPUs at once (else they wait for PATCH /vm Resumed).
-    pub resume: bool,
-    /// Log dirty pages, for Diff snapshots of the restored VM.
-    pub track_dirty_pages: bool,
-    /// How long reading and checking the vmstate took (reported in the restore metrics).
-    pub vmstate_load: Duration,
-    /// The vmstate's checksum: which snapshot this is (a WS file must belong to it).
-    pub vmstate_checksum: u64,
-    /// `Reap`: the WS file read started before the vmstate was (fetch_in_parallel).
-    pub ws_prefetch:
-        Option<std::thread::JoinHandle<Result<Option<reap::FetchedWs>, reap::ReapError>>>,
-}
-
-/// Counts the `File` backend's on-demand faults: the host kernel serves them from the
-/// memory file as major faults of this process.
-struct MajorFaultsSince(u64);
-
-impl metrics::FaultSource for MajorFaultsSince {
-    fn faults_and_bytes(&self) -> (u64, u64) {
-        let faults = metrics::process_faults().major.saturating_sub(self.0);
-        (faults, faults * uffd_backend::PAGE_SIZE as u64)
-    }
-}
-
-/// The saved vCPU's CPU features this host lacks, if any, as an error.
-fn check_cpu_features(
-    kvm: &Kvm,
-    supported: &kvm_bindings::CpuId,
-    state: &crate::persist::MicrovmState,
-) -> Result<(), BuildError> {
-    let Some(saved) = state.vcpus.first() else {
-        return Ok(());
-    };
-    let vcpu_count = state.config.vcpu_count();
-    let topology = Topology {
-        cpu_index: 0,
-        vcpu_count,
-        threads_per_core: if state.config.machine_config.smt && vcpu_count > 1 {
-            2
-        } else {
-            1
-        },
-    };
-    let mut host = supported.clone();
-    crate::arch::cpuid::normalize(
-        &mut host,
-        topology,
-        kvm.check_extension(Cap::TscDeadlineTimer),
-    );
-    let missing = crate::arch::cpuid::missing_features(
-        &saved.cpuid,
-        host.as_slice(),
-        &crate::arch::cpuid::host_cpu_features(),
-    );
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(BuildError::Restore(format!(
-        "this host's CPU lacks features the snapshot's vCPUs had: {}",
-        missing.join(", ")
-    )))
-}
-
-/// Builds a VM from a snapshot: KVM and device state as saved, memory from the backend,
-/// taps renamed by the overrides. Nothing is left running on error.
-pub fn restore_from_snapshot(
-    state: &crate::persist::MicrovmState,
-    mut params: RestoreParams,
-    opts: StartOptions,
-) -> Result<MicroVm, BuildError> {
-    let ws_prefetch = params.ws_prefetch.take();
-    let params = &params;
-    let backend = &params.backend;
-    let resume = params.resume;
-    let mut config = state.config.clone();
-    config.machine_config.track_dirty_pages = params.track_dirty_pages;
-    for (iface_id, tap) in &params.network_overrides {
-        match config
-            .network_interfaces
-            .iter_mut()
-            .find(|n| &n.iface_id == iface_id)
-        {
-            Some(n) => n.host_dev_name = tap.clone(),
-            None => {
-                return Err(BuildError::Restore(format!(
-                    "network_overrides names {iface_id}, which the snapshot does not have"
-                )))
-            }
-        }
-    }
-    let mem_file = match backend {
-        MemoryBackend::File(path)
-        | MemoryBackend::OnDemand(path)
-        | MemoryBackend::Reap { mem_path: path, .. } => {
-            Some((open_memory_file(path, state.memory_file_len())?, path))
-        }
-        MemoryBackend::Uffd(_) => None,
-    };
-    if state.vcpus.len() != usize::from(config.vcpu_count()) {
-        return Err(BuildError::Restore(format!(
-            "the snapshot holds {} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            config.vcpu_count()
-        )));
-    }
-    let (blocks, nets) = open_devices(&config)?;
-
-    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
-    let vendor = format!("{:?}", crate::arch::cpuid::vendor_of(&supported));
-    if vendor != state.cpu_vendor {
-        return Err(BuildError::Restore(format!(
-            "the snapshot was taken on a {} CPU, this host is {vendor}",
-            state.cpu_vendor
-        )));
-    }
-    check_cpu_features(&kvm, &supported, state)?;
-    let vm = Vm::new(&kvm)?;
-    let report = |backend: &str, mode: &str| metrics::MemoryRestoreReport {
-        backend: backend.into(),
-        mode: mode.into(),
-        vmstate_load_us: params.vmstate_load.as_micros() as u64,
-        ..Default::default()
-    };
-    let mut recorder = None;
-    // Until the VM owns it, dropping this (any error below) ends the fault handler threads.
-    let handlers =
-        uffd_backend::StopHandlersOnDrop(uffd_backend::HandlerStop::new().map_err(|source| {
-            BuildError::EventFd {
-                what: "stopping the page fault handlers",
-                source,
-            }
-        })?);
-    let (guest_memory, restore_report, live_faults) = match (backend, mem_file) {
-        (MemoryBackend::File(_), Some((file, path))) => {
-            let live: Arc<dyn metrics::FaultSource> =
-                Arc::new(MajorFaultsSince(metrics::process_faults().major));
-            (
-                map_memory_file(&file, path, &state.memory)?,
-                report("File", "file"),
-                Some(live),
-            )
-        }
-        (MemoryBackend::OnDemand(_), Some((file, _))) => {
-            let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
-                .map_err(|e| BuildError::Restore(e.to_string()))?;
-            let stats =
-                uffd_backend::spawn_on_demand_handler(uffd, file, mappings, handlers.0.clone())
-                    .map_err(|e| BuildError::Restore(e.to_string()))?;
-            let live: Arc<dyn metrics::FaultSource> = stats;
-            (mem, report("OnDemand", "on-demand"), Some(live))
-        }
-        (MemoryBackend::Uffd(socket), _) => {
-            let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
-                .map_err(|e| BuildError::Restore(e.to_string()))?;
-            uffd_backend::send_to_external_handler(socket, &uffd, &mappings)
-                .map_err(|e| BuildError::Restore(e.to_string()))?;
-            // The external handler alone knows what it served.
-            (mem, report("Uffd", "external"), None)
-        }
-        (
-            MemoryBackend::Reap {
-                ws_path, options, ..
-            },
-            Some((file, _)),
-        ) => {
-            let (mem, uffd, mappings) = uffd_backend::register(&state.memory)
-                .map_err(|e| BuildError::Restore(e.to_string()))?;
-            let identity = snapshot::ws::SnapshotIdentity {
-                vmstate_checksum: params.vmstate_checksum,
-                memory_len: state.memory_file_len(),
-            };
-            let fetched = match ws_prefetch {
-                Some(pending) => pending
-                    .join()
-                    .map_err(|_| BuildError::Restore("the WS reader thread panicked".into()))?,
-                None => reap::fetch(ws_path, options.o_direct),
-            };
-            let restored = reap::restore_memory(
-                reap::ReapSetup {
-                    uffd,
-                    mappings,
-                    file,
-                    ws_path: ws_path.clone(),
-                    options: *options,
-                    identity,
-                    layout: reap::ws_layout(&state.memory),
-                    stop: handlers.0.clone(),
-                },
-                fetched,
-                report("Reap", "record"),
-            )
-            .map_err(|e| BuildError::Restore(e.to_string()))?;
-            recorder = restored.recorder;
-            (mem, restored.report, Some(restored.live))
-        }
-        _ => {
-            return Err(BuildError::Restore(
-                "memory file missing (internal error)".into(),
-            ))
-        }
-    };
-    vm.register_memory(&guest_memory, config.machine_config.track_dirty_pages)?;
-    state
-        .vm
-        .restore(vm.fd())
-        .map_err(|e| BuildError::Restore(e.to_string()))?;
-
-    let legacy = legacy_devices(
-        &vm,
-        opts.console_out,
-        opts.start_time,
-        opts.boot_timer,
-        opts.ready,
-        Some((&state.serial, &state.i8042)),
-    )?;
-    let mut mmio = MmioDeviceManager::new();
-    let mut saved = state.devices.iter();
-    for block in blocks {
-        let id = block.id().to_string();
-        attach_saved(&mut mmio, &vm, &guest_memory, &mut saved, &id, block)?;
-    }
-    for net in nets {
-        let id = net.id().to_string();
-        attach_saved(&mut mmio, &vm, &guest_memory, &mut saved, &id, net)?;
-    }
-    if let Some(extra) = saved.next() {
-        return Err(BuildError::Restore(format!(
-            "the snapshot has a device {} the configuration lacks",
-            extra.id
-        )));
-    }
-
-    let mmio_bus = with_replay_control(mmio.bus(), &legacy)?;
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    let mut msrs_to_save = None;
-    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
-        let mut vcpu = Vcpu::new(vm.fd(), index as u8, legacy.bus.clone(), mmio_bus.clone())?;
-        vcpu.restore_state(vcpu_state)
-            .map_err(|e| BuildError::Restore(format!("vCPU {index}: {e}")))?;
-        give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
-        vcpus.push(vcpu);
-    }
-    let control = if resume {
-        RunControl::new()
-    } else {
-        RunControl::new_paused()
-    };
-    let rec = recorder.clone();
-    legacy.invocation_signal.set_hook(Box::new(move || {
-        metrics::metrics().memory_restore.invocation_answered();
-        if let Some(rec) = &rec {
-            rec.stop("the guest answered an invocation");
-        }
-    }));
-    // Before the vCPUs start: the restore time is what first_response_us counts from, and a
-    // fast guest may answer (or a replay guest finish) before assemble returns.
-    metrics::metrics()
-        .memory_restore
-        .set(restore_report, live_faults);
-    let mut microvm = assemble(
-        kvm,
-        vm,
-        guest_memory,
-        legacy,
-        mmio,
-        vcpus,
-        config,
-        opts.console_in,
-        control,
-    )?;
-    microvm.ws_recorder = recorder;
-    microvm.memory_handlers = Some(handlers);
-    log::info!(
-        "restored from a snapshot: {} vCPU(s), {} MiB, memory backend {:?} ({})",
-        state.vcpus.len(),
-        state.config.machine_config.mem_size_mib,
-        backend,
-        if resume { "running" } else { "paused" }
-    );
-    Ok(microvm)
-}
-
 /// Gives `vcpu` the list of MSRs its saved state carries. Which MSRs can be read depends on
 /// the CPUID the vCPU now has, so the list is probed on the first vCPU and shared.
-fn give_msr_list(
+pub(crate) fn give_msr_list(
     kvm: &Kvm,
     vcpu: &mut Vcpu,
     cache: &mut Option<Arc<Vec<u32>>>,
@@ -809,103 +502,4 @@ fn give_msr_list(
     };
     vcpu.set_msrs_to_save(msrs);
     Ok(())
-}
-
-/// Attaches `device` with the next saved device state, which must be its own and must have
-/// sat at the same MMIO slot.
-fn attach_saved<D>(
-    mmio: &mut MmioDeviceManager,
-    vm: &Vm,
-    mem: &devices::GuestMemoryMmap,
-    saved: &mut std::slice::Iter<'_, crate::persist::DeviceState>,
-    id: &str,
-    device: D,
-) -> Result<(), BuildError>
-where
-    D: devices::virtio::VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
-{
-    let dev = next_saved(saved, id)?;
-    let slot = mmio.attach(
-        vm,
-        mem,
-        id,
-        Arc::new(Mutex::new(device)),
-        Some(&dev.transport),
-    )?;
-    check_slot(&slot, dev)
-}
-
-fn next_saved<'a>(
-    saved: &mut std::slice::Iter<'a, crate::persist::DeviceState>,
-    id: &str,
-) -> Result<&'a crate::persist::DeviceState, BuildError> {
-    match saved.next() {
-        Some(dev) if dev.id == id => Ok(dev),
-        Some(dev) => Err(BuildError::Restore(format!(
-            "device order differs: the snapshot has {} where the configuration has {id}",
-            dev.id
-        ))),
-        None => Err(BuildError::Restore(format!(
-            "the snapshot has no state for device {id}"
-        ))),
-    }
-}
-
-fn check_slot(
-    slot: &crate::device_manager::MmioSlot,
-    saved: &crate::persist::DeviceState,
-) -> Result<(), BuildError> {
-    if slot.addr != saved.addr || slot.irq != saved.irq {
-        return Err(BuildError::Restore(format!(
-            "device {} landed at {:#x} IRQ {}, the snapshot had it at {:#x} IRQ {}",
-            slot.id, slot.addr, slot.irq, saved.addr, saved.irq
-        )));
-    }
-    Ok(())
-}
-
-fn open_memory_file(path: &std::path::Path, want: u64) -> Result<std::fs::File, BuildError> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        BuildError::Restore(format!("cannot open memory file {}: {e}", path.display()))
-    })?;
-    let have = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if have < want {
-        return Err(BuildError::Restore(format!(
-            "memory file {} is {have} bytes; the snapshot needs {want} (truncated?)",
-            path.display()
-        )));
-    }
-    Ok(file)
-}
-
-/// Maps each region of the memory file privately: reads come from the file (paged in by
-/// the host kernel on first touch), writes stay in this process.
-fn map_memory_file(
-    file: &std::fs::File,
-    path: &std::path::Path,
-    layout: &[crate::persist::MemoryRegionState],
-) -> Result<devices::GuestMemoryMmap, BuildError> {
-    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
-    let mut regions = Vec::with_capacity(layout.len());
-    for r in layout {
-        let fd = file
-            .try_clone()
-            .map_err(|e| BuildError::Restore(format!("memory file {}: {e}", path.display())))?;
-        let mapping = MmapRegion::build(
-            Some(FileOffset::new(fd, r.file_offset)),
-            r.size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| {
-            BuildError::Restore(format!("cannot map memory file {}: {e}", path.display()))
-        })?;
-        let region =
-            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                BuildError::Restore(format!("memory region at {:#x} overflows", r.guest_addr))
-            })?;
-        regions.push(region);
-    }
-    devices::GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| BuildError::Restore(format!("bad memory layout in the snapshot: {e}")))
 }

@@ -202,6 +202,10 @@ pub struct VmConfig {
     pub entropy: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default)]
     pub cpu_config: Option<serde_json::Value>,
+    /// reapvm's: map the replay guest's control page (docs/replay.md) into this VM's MMIO
+    /// space. Off by default: no other guest has any use for it. Kept in snapshots.
+    #[serde(rename = "replay-control", default)]
+    pub replay_control: bool,
 }
 
 /// Where metrics go (`metrics` in the config file, `PUT /metrics`).

@@ -15,7 +15,6 @@ use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 
 /// The 64-bit entry point of a bzImage's protected-mode code, from its load address.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
-const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -160,7 +159,7 @@ pub fn load_initrd(
         kernel_end,
         limit,
     };
-    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
+    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !(snapshot::PAGE_SIZE as u64 - 1);
     if addr < kernel_end {
         return Err(too_large());
     }
@@ -211,7 +210,7 @@ mod tests {
         let (path, mut file) = temp_file("initrd", &[7u8; 5000]);
         let placed = load_initrd(&mem, &mut file, &path, 0x200_0000 - 0x10_0000, u64::MAX).unwrap();
         assert_eq!(placed.size, 5000);
-        assert_eq!(placed.addr % PAGE_SIZE, 0);
+        assert_eq!(placed.addr % snapshot::PAGE_SIZE as u64, 0);
         assert!(placed.addr + placed.size <= 32 << 20);
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(placed.addr + 4999))

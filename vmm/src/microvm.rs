@@ -17,149 +17,14 @@ use devices::virtio::VirtioDevice;
 
 use crate::config::VmConfig;
 use crate::device_manager::MmioSlot;
-use crate::persist::{self, DeviceState, MicrovmState, PersistError};
+use crate::persist::SnapshotSource;
 use crate::vcpu::{ExitSignal, PauseError, VcpuGroup, VmExitReason};
-use crate::vstate::{VmState, VmStateError};
 
-/// How long a pause waits for every vCPU to leave KVM_RUN.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pause (or a snapshot's vCPU state save) waits for every vCPU to leave KVM_RUN.
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pauses and resumes a running VM: vCPUs first, then devices (and the reverse on resume),
 /// so nothing touches guest memory while paused.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("the microVM must be paused first")]
-    NotPaused,
-    #[error(transparent)]
-    Vcpus(#[from] PauseError),
-    #[error(transparent)]
-    Vm(#[from] VmStateError),
-    #[error(transparent)]
-    DirtyLog(#[from] crate::vm::VmError),
-    #[error(transparent)]
-    Files(#[from] PersistError),
-    #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config (or enable_diff_snapshots when loading)")]
-    NotTracking,
-    #[error("a previous snapshot failed after reading the dirty log: take a Full snapshot before the next Diff")]
-    DirtyLogLost,
-    #[error("cannot remove the previous vmstate {path}: {source}")]
-    RemoveStale {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// What a snapshot's memory file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotKind {
-    /// All of guest memory.
-    Full,
-    /// The pages dirtied since the last snapshot (or since boot or restore).
-    Diff,
-}
-
-/// Everything a snapshot reads, shared with the running VM.
-pub struct SnapshotSource {
-    vm: Arc<Vm>,
-    mem: GuestMemoryMmap,
-    vcpus: Arc<VcpuGroup>,
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042Device>>,
-    transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
-    config: VmConfig,
-    cpu_vendor: String,
-    ws_recorder: Option<Arc<Recorder>>,
-    /// A snapshot failed after it had taken (and so cleared) KVM's dirty log: a Diff would
-    /// miss those pages until a Full snapshot succeeds.
-    dirty_log_lost: AtomicBool,
-}
-
-impl SnapshotSource {
-    /// Writes a snapshot of the paused VM. A vmstate already at `vmstate_path` is removed
-    /// first, then the memory file and last the vmstate are each renamed into place once
-    /// complete: a VMM killed at any point leaves no vmstate that pairs with the wrong memory.
-    pub fn create(
-        &self,
-        kind: SnapshotKind,
-        vmstate_path: &std::path::Path,
-        mem_path: &std::path::Path,
-    ) -> Result<(), SnapshotError> {
-        if !self.vcpus.is_paused() {
-            return Err(SnapshotError::NotPaused);
-        }
-        if kind == SnapshotKind::Diff && !self.vm.tracks_dirty_pages() {
-            return Err(SnapshotError::NotTracking);
-        }
-        if kind == SnapshotKind::Diff && self.dirty_log_lost.load(Ordering::Acquire) {
-            return Err(SnapshotError::DirtyLogLost);
-        }
-        // Copying memory faults every page in: none of that belongs in a working set.
-        if let Some(recorder) = &self.ws_recorder {
-            recorder.stop("a snapshot is being taken");
-        }
-        let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
-        let vm = VmState::save(self.vm.fd())?;
-        let devices = self
-            .transports
-            .iter()
-            .map(|(slot, transport)| DeviceState {
-                id: slot.id.clone(),
-                addr: slot.addr,
-                irq: slot.irq,
-                transport: transport.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            })
-            .collect();
-        let memory = persist::memory_layout(&self.mem);
-        let state = MicrovmState {
-            config: self.config.clone(),
-            cpu_vendor: self.cpu_vendor.clone(),
-            memory: memory.clone(),
-            vm,
-            vcpus,
-            serial: self
-                .serial
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .state(),
-            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            devices,
-        };
-        match std::fs::remove_file(vmstate_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(SnapshotError::RemoveStale {
-                    path: vmstate_path.to_path_buf(),
-                    source,
-                })
-            }
-        }
-        // Taking the log also clears it: the next Diff starts from this snapshot.
-        let kvm_dirty = if self.vm.tracks_dirty_pages() {
-            Some(self.vm.take_dirty_log(&self.mem)?)
-        } else {
-            None
-        };
-        let content = match (kind, &kvm_dirty) {
-            (SnapshotKind::Diff, Some(log)) => persist::MemoryContent::Dirty(log),
-            _ => persist::MemoryContent::Full,
-        };
-        let written = persist::write_memory_file(&self.mem, &memory, content, mem_path)
-            .and_then(|()| persist::write_vmstate(&state, vmstate_path));
-        if kvm_dirty.is_some() {
-            match written {
-                Ok(()) => {
-                    persist::reset_vmm_dirty_bitmap(&self.mem);
-                    self.dirty_log_lost.store(false, Ordering::Release);
-                }
-                Err(_) => self.dirty_log_lost.store(true, Ordering::Release),
-            }
-        }
-        written?;
-        Ok(())
-    }
-}
-
 pub struct PauseHandle {
     vcpus: Arc<VcpuGroup>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
@@ -270,7 +135,7 @@ pub struct MicroVm {
     /// A REAP restore recording its working set.
     pub(crate) ws_recorder: Option<Arc<Recorder>>,
     /// A restore's userfaultfd handler threads, told to end with the VM.
-    pub(crate) memory_handlers: Option<crate::uffd_backend::StopHandlersOnDrop>,
+    pub(crate) memory_handlers: Option<crate::uffd::StopHandlersOnDrop>,
     pub(crate) _kvm: Kvm,
 }
 

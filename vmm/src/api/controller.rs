@@ -11,11 +11,14 @@ use serde_json::json;
 
 use super::request::{Action, ApiRequest, MachineConfigUpdate, VmStateChange};
 use super::server::{ApiInbox, ApiResponse};
+use crate::builder::{build_and_start, StartOptions};
 use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
 use crate::logger;
 use crate::memory::host_ram_bytes;
 use crate::metrics;
-use crate::microvm::{MicroVm, PauseHandle, SnapshotKind, SnapshotSource};
+use crate::microvm::{MicroVm, PauseHandle};
+use crate::persist::{SnapshotKind, SnapshotSource};
+use crate::restore;
 
 /// The Firecracker API version reapvm speaks (for clients that gate features on it).
 pub const FIRECRACKER_API_VERSION: &str = "1.10.1";
@@ -125,8 +128,47 @@ fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiRespo
     }
 }
 
-/// Applies one pre-boot request to `config`. InstanceStart is the caller's.
-pub fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiResponse {
+/// Serves pre-boot API requests until an InstanceStart or a snapshot load succeeds: the VM
+/// and the configuration it runs with; None if the API thread died. A failed start or load
+/// leaves the VMM waiting for a corrected request.
+pub fn serve_preboot(
+    inbox: &ApiInbox,
+    id: &str,
+    opts: &dyn Fn() -> StartOptions,
+) -> Option<(MicroVm, VmConfig)> {
+    let mut config = VmConfig::default();
+    loop {
+        let message = inbox.requests.recv().ok()?;
+        let _ = inbox.wake.read();
+        let started = match &message.request {
+            ApiRequest::LoadSnapshot(params) => {
+                restore::load_snapshot(params, opts()).map_err(|e| e.to_string())
+            }
+            ApiRequest::Action(Action::InstanceStart) => build_and_start(&config, opts())
+                .map(|vm| (vm, config.clone()))
+                .map_err(|e| e.to_string()),
+            _ => {
+                let response = handle_preboot(&mut config, id, message.request);
+                let _ = message.reply.send(response);
+                continue;
+            }
+        };
+        match started {
+            Ok(started) => {
+                let _ = message.reply.send(ApiResponse::no_content());
+                return Some(started);
+            }
+            Err(fault) => {
+                log::error!("{:?} failed: {fault}", message.request);
+                let _ = message.reply.send(ApiResponse::fault(fault));
+            }
+        }
+    }
+}
+
+/// Applies one pre-boot request to `config`. InstanceStart and LoadSnapshot are
+/// `serve_preboot`'s.
+fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiResponse {
     match request {
         ApiRequest::GetInstanceInfo => instance_info(id, "Not started"),
         ApiRequest::GetVersion => version(),

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use crate::config::{
     BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
 };
+pub use crate::restore::LoadSnapshotParams;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApiError {
@@ -92,62 +93,6 @@ pub struct CreateSnapshotParams {
     pub mem_file_path: std::path::PathBuf,
     #[serde(default)]
     pub version: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemBackendParams {
-    pub backend_type: String,
-    pub backend_path: std::path::PathBuf,
-    /// `Reap` only: the WS file (default: the memory file's path with `.ws` appended).
-    #[serde(default)]
-    pub ws_path: Option<std::path::PathBuf>,
-    /// `Reap` only: how the WS is fetched and installed.
-    #[serde(default)]
-    pub reap_options: Option<ReapOptionsParams>,
-}
-
-/// `Reap` backend options (all off: the paper's REAP).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReapOptionsParams {
-    #[serde(default)]
-    pub o_direct: bool,
-    #[serde(default)]
-    pub fetch_in_parallel: bool,
-    #[serde(default)]
-    pub chunked_install: bool,
-    #[serde(default)]
-    pub merge_misses: bool,
-    #[serde(default)]
-    pub rerecord_threshold: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkOverride {
-    pub iface_id: String,
-    pub host_dev_name: String,
-}
-
-/// `PUT /snapshot/load`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoadSnapshotParams {
-    pub snapshot_path: std::path::PathBuf,
-    /// Firecracker's older form of `mem_backend: {File, path}`.
-    #[serde(default)]
-    pub mem_file_path: Option<std::path::PathBuf>,
-    #[serde(default)]
-    pub mem_backend: Option<MemBackendParams>,
-    #[serde(default)]
-    pub enable_diff_snapshots: bool,
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    #[serde(default)]
-    pub resume_vm: bool,
-    #[serde(default)]
-    pub network_overrides: Vec<NetworkOverride>,
 }
 
 fn body<T: DeserializeOwned>(method: &str, path: &str, bytes: &[u8]) -> Result<T, ApiError> {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::ReapError;
-use crate::uffd_backend::PAGE_SIZE;
+use snapshot::PAGE_SIZE;
 
 /// A buffer aligned for O_DIRECT reads.
 pub struct AlignedBuf {

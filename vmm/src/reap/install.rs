@@ -2,25 +2,28 @@
 //! (the paper), or in order of first touch while the guest runs (chunked).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use snapshot::ws::{self, SnapshotIdentity, WsRegion};
+use snapshot::PAGE_SIZE;
 use userfaultfd::Uffd;
 
 use super::{FetchedWs, ReapError};
 use crate::metrics::FaultSource;
-use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, HandlerStop, PAGE_SIZE};
+use crate::uffd::{
+    install_page, FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault, PageSource,
+    UffdRegions,
+};
 
 /// Installs every run of `ws` into the registered guest memory before the guest runs (the
 /// paper's REAP); returns the pages installed.
-pub fn install_all(uffd: &Uffd, mappings: &[GuestRegionUffdMapping], ws: &WsPages) -> u64 {
+pub fn install_all(uffd: &Uffd, regions: &UffdRegions, ws: &WsPages) -> u64 {
     let mut installed = 0u64;
     for &(offset, pages, data) in &ws.runs {
         // decode() checked that each run lies inside one region of this layout.
-        let Some(host) = uffd_backend::host_addr_of(mappings, offset) else {
+        let Some(host) = regions.host_addr_of(offset) else {
             continue;
         };
         let len = pages as usize * ws.page_size;
@@ -160,7 +163,7 @@ unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usi
 #[derive(Debug, Default)]
 pub struct ChunkedInstallStats {
     /// Pages read from the memory file because the WS lacked them.
-    pub file: FaultStats,
+    pub file: Arc<FaultStats>,
     /// Faults answered from the WS before the installer got there.
     pub from_ws: AtomicU64,
     /// Pages the installer put in.
@@ -183,28 +186,30 @@ impl FaultSource for ChunkedInstallStats {
     }
 }
 
-/// Installs `ws` in order of first touch on one thread while another serves faults: from
-/// the WS when it has the page (the vCPU waits for that page only), from `file` otherwise.
+/// Installs `ws` in order of first touch on one thread while the fault loop serves faults:
+/// from the WS when it has the page (the vCPU waits for that page only), from `file`
+/// otherwise.
 pub fn spawn_chunked_install(
-    uffd: Uffd,
-    file: File,
-    mappings: Vec<GuestRegionUffdMapping>,
+    uffd: Arc<Uffd>,
+    file: Arc<File>,
+    regions: Arc<UffdRegions>,
     ws: WsPages,
     stop: Arc<HandlerStop>,
 ) -> Result<Arc<ChunkedInstallStats>, ReapError> {
-    let stats = Arc::new(ChunkedInstallStats::default());
-    let uffd = Arc::new(uffd);
+    let on_demand = FileSource::new(file);
+    let stats = Arc::new(ChunkedInstallStats {
+        file: on_demand.stats(),
+        ..Default::default()
+    });
     let ws = Arc::new(ws);
-    let mappings = Arc::new(mappings);
     {
-        let (uffd, ws, mappings, stats) =
-            (uffd.clone(), ws.clone(), mappings.clone(), stats.clone());
+        let (uffd, ws, regions, stats) = (uffd.clone(), ws.clone(), regions.clone(), stats.clone());
         std::thread::Builder::new()
             .name("fc_ws_install".into())
             .spawn(move || {
                 let started = Instant::now();
                 for &(offset, pages, data) in &ws.runs {
-                    let Some(host) = uffd_backend::host_addr_of(&mappings, offset) else {
+                    let Some(host) = regions.host_addr_of(offset) else {
                         continue;
                     };
                     let len = pages as usize * ws.page_size;
@@ -221,77 +226,42 @@ pub fn spawn_chunked_install(
             })
             .map_err(ReapError::Thread)?;
     }
-    let thread_stats = stats.clone();
-    std::thread::Builder::new()
-        .name("fc_uffd".into())
-        .spawn(move || serve_with_ws(&uffd, &file, &mappings, Some(ws), &thread_stats, &stop))
-        .map_err(ReapError::Thread)?;
+    let source = WsThenFile {
+        ws: Some(ws),
+        on_demand,
+        stats: stats.clone(),
+    };
+    FaultLoop::new(uffd, regions, stop, source).spawn("fc_uffd")?;
     Ok(stats)
 }
 
-fn serve_with_ws(
-    uffd: &Uffd,
-    file: &File,
-    mappings: &[GuestRegionUffdMapping],
-    mut ws: Option<Arc<WsPages>>,
-    stats: &ChunkedInstallStats,
-    stop: &HandlerStop,
-) {
-    let mut page = vec![0u8; PAGE_SIZE];
-    loop {
-        // Once the installer is done every WS page is in: the WS buffer can go.
-        if ws.is_some() && stats.install_us.load(Ordering::Acquire) != 0 {
-            ws = None;
+/// A chunked install's page source: a WS page from the WS (the installer may not have got
+/// there yet), any other page from the memory file.
+struct WsThenFile {
+    /// Dropped once the installer is done: every WS page is in then.
+    ws: Option<Arc<WsPages>>,
+    on_demand: FileSource,
+    stats: Arc<ChunkedInstallStats>,
+}
+
+impl PageSource for WsThenFile {
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed {
+        if self.ws.is_some() && self.stats.install_us.load(Ordering::Acquire) != 0 {
+            self.ws = None;
         }
-        match uffd_backend::wait_for_fault(uffd.as_raw_fd(), stop) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                log::error!("REAP: page fault handler stops: {e}");
-                return;
+        match self.ws.as_ref().and_then(|ws| ws.page(fault.offset)) {
+            Some(data) => {
+                let installed = install_page(uffd, fault.host_addr, data);
+                if installed == Installed::Now {
+                    self.stats.from_ws.fetch_add(1, Ordering::Relaxed);
+                }
+                installed
             }
+            None => self.on_demand.serve(uffd, fault),
         }
-        loop {
-            let event = match uffd.read_event() {
-                Ok(Some(event)) => event,
-                Ok(None) => break,
-                Err(e) => {
-                    log::error!("REAP: page fault handler stops: {e}");
-                    return;
-                }
-            };
-            let userfaultfd::Event::Pagefault { addr, .. } = event else {
-                continue;
-            };
-            let addr = addr as u64 & !(PAGE_SIZE as u64 - 1);
-            let offset = mappings
-                .iter()
-                .find(|m| {
-                    addr >= m.base_host_virt_addr && addr < m.base_host_virt_addr + m.size as u64
-                })
-                .map(|m| m.offset + (addr - m.base_host_virt_addr));
-            match offset.and_then(|o| ws.as_ref()?.page(o)) {
-                Some(data) => {
-                    // SAFETY: `addr` is a page of registered guest memory; `data` is a page.
-                    let n =
-                        unsafe { install_range(uffd, addr, data.map(<[u8]>::as_ptr), PAGE_SIZE) };
-                    if n == 0 {
-                        // The installer got there first: wake whoever waits.
-                        let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
-                    }
-                    stats.from_ws.fetch_add(n, Ordering::Relaxed);
-                }
-                None => {
-                    let _ = uffd_backend::serve_event(
-                        uffd,
-                        file,
-                        mappings,
-                        &stats.file,
-                        &mut page,
-                        event,
-                    );
-                }
-            }
-        }
+    }
+
+    fn on_loop_failed(&mut self, why: &str) {
+        log::error!("REAP: page fault handler stops: {why}");
     }
 }

@@ -8,6 +8,8 @@
 mod fetch;
 mod install;
 mod record;
+#[cfg(test)]
+mod tests;
 
 pub use fetch::{fetch, AlignedBuf, FetchedWs};
 pub use install::{install_all, spawn_chunked_install, ChunkedInstallStats, WsPages};
@@ -23,7 +25,7 @@ use userfaultfd::Uffd;
 
 use crate::metrics::{FaultSource, MemoryRestoreReport};
 use crate::persist::MemoryRegionState;
-use crate::uffd_backend::{self, GuestRegionUffdMapping, HandlerStop};
+use crate::uffd::{FaultLoop, FileSource, HandlerStop, UffdError, UffdRegions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReapError {
@@ -36,10 +38,23 @@ pub enum ReapError {
     Thread(std::io::Error),
     #[error("cannot create the recording stop event: {0}")]
     EventFd(std::io::Error),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
 }
 
-/// How a REAP restore fetches and installs its working set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// `reap_options` that cannot work together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReapOptionsError {
+    #[error("reap_options: merge_misses does not work with chunked_install")]
+    MergeWithChunked,
+    #[error("reap_options: rerecord_threshold needs merge_misses")]
+    ThresholdWithoutMerge,
+}
+
+/// How a REAP restore fetches and installs its working set (`reap_options` of
+/// `PUT /snapshot/load`; all off: the paper's REAP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReapOptions {
     /// Read the WS file with O_DIRECT (bypassing the page cache; where the filesystem
     /// supports it).
@@ -59,6 +74,19 @@ pub struct ReapOptions {
     pub rerecord_threshold: Option<u64>,
 }
 
+impl ReapOptions {
+    /// Refuses combinations that cannot work.
+    pub fn validate(&self) -> Result<(), ReapOptionsError> {
+        if self.merge_misses && self.chunked_install {
+            return Err(ReapOptionsError::MergeWithChunked);
+        }
+        if self.rerecord_threshold.is_some() && !self.merge_misses {
+            return Err(ReapOptionsError::ThresholdWithoutMerge);
+        }
+        Ok(())
+    }
+}
+
 /// The snapshot's regions as the WS file records them.
 pub fn ws_layout(layout: &[MemoryRegionState]) -> Vec<WsRegion> {
     layout
@@ -73,9 +101,9 @@ pub fn ws_layout(layout: &[MemoryRegionState]) -> Vec<WsRegion> {
 
 /// What a REAP restore works with.
 pub struct ReapSetup {
-    pub uffd: Uffd,
-    pub mappings: Vec<GuestRegionUffdMapping>,
-    pub file: File,
+    pub uffd: Arc<Uffd>,
+    pub regions: Arc<UffdRegions>,
+    pub file: Arc<File>,
     pub ws_path: PathBuf,
     pub options: ReapOptions,
     pub identity: SnapshotIdentity,
@@ -102,7 +130,7 @@ pub fn restore_memory(
 ) -> Result<ReapMemory, ReapError> {
     let ReapSetup {
         uffd,
-        mappings,
+        regions,
         file,
         ws_path,
         options,
@@ -133,10 +161,10 @@ pub fn restore_memory(
                         ws.pages(),
                         ws_path.display()
                     );
-                    spawn_chunked_install(uffd, file, mappings, ws, stop)?
+                    spawn_chunked_install(uffd, file, regions, ws, stop)?
                 } else {
                     let started = Instant::now();
-                    report.pages_prefetched = install_all(&uffd, &mappings, &ws);
+                    report.pages_prefetched = install_all(&uffd, &regions, &ws);
                     report.ws_install_us = started.elapsed().as_micros() as u64;
                     log::info!(
                         "REAP: {} pages of {} installed in {} us (WS read and checked in {} us)",
@@ -154,15 +182,17 @@ pub fn restore_memory(
                             base_pages: ws.page_offsets(),
                             rerecord_above: options.rerecord_threshold,
                         };
-                        let recorder = Recorder::spawn(uffd, file, mappings, target, stop)?;
+                        let recorder = Recorder::spawn(uffd, file, regions, target, stop)?;
                         return Ok(ReapMemory {
                             report,
                             live: recorder.clone(),
                             recorder: Some(recorder),
                         });
                     }
-                    uffd_backend::spawn_on_demand_handler(uffd, file, mappings, stop)
-                        .map_err(|e| ReapError::Thread(std::io::Error::other(e.to_string())))?
+                    let on_demand = FileSource::new(file);
+                    let stats = on_demand.stats();
+                    FaultLoop::new(uffd, regions, stop, on_demand).spawn("fc_uffd")?;
+                    stats
                 };
                 return Ok(ReapMemory {
                     report,
@@ -183,7 +213,7 @@ pub fn restore_memory(
         base_pages: Vec::new(),
         rerecord_above: None,
     };
-    let recorder = Recorder::spawn(uffd, file, mappings, target, stop)?;
+    let recorder = Recorder::spawn(uffd, file, regions, target, stop)?;
     Ok(ReapMemory {
         report,
         live: recorder.clone(),

@@ -1,7 +1,7 @@
 //! Recording the pages a restored guest touches and writing them as a WS file.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 
 use snapshot::touch_log::{self, Touch, TouchLog};
 use snapshot::ws::{self, RunKind, SnapshotIdentity, WsRegion};
-use userfaultfd::{Event, ReadWrite, Uffd};
+use snapshot::PAGE_SIZE;
+use userfaultfd::Uffd;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ReapError;
 use crate::metrics::FaultSource;
-use crate::uffd_backend::{self, FaultStats, GuestRegionUffdMapping, HandlerStop, PAGE_SIZE};
+use crate::uffd::{
+    FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault, PageSource, UffdRegions,
+};
 
 /// Where a recording stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,25 +67,28 @@ pub struct WsTarget {
 impl Recorder {
     /// Starts serving faults from `file` on a thread of its own, recording each page.
     pub fn spawn(
-        uffd: Uffd,
-        file: File,
-        mappings: Vec<GuestRegionUffdMapping>,
+        uffd: Arc<Uffd>,
+        file: Arc<File>,
+        regions: Arc<UffdRegions>,
         target: WsTarget,
         handler_stop: Arc<HandlerStop>,
     ) -> Result<Arc<Self>, ReapError> {
+        let pages = FileSource::new(file);
         let recorder = Arc::new(Self {
             recording: AtomicBool::new(true),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(ReapError::EventFd)?,
             state: Mutex::new(RecordingState::Recording),
             changed: Condvar::new(),
-            stats: Arc::new(FaultStats::default()),
+            stats: pages.stats(),
             recorded_pages: AtomicU64::new(0),
         });
-        let thread_recorder = recorder.clone();
-        std::thread::Builder::new()
-            .name("fc_uffd_rec".into())
-            .spawn(move || thread_recorder.serve(&uffd, file, &mappings, target, &handler_stop))
-            .map_err(ReapError::Thread)?;
+        let source = RecordingSource {
+            recorder: recorder.clone(),
+            pages,
+            touched: Vec::new(),
+            target: Some(target),
+        };
+        FaultLoop::new(uffd, regions, handler_stop, source).spawn("fc_uffd_rec")?;
         Ok(recorder)
     }
 
@@ -123,138 +129,96 @@ impl Recorder {
         state.clone()
     }
 
-    /// The handler thread ends: a recording still going on will never be written.
-    fn handler_stopped(&self, why: String) {
-        log::error!("REAP: page fault handler stops: {why}");
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if *state == RecordingState::Recording {
-            *state = RecordingState::Failed(format!("the page fault handler stopped: {why}"));
-        }
-        self.changed.notify_all();
-    }
-
     fn set_state(&self, state: RecordingState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
         self.changed.notify_all();
     }
+}
 
-    fn serve(
-        self: Arc<Self>,
-        uffd: &Uffd,
-        file: File,
-        mappings: &[GuestRegionUffdMapping],
-        target: WsTarget,
-        handler_stop: &HandlerStop,
-    ) {
-        let file = Arc::new(file);
-        let mut page = vec![0u8; PAGE_SIZE];
-        let mut touched: Vec<Touch> = Vec::new();
-        let mut target = Some(target);
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: handler_stop.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop_evt.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // Once the recording is written only faults (and the end) matter.
-            let nfds = if target.is_some() { 3 } else { 2 };
-            // SAFETY: `fds` holds `nfds` valid pollfd entries for descriptors we own.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                self.handler_stopped(format!("poll failed: {e}"));
-                return;
-            }
-            if fds[1].revents & libc::POLLIN != 0 {
-                // The restore failed or the VM is gone.
-                return;
-            }
-            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                self.handler_stopped("the userfaultfd reports an error".into());
-                return;
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                loop {
-                    match uffd.read_event() {
-                        Ok(Some(event)) => {
-                            let write = matches!(
-                                event,
-                                Event::Pagefault {
-                                    rw: ReadWrite::Write,
-                                    ..
-                                }
-                            );
-                            let served = uffd_backend::serve_event(
-                                uffd,
-                                &file,
-                                mappings,
-                                &self.stats,
-                                &mut page,
-                                event,
-                            );
-                            // Faults after stop() (a snapshot copying memory, the guest
-                            // after its answer) are served, not recorded.
-                            let recording = self.recording.load(Ordering::Acquire);
-                            if let (Some(file_offset), true) =
-                                (served, recording && target.is_some())
-                            {
-                                touched.push(Touch { file_offset, write });
-                                self.recorded_pages.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            self.handler_stopped(e.to_string());
-                            return;
-                        }
-                    }
-                }
-            }
-            if nfds == 3 && fds[2].revents & libc::POLLIN != 0 {
-                let _ = self.stop_evt.read();
-                if let Some(target) = target.take() {
-                    self.set_state(RecordingState::Writing);
-                    let pages = std::mem::take(&mut touched);
-                    let writer = self.clone();
-                    let file = file.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("fc_ws_writer".into())
-                        .spawn(move || {
-                            let result = finish_ws(&file, &pages, &target);
-                            writer.set_state(match result {
-                                Ok(pages) => RecordingState::Written {
-                                    pages,
-                                    path: target.path.clone(),
-                                },
-                                Err(e) => {
-                                    log::error!("REAP: {e}");
-                                    RecordingState::Failed(e)
-                                }
-                            });
-                        });
-                    if let Err(e) = spawned {
-                        self.set_state(RecordingState::Failed(format!(
-                            "cannot start the WS writer: {e}"
-                        )));
-                    }
-                }
+/// The recording's page source: pages from the memory file, each one installed logged in
+/// order of first touch until the recording stops; then the WS is written from the log.
+struct RecordingSource {
+    recorder: Arc<Recorder>,
+    pages: FileSource,
+    touched: Vec<Touch>,
+    /// Taken when the recording stops and its WS is being written.
+    target: Option<WsTarget>,
+}
+
+impl PageSource for RecordingSource {
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed {
+        // Faults after stop() (a snapshot copying memory, the guest after its answer) are
+        // served, not recorded. The page is counted before it is installed: once installed,
+        // the faulting thread runs on and may stop the recording or read the count.
+        let record = self.recorder.recording.load(Ordering::Acquire) && self.target.is_some();
+        if record {
+            self.recorder.recorded_pages.fetch_add(1, Ordering::AcqRel);
+        }
+        let installed = self.pages.serve(uffd, fault);
+        if record {
+            if installed == Installed::Now {
+                self.touched.push(Touch {
+                    file_offset: fault.offset,
+                    write: fault.write,
+                });
+            } else {
+                // Another fault installed it first and is recorded, or it failed.
+                self.recorder.recorded_pages.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        installed
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        // Once the recording is written only faults (and the end) matter.
+        self.target
+            .as_ref()
+            .map(|_| self.recorder.stop_evt.as_raw_fd())
+    }
+
+    fn on_wake(&mut self) {
+        let _ = self.recorder.stop_evt.read();
+        let Some(target) = self.target.take() else {
+            return;
+        };
+        self.recorder.set_state(RecordingState::Writing);
+        let pages = std::mem::take(&mut self.touched);
+        let writer = self.recorder.clone();
+        let file = self.pages.file().clone();
+        let spawned = std::thread::Builder::new()
+            .name("fc_ws_writer".into())
+            .spawn(move || {
+                let result = finish_ws(&file, &pages, &target);
+                writer.set_state(match result {
+                    Ok(pages) => RecordingState::Written {
+                        pages,
+                        path: target.path.clone(),
+                    },
+                    Err(e) => {
+                        log::error!("REAP: {e}");
+                        RecordingState::Failed(e)
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            self.recorder.set_state(RecordingState::Failed(format!(
+                "cannot start the WS writer: {e}"
+            )));
+        }
+    }
+
+    /// A recording still going on will never be written.
+    fn on_loop_failed(&mut self, why: &str) {
+        log::error!("REAP: page fault handler stops: {why}");
+        let mut state = self
+            .recorder
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *state == RecordingState::Recording {
+            *state = RecordingState::Failed(format!("the page fault handler stopped: {why}"));
+        }
+        self.recorder.changed.notify_all();
     }
 }
 

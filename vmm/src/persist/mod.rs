@@ -1,5 +1,10 @@
 //! A whole microVM in files: the vmstate file (every piece of KVM and device state, in the
 //! snapshot crate's checked envelope) and the memory file (guest RAM, region after region).
+//! `create` writes them from a paused VM; `crate::restore` reads them back.
+
+mod create;
+
+pub use create::{SnapshotError, SnapshotKind, SnapshotSource};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,7 +20,7 @@ use crate::vstate::{VcpuState, VmState};
 
 pub const VMSTATE_MAGIC: &[u8; 8] = b"REAPVMST";
 pub const VMSTATE_VERSION: u32 = 1;
-const PAGE_SIZE: usize = 4096;
+use snapshot::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {

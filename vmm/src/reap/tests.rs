@@ -1,0 +1,251 @@
+//! Every page source on the one fault loop, with a real userfaultfd over anonymous memory
+//! touched by this thread (no KVM needed): on demand, recording a WS, prefetching it all
+//! first and installing it while the memory is in use.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devices::GuestMemoryMmap;
+use snapshot::touch_log::{self, TouchLog};
+use snapshot::ws::SnapshotIdentity;
+use snapshot::PAGE_SIZE;
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::*;
+use crate::metrics::{FaultSource, MemoryRestoreReport};
+use crate::persist::MemoryRegionState;
+use crate::uffd::{self, FaultLoop, FileSource, HandlerStop, StopHandlersOnDrop};
+
+const PAGES: u64 = 64;
+/// Pages that are all zeroes in the memory file.
+const ZERO_PAGES: [u64; 3] = [5, 6, 40];
+
+fn layout() -> Vec<MemoryRegionState> {
+    // Two regions, as below and above the MMIO gap: the second starts at file page 48.
+    vec![
+        MemoryRegionState {
+            guest_addr: 0,
+            size: 48 * PAGE_SIZE as u64,
+            file_offset: 0,
+        },
+        MemoryRegionState {
+            guest_addr: 0x1_0000_0000,
+            size: 16 * PAGE_SIZE as u64,
+            file_offset: 48 * PAGE_SIZE as u64,
+        },
+    ]
+}
+
+fn guest_addr(file_page: u64) -> GuestAddress {
+    let offset = file_page * PAGE_SIZE as u64;
+    let r = layout()
+        .into_iter()
+        .find(|r| offset >= r.file_offset && offset < r.file_offset + r.size)
+        .unwrap();
+    GuestAddress(r.guest_addr + offset - r.file_offset)
+}
+
+/// The byte every position of file page `page` holds (0 for the zero pages).
+fn pattern(page: u64) -> u8 {
+    if ZERO_PAGES.contains(&page) {
+        0
+    } else {
+        (page as u8).wrapping_mul(7).wrapping_add(1)
+    }
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("reapvm-fault-loop-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut content = Vec::with_capacity(PAGES as usize * PAGE_SIZE);
+        for page in 0..PAGES {
+            content.extend(std::iter::repeat_n(pattern(page), PAGE_SIZE));
+        }
+        std::fs::write(dir.join("mem"), content).unwrap();
+        Self(dir)
+    }
+
+    fn mem_file(&self) -> Arc<File> {
+        Arc::new(File::open(self.0.join("mem")).unwrap())
+    }
+
+    fn ws_path(&self) -> PathBuf {
+        self.0.join("mem.ws")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn identity() -> SnapshotIdentity {
+    SnapshotIdentity {
+        vmstate_checksum: 0x1234_5678,
+        memory_len: PAGES * PAGE_SIZE as u64,
+    }
+}
+
+/// Reads two bytes of `page` (its first and last) and checks them.
+fn check_page(mem: &GuestMemoryMmap, page: u64) {
+    let at = guest_addr(page);
+    let first: u8 = mem.read_obj(at).unwrap();
+    let last: u8 = mem
+        .read_obj(at.unchecked_add(PAGE_SIZE as u64 - 1))
+        .unwrap();
+    assert_eq!((first, last), (pattern(page), pattern(page)), "page {page}");
+}
+
+fn restore(
+    scratch: &Scratch,
+    options: ReapOptions,
+) -> (GuestMemoryMmap, ReapMemory, StopHandlersOnDrop) {
+    restore_as(scratch, options, identity())
+}
+
+/// A REAP restore of the scratch memory file as the snapshot `identity`.
+fn restore_as(
+    scratch: &Scratch,
+    options: ReapOptions,
+    identity: SnapshotIdentity,
+) -> (GuestMemoryMmap, ReapMemory, StopHandlersOnDrop) {
+    let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
+    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
+    let fetched = fetch(&scratch.ws_path(), false);
+    let reap = restore_memory(
+        ReapSetup {
+            uffd: Arc::new(uffd),
+            regions: Arc::new(regions),
+            file: scratch.mem_file(),
+            ws_path: scratch.ws_path(),
+            options,
+            identity,
+            layout: ws_layout(&layout()),
+            stop: handlers.0.clone(),
+        },
+        fetched,
+        MemoryRestoreReport::default(),
+    )
+    .unwrap();
+    (mem, reap, handlers)
+}
+
+#[test]
+fn on_demand_fills_each_page_once_from_the_memory_file() {
+    let scratch = Scratch::new("on-demand");
+    let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
+    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
+    let source = FileSource::new(scratch.mem_file());
+    let stats = source.stats();
+    FaultLoop::new(
+        Arc::new(uffd),
+        Arc::new(regions),
+        handlers.0.clone(),
+        source,
+    )
+    .spawn("test_uffd")
+    .unwrap();
+    for page in [3, 50, 63, 5, 3, 50] {
+        check_page(&mem, page);
+    }
+    assert_eq!(stats.faults_and_bytes(), (4, 4 * PAGE_SIZE as u64));
+}
+
+#[test]
+fn a_recording_logs_first_touches_in_order_and_a_prefetch_installs_them() {
+    let scratch = Scratch::new("record");
+    let touched = [10u64, 11, 12, 49, 5, 6, 30];
+    let written = [11u64, 49];
+    {
+        let (mem, reap, _handlers) = restore(&scratch, ReapOptions::default());
+        let recorder = reap.recorder.expect("no WS: a recording");
+        for &page in &touched {
+            if written.contains(&page) {
+                mem.write_obj(pattern(page), guest_addr(page)).unwrap();
+            }
+            check_page(&mem, page);
+        }
+        // Touched again: no new record.
+        check_page(&mem, 10);
+        assert_eq!(recorder.recorded_pages(), touched.len() as u64);
+        let state = recorder.finish("the test ends it", Duration::from_secs(10));
+        assert!(
+            matches!(state, RecordingState::Written { pages: 7, .. }),
+            "{state:?}"
+        );
+        // After the end pages are served, not recorded.
+        check_page(&mem, 20);
+        assert_eq!(recorder.recorded_pages(), touched.len() as u64);
+    }
+    let log =
+        TouchLog::decode(&std::fs::read(touch_log::path_for(&scratch.ws_path())).unwrap()).unwrap();
+    let logged: Vec<(u64, bool)> = log
+        .touches
+        .iter()
+        .map(|t| (t.file_offset / PAGE_SIZE as u64, t.write))
+        .collect();
+    let expected: Vec<(u64, bool)> = touched.iter().map(|&p| (p, written.contains(&p))).collect();
+    assert_eq!(logged, expected);
+
+    for chunked_install in [false, true] {
+        let options = ReapOptions {
+            chunked_install,
+            ..Default::default()
+        };
+        let (mem, reap, _handlers) = restore(&scratch, options);
+        assert_eq!(reap.report.mode, "prefetch");
+        assert!(reap.recorder.is_none());
+        if !chunked_install {
+            assert_eq!(reap.report.pages_prefetched, touched.len() as u64);
+        }
+        for &page in touched.iter().chain(&[0, 40, 63]) {
+            check_page(&mem, page);
+        }
+        // Only the three pages outside the WS came from the memory file.
+        assert_eq!(
+            reap.live.faults_and_bytes().0,
+            3,
+            "chunked {chunked_install}"
+        );
+    }
+}
+
+#[test]
+fn a_ws_of_another_snapshot_is_refused_and_recorded_anew() {
+    let scratch = Scratch::new("foreign");
+    {
+        let (mem, reap, _handlers) = restore(&scratch, ReapOptions::default());
+        check_page(&mem, 1);
+        let state = reap
+            .recorder
+            .unwrap()
+            .finish("the test ends it", Duration::from_secs(10));
+        assert!(
+            matches!(state, RecordingState::Written { pages: 1, .. }),
+            "{state:?}"
+        );
+    }
+    let foreign = SnapshotIdentity {
+        vmstate_checksum: 1,
+        ..identity()
+    };
+    let (mem, reap, _handlers) = restore_as(&scratch, ReapOptions::default(), foreign);
+    assert!(
+        reap.report
+            .ws_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused")),
+        "{:?}",
+        reap.report.ws_error
+    );
+    assert!(reap.recorder.is_some());
+    check_page(&mem, 2);
+}

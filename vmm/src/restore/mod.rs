@@ -1,0 +1,324 @@
+//! Restoring a microVM from a snapshot, top to bottom: read and check the vmstate
+//! ([`load_snapshot`]), set up memory from the chosen backend ([`memory::guest_memory`]),
+//! then KVM, devices and vCPUs as saved ([`restore_vm`]). The boot path's counterpart is
+//! `builder::build_and_start`; both end in `builder::assemble`.
+
+pub mod backend;
+pub mod memory;
+
+pub use backend::{LoadSnapshotParams, MemoryBackend, NetworkOverride};
+pub use memory::{MemoryRestoreContext, MemoryRestoreError, RestoredMemory};
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::arch::cpuid::Topology;
+use crate::builder::{self, BuildError, StartOptions};
+use crate::config::VmConfig;
+use crate::device_manager::{MmioDeviceManager, MmioSlot};
+use crate::metrics;
+use crate::microvm::MicroVm;
+use crate::persist::{self, DeviceState, MicrovmState, PersistError};
+use crate::reap;
+use crate::vcpu::{RunControl, Vcpu};
+use crate::vm::Vm;
+use crate::vstate::{VcpuStateError, VmStateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Vmstate(#[from] PersistError),
+    #[error("cannot start the WS reader: {0}")]
+    WsReader(std::io::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryRestoreError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("network_overrides names {iface_id}, which the snapshot does not have")]
+    UnknownOverride { iface_id: String },
+    #[error("the snapshot holds {saved} vCPU states for {configured} vCPUs")]
+    VcpuCount { saved: usize, configured: u8 },
+    #[error("the snapshot was taken on a {snapshot} CPU, this host is {host}")]
+    CpuVendor { snapshot: String, host: String },
+    #[error("this host's CPU lacks features the snapshot's vCPUs had: {}", .0.join(", "))]
+    CpuFeatures(Vec<String>),
+    #[error("cannot restore the VM's KVM state: {0}")]
+    VmState(#[from] VmStateError),
+    #[error("cannot restore vCPU {index}: {source}")]
+    VcpuState {
+        index: usize,
+        source: VcpuStateError,
+    },
+    #[error(
+        "device order differs: the snapshot has {saved} where the configuration has {configured}"
+    )]
+    DeviceOrder { saved: String, configured: String },
+    #[error("the snapshot has no state for device {0}")]
+    DeviceMissing(String),
+    #[error("the snapshot has a device {0} the configuration lacks")]
+    DeviceExtra(String),
+    #[error("device {id} landed at {addr:#x} IRQ {irq}, the snapshot had it at {saved_addr:#x} IRQ {saved_irq}")]
+    DeviceSlot {
+        id: String,
+        addr: u64,
+        irq: u32,
+        saved_addr: u64,
+        saved_irq: u32,
+    },
+}
+
+/// `PUT /snapshot/load`: reads and checks the vmstate, then builds the VM from it. Returns
+/// the VM and the configuration it now runs with.
+pub fn load_snapshot(
+    params: &LoadSnapshotParams,
+    opts: StartOptions,
+) -> Result<(MicroVm, VmConfig), RestoreError> {
+    let started = Instant::now();
+    // Beyond the paper: the WS file is read while the vmstate, KVM and devices are restored.
+    let ws_prefetch = match params.mem_backend.reap() {
+        Some((ws_path, options)) if options.fetch_in_parallel => Some(
+            std::thread::Builder::new()
+                .name("fc_ws_fetch".into())
+                .spawn(move || reap::fetch(&ws_path, options.o_direct))
+                .map_err(RestoreError::WsReader)?,
+        ),
+        _ => None,
+    };
+    let (state, vmstate_checksum) = persist::read_vmstate(&params.snapshot_path)?;
+    let vmstate_load = started.elapsed();
+    let context = MemoryRestoreContext {
+        vmstate_load,
+        vmstate_checksum,
+        ws_prefetch,
+    };
+    let (vm, config) = restore_vm(&state, params, context, opts)?;
+    metrics::metrics()
+        .latencies_us
+        .load_snapshot
+        .set_elapsed_us(started);
+    log::info!(
+        "snapshot loaded in {} us (vmstate read and checked in {} us)",
+        started.elapsed().as_micros(),
+        vmstate_load.as_micros()
+    );
+    Ok((vm, config))
+}
+
+/// Builds a VM from a snapshot's state: KVM and device state as saved, memory from the
+/// backend, taps renamed by the overrides. Nothing is left running on error.
+pub fn restore_vm(
+    state: &MicrovmState,
+    params: &LoadSnapshotParams,
+    context: MemoryRestoreContext,
+    opts: StartOptions,
+) -> Result<(MicroVm, VmConfig), RestoreError> {
+    let config = restored_config(state, params)?;
+    if state.vcpus.len() != usize::from(config.vcpu_count()) {
+        return Err(RestoreError::VcpuCount {
+            saved: state.vcpus.len(),
+            configured: config.vcpu_count(),
+        });
+    }
+    // Drives and taps first: a missing file or tap fails before KVM is touched.
+    let (blocks, nets) = builder::open_devices(&config)?;
+
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    check_cpu(&kvm, state)?;
+    let vm = Vm::new(&kvm).map_err(BuildError::from)?;
+    let memory = memory::guest_memory(&params.mem_backend, state, context)?;
+    vm.register_memory(
+        &memory.guest_memory,
+        config.machine_config.track_dirty_pages,
+    )
+    .map_err(BuildError::from)?;
+    state.vm.restore(vm.fd())?;
+
+    let legacy = builder::legacy_devices(
+        &vm,
+        opts.console_out,
+        opts.start_time,
+        opts.boot_timer,
+        opts.ready,
+        Some((&state.serial, &state.i8042)),
+    )?;
+    let mut mmio = MmioDeviceManager::new();
+    let mut saved = state.devices.iter();
+    for block in blocks {
+        let id = block.id().to_string();
+        attach_saved(&mut mmio, &vm, &memory.guest_memory, &mut saved, &id, block)?;
+    }
+    for net in nets {
+        let id = net.id().to_string();
+        attach_saved(&mut mmio, &vm, &memory.guest_memory, &mut saved, &id, net)?;
+    }
+    if let Some(extra) = saved.next() {
+        return Err(RestoreError::DeviceExtra(extra.id.clone()));
+    }
+
+    let mmio_bus = builder::vcpu_mmio_bus(mmio.bus(), &legacy, &config)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    let mut msrs_to_save = None;
+    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+        let mut vcpu = Vcpu::new(vm.fd(), index as u8, legacy.bus.clone(), mmio_bus.clone())
+            .map_err(BuildError::from)?;
+        vcpu.restore_state(vcpu_state)
+            .map_err(|source| RestoreError::VcpuState { index, source })?;
+        builder::give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
+        vcpus.push(vcpu);
+    }
+    let control = if params.resume_vm {
+        RunControl::new()
+    } else {
+        RunControl::new_paused()
+    };
+    let recorder = memory.recorder.clone();
+    legacy.invocation_signal.set_hook(Box::new(move || {
+        metrics::metrics().memory_restore.invocation_answered();
+        if let Some(recorder) = &recorder {
+            recorder.stop("the guest answered an invocation");
+        }
+    }));
+    // Before the vCPUs start: the restore time is what first_response_us counts from, and a
+    // fast guest may answer (or a replay guest finish) before assemble returns.
+    metrics::metrics()
+        .memory_restore
+        .set(memory.report, memory.live_faults);
+    let mut microvm = builder::assemble(
+        kvm,
+        vm,
+        memory.guest_memory,
+        legacy,
+        mmio,
+        vcpus,
+        config.clone(),
+        opts.console_in,
+        control,
+    )?;
+    microvm.ws_recorder = memory.recorder;
+    microvm.memory_handlers = Some(memory.handlers);
+    log::info!(
+        "restored from a snapshot: {} vCPU(s), {} MiB, memory backend {:?} ({})",
+        state.vcpus.len(),
+        state.config.machine_config.mem_size_mib,
+        params.mem_backend,
+        if params.resume_vm {
+            "running"
+        } else {
+            "paused"
+        }
+    );
+    Ok((microvm, config))
+}
+
+/// The saved configuration with this load's dirty page tracking and tap overrides.
+fn restored_config(
+    state: &MicrovmState,
+    params: &LoadSnapshotParams,
+) -> Result<VmConfig, RestoreError> {
+    let mut config = state.config.clone();
+    config.machine_config.track_dirty_pages = params.track_dirty_pages;
+    for o in &params.network_overrides {
+        let iface = config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == o.iface_id)
+            .ok_or_else(|| RestoreError::UnknownOverride {
+                iface_id: o.iface_id.clone(),
+            })?;
+        iface.host_dev_name = o.host_dev_name.clone();
+    }
+    Ok(config)
+}
+
+/// The saved vCPUs' vendor and CPU features must be this host's.
+fn check_cpu(kvm: &Kvm, state: &MicrovmState) -> Result<(), RestoreError> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let host = format!("{:?}", crate::arch::cpuid::vendor_of(&supported));
+    if host != state.cpu_vendor {
+        return Err(RestoreError::CpuVendor {
+            snapshot: state.cpu_vendor.clone(),
+            host,
+        });
+    }
+    let Some(saved) = state.vcpus.first() else {
+        return Ok(());
+    };
+    let vcpu_count = state.config.vcpu_count();
+    let topology = Topology {
+        cpu_index: 0,
+        vcpu_count,
+        threads_per_core: if state.config.machine_config.smt && vcpu_count > 1 {
+            2
+        } else {
+            1
+        },
+    };
+    let mut normalized = supported.clone();
+    crate::arch::cpuid::normalize(
+        &mut normalized,
+        topology,
+        kvm.check_extension(Cap::TscDeadlineTimer),
+    );
+    let missing = crate::arch::cpuid::missing_features(
+        &saved.cpuid,
+        normalized.as_slice(),
+        &crate::arch::cpuid::host_cpu_features(),
+    );
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RestoreError::CpuFeatures(missing))
+    }
+}
+
+/// Attaches `device` with the next saved device state, which must be its own and must have
+/// sat at the same MMIO slot.
+fn attach_saved<D>(
+    mmio: &mut MmioDeviceManager,
+    vm: &Vm,
+    mem: &devices::GuestMemoryMmap,
+    saved: &mut std::slice::Iter<'_, DeviceState>,
+    id: &str,
+    device: D,
+) -> Result<(), RestoreError>
+where
+    D: devices::virtio::VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+{
+    let dev = match saved.next() {
+        Some(dev) if dev.id == id => dev,
+        Some(dev) => {
+            return Err(RestoreError::DeviceOrder {
+                saved: dev.id.clone(),
+                configured: id.to_string(),
+            })
+        }
+        None => return Err(RestoreError::DeviceMissing(id.to_string())),
+    };
+    let slot = mmio
+        .attach(
+            vm,
+            mem,
+            id,
+            Arc::new(Mutex::new(device)),
+            Some(&dev.transport),
+        )
+        .map_err(BuildError::from)?;
+    check_slot(&slot, dev)
+}
+
+fn check_slot(slot: &MmioSlot, saved: &DeviceState) -> Result<(), RestoreError> {
+    if slot.addr != saved.addr || slot.irq != saved.irq {
+        return Err(RestoreError::DeviceSlot {
+            id: slot.id.clone(),
+            addr: slot.addr,
+            irq: slot.irq,
+            saved_addr: saved.addr,
+            saved_irq: saved.irq,
+        });
+    }
+    Ok(())
+}

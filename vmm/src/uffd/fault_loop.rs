@@ -1,0 +1,250 @@
+//! The one userfaultfd fault loop. It owns the waiting (poll on the userfaultfd, the stop
+//! event and its source's own event), the reading of events, the turning of a faulting
+//! address into a memory-file offset and the already-installed case; what goes into the page
+//! is its [`PageSource`]'s business: the memory file (`OnDemand`, and REAP's misses), the WS
+//! then the file (REAP's chunked install), or the file while recording a WS (REAP's record).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use snapshot::PAGE_SIZE;
+use userfaultfd::{Event, ReadWrite, Uffd};
+
+use super::{HandlerStop, UffdError, UffdRegions};
+
+/// A fault on a page of guest memory, as a source sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    /// The faulting page's host address (page-aligned).
+    pub host_addr: u64,
+    /// Where the page is in the memory file.
+    pub offset: u64,
+    /// The first touch was a write.
+    pub write: bool,
+}
+
+/// What installing a page came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    /// This call put the page in (and woke its waiters).
+    Now,
+    /// Someone else (another fault, an installer thread) put it in first; its waiters were
+    /// woken.
+    AlreadyThere,
+    /// The kernel refused the page (logged).
+    Failed,
+}
+
+/// Installs one page at `host` (from `src`, or zeroes) and wakes whoever waits on it.
+pub fn install_page(uffd: &Uffd, host: u64, src: Option<&[u8]>) -> Installed {
+    let dst = host as *mut libc::c_void;
+    let result = match src {
+        Some(bytes) => {
+            assert_eq!(bytes.len(), PAGE_SIZE, "install_page takes one page");
+            // SAFETY: `host` is a page of registered guest memory that stays mapped for the
+            // life of the process (the fault loop only hands out such pages); `bytes` holds
+            // one page.
+            unsafe { uffd.copy(bytes.as_ptr().cast(), dst, PAGE_SIZE, true) }
+        }
+        // SAFETY: as above, without a source buffer.
+        None => unsafe { uffd.zeropage(dst, PAGE_SIZE, true) },
+    };
+    match result {
+        Ok(_) => Installed::Now,
+        Err(userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno))
+            if errno as i32 == libc::EEXIST =>
+        {
+            let _ = uffd.wake(dst, PAGE_SIZE);
+            Installed::AlreadyThere
+        }
+        Err(e) => {
+            log::error!("installing the page at {host:#x} failed: {e}");
+            Installed::Failed
+        }
+    }
+}
+
+/// What fills faulting pages.
+pub trait PageSource: Send + 'static {
+    /// Puts the faulting page in.
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed;
+
+    /// An event of the source's own that the loop also waits on (None: nothing to wait for).
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// `wake_fd` became readable.
+    fn on_wake(&mut self) {}
+
+    /// The loop ends for good for this reason (not when told to stop): later faults will
+    /// never be served.
+    fn on_loop_failed(&mut self, why: &str) {
+        log::error!("page fault handler stops: {why}");
+    }
+}
+
+/// Counters of faults served from the memory file.
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    pub faults: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+impl crate::metrics::FaultSource for FaultStats {
+    fn faults_and_bytes(&self) -> (u64, u64) {
+        (
+            self.faults.load(Ordering::Relaxed),
+            self.bytes_read.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Fills each faulting page from the memory file.
+pub struct FileSource {
+    file: Arc<File>,
+    stats: Arc<FaultStats>,
+    page: Vec<u8>,
+}
+
+impl FileSource {
+    pub fn new(file: Arc<File>) -> Self {
+        Self {
+            file,
+            stats: Arc::new(FaultStats::default()),
+            page: vec![0u8; PAGE_SIZE],
+        }
+    }
+
+    pub fn stats(&self) -> Arc<FaultStats> {
+        self.stats.clone()
+    }
+
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+}
+
+impl PageSource for FileSource {
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed {
+        if let Err(e) = self.file.read_exact_at(&mut self.page, fault.offset) {
+            log::error!(
+                "cannot read page at offset {:#x} of the memory file: {e}",
+                fault.offset
+            );
+            self.page.fill(0);
+        }
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+        install_page(uffd, fault.host_addr, Some(&self.page))
+    }
+}
+
+/// Serves the page faults of one userfaultfd from one source, on a thread of its own, until
+/// the restore's stop event fires.
+pub struct FaultLoop<S: PageSource> {
+    uffd: Arc<Uffd>,
+    regions: Arc<UffdRegions>,
+    stop: Arc<HandlerStop>,
+    source: S,
+}
+
+impl<S: PageSource> FaultLoop<S> {
+    pub fn new(
+        uffd: Arc<Uffd>,
+        regions: Arc<UffdRegions>,
+        stop: Arc<HandlerStop>,
+        source: S,
+    ) -> Self {
+        Self {
+            uffd,
+            regions,
+            stop,
+            source,
+        }
+    }
+
+    /// Runs the loop on a thread named `name`.
+    pub fn spawn(self, name: &'static str) -> Result<(), UffdError> {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || self.run())
+            .map(|_| ())
+            .map_err(|source| UffdError::Thread { name, source })
+    }
+
+    fn run(mut self) {
+        if let Err(why) = self.serve_until_stopped() {
+            self.source.on_loop_failed(&why);
+        }
+    }
+
+    /// Ok when told to stop; Err with the reason when the loop cannot go on.
+    fn serve_until_stopped(&mut self) -> Result<(), String> {
+        loop {
+            let wake_fd = self.source.wake_fd();
+            let mut fds =
+                [self.uffd.as_raw_fd(), self.stop.fd(), wake_fd.unwrap_or(-1)].map(|fd| {
+                    libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }
+                });
+            let nfds = if wake_fd.is_some() { 3 } else { 2 };
+            // SAFETY: `fds` holds `nfds` valid pollfd entries for descriptors kept open by
+            // this loop (the userfaultfd, the stop event) and its source (its own event).
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds as libc::nfds_t, -1) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll failed: {e}"));
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                // The restore failed or the VM is gone.
+                return Ok(());
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return Err("the userfaultfd reports an error".into());
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                self.drain_events()?;
+            }
+            if nfds == 3 && fds[2].revents & libc::POLLIN != 0 {
+                self.source.on_wake();
+            }
+        }
+    }
+
+    /// Serves every event waiting on the userfaultfd.
+    fn drain_events(&mut self) -> Result<(), String> {
+        loop {
+            match self.uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, rw, .. })) => {
+                    let host = addr as u64;
+                    let Some(offset) = self.regions.offset_of(host) else {
+                        log::error!("page fault at {host:#x} outside guest memory");
+                        continue;
+                    };
+                    let fault = PageFault {
+                        host_addr: host & !(PAGE_SIZE as u64 - 1),
+                        offset,
+                        write: matches!(rw, ReadWrite::Write),
+                    };
+                    self.source.serve(&self.uffd, fault);
+                }
+                // Registered without fork/remap/remove events: none of those arrive.
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
