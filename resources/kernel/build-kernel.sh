@@ -28,6 +28,17 @@ if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
 fi
 
 mkdir -p "$cache"
+# One build at a time: two (a test run and a demo, say) in one build tree corrupt it.
+exec 9>"$cache/kernel-build.lock"
+if ! flock -n 9; then
+  log "another kernel build is running; waiting for it"
+  flock 9
+fi
+if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
+  log "cached: $out (built meanwhile)"
+  echo "$out"
+  exit 0
+fi
 # One build tree per source version: a config change rebuilds incrementally.
 work="$cache/kernel-build-${src_version}"
 if [ ! -f "$work/Makefile" ]; then

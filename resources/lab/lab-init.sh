@@ -49,6 +49,12 @@ mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 labrun "/host$run" \
   || fail "cannot mount the run folder $run"
+workdir="$(sed -n 's/.*reapvm_lab.workdir=\([^ ]*\).*/\1/p' /proc/cmdline)"
+if [ -n "$workdir" ]; then
+  mkdir -p "/host$workdir"
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 workdir "/host$workdir" \
+    || fail "cannot mount the working folder $workdir"
+fi
 disk="$(sed -n 's/.*reapvm_lab.disk=\([^ ]*\).*/\1/p' /proc/cmdline)"
 if [ -n "$disk" ]; then
   for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done

@@ -2,7 +2,7 @@
 # Runs one command inside the KVM lab (a QEMU TCG machine with an emulated AMD EPYC CPU,
 # SVM and nested paging, so KVM inside it is real) and exits with the command's exit code.
 # The host's root is visible read-only at the same paths; the current directory must exist
-# on the host. Usage: lab-run.sh [--timeout SECS] [--mem MIB] [--cpus N] -- CMD [ARGS...]
+# on the host (one under /tmp or /run is shared into the lab by itself). Usage: lab-run.sh [--timeout SECS] [--mem MIB] [--cpus N] -- CMD [ARGS...]
 # Environment variables named REAPVM_*, RUST_* and CARGO_* are passed to the command.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,6 +51,20 @@ if [ -n "${REAPVM_LAB_DISK_MIB:-}" ]; then
   disk_kernel_arg="reapvm_lab.disk=/mnt"
 fi
 
+# The lab mounts its own tmpfs over /tmp and /run (and its own /dev, /proc, /sys): a
+# command started from a folder under one of them (a checkout in /tmp, say) gets that folder
+# shared into the lab explicitly, mounted read-only at the same path over the lab's own.
+workdir_args=() workdir_kernel_arg=""
+case "$PWD/" in
+  /tmp/*|/run/*|/dev/*|/proc/*|/sys/*)
+    case "$PWD" in
+      *[[:space:]]*) echo "lab: cannot share $PWD into the lab: its path has white space (the lab's kernel command line carries it); move the checkout" >&2; exit 125 ;;
+    esac
+    workdir_args=(-virtfs "local,path=$PWD,mount_tag=workdir,security_model=none,readonly=on,multidevs=remap")
+    workdir_kernel_arg="reapvm_lab.workdir=$PWD"
+    ;;
+esac
+
 {
   echo "cd $(printf '%q' "$PWD") || exit 126"
   env | grep -E '^(REAPVM|RUST|CARGO)[A-Z0-9_]*=' | while IFS='=' read -r k v; do
@@ -66,8 +80,8 @@ fi
 
 qemu-system-x86_64 -machine q35 -accel "tcg,thread=${REAPVM_LAB_TCG_THREAD:-multi}" -cpu EPYC -m "$mem" -smp "$cpus" \
   -kernel "$lab/vmlinuz" -initrd "$lab/initrd.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run $disk_kernel_arg ${REAPVM_LAB_KERNEL_ARGS:-}" \
-  "${disk_args[@]}" \
+  -append "console=ttyS0 quiet panic=-1 reapvm_lab.run=$run $disk_kernel_arg $workdir_kernel_arg ${REAPVM_LAB_KERNEL_ARGS:-}" \
+  "${disk_args[@]}" "${workdir_args[@]}" \
   -display none -monitor none -nic none -no-reboot \
   -serial "file:$run/console.log" \
   -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
