@@ -2,11 +2,13 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod tap;
 pub mod trigger;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use persist::Persist;
 
 /// Guest memory with a dirty bitmap: every write the VMM makes on the guest's behalf (device
 /// buffers, used rings) is marked, so Diff snapshots catch what KVM's dirty log cannot see.

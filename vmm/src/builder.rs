@@ -8,19 +8,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{
-    BootTimer, ConsoleSignalFilter, I8042Device, I8042State, InvocationSignal, ReplayControl,
-    ReplayReport, SerialDevice, SerialSnapshot, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT,
-    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, REPLAY_CONTROL_ADDR, REPLAY_CONTROL_LEN,
+    BootTimer, ConsoleSignalFilter, I8042Args, I8042Device, I8042State, InvocationSignal,
+    ReplayControl, ReplayReport, SerialArgs, SerialDevice, SerialSnapshot, BOOT_TIMER_PORT,
+    COM1_IRQ, COM1_PORT, COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, REPLAY_CONTROL_ADDR,
+    REPLAY_CONTROL_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
-use devices::{Bus, EventFdTrigger};
+use devices::{Bus, EventFdTrigger, Persist};
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::cpuid::Topology;
 use crate::arch::{boot_params, mptable};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, DriveConfig, VmConfig};
 use crate::console::StdinToSerial;
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::loader::{self, LoaderError};
@@ -56,8 +57,8 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("device state: {0}")]
-    DeviceState(String),
+    #[error(transparent)]
+    Serial(#[from] devices::legacy::SerialError),
     #[error("cannot list the MSRs to save: {0}")]
     MsrList(crate::vstate::VcpuStateError),
     #[error(transparent)]
@@ -315,8 +316,11 @@ pub(crate) fn legacy_devices(
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let serial = match saved {
         Some((state, _)) => {
-            SerialDevice::from_state(state, EventFdTrigger::new(serial_irq), console_out)
-                .map_err(BuildError::DeviceState)?
+            let args = SerialArgs {
+                interrupt: EventFdTrigger::new(serial_irq),
+                out: console_out,
+            };
+            SerialDevice::restore(args, state)?
         }
         None => SerialDevice::new(EventFdTrigger::new(serial_irq), console_out),
     };
@@ -338,10 +342,17 @@ pub(crate) fn legacy_devices(
                     source,
                 })?,
         );
-    let mut i8042 = I8042Device::new(reset_trigger, EventFdTrigger::new(kbd_irq));
-    if let Some((_, state)) = saved {
-        i8042.restore(state);
-    }
+    let i8042 = match saved {
+        Some((_, state)) => {
+            let args = I8042Args {
+                reset: reset_trigger,
+                kbd_interrupt: EventFdTrigger::new(kbd_irq),
+            };
+            let Ok(i8042) = I8042Device::restore(args, state);
+            i8042
+        }
+        None => I8042Device::new(reset_trigger, EventFdTrigger::new(kbd_irq)),
+    };
     let i8042 = Arc::new(Mutex::new(i8042));
     bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
         .map_err(|source| BuildError::Bus {
@@ -411,7 +422,7 @@ pub(crate) fn assemble(
         i8042: legacy.i8042,
         serial: legacy.serial,
         devices: mmio.devices(),
-        transports: mmio.transports(),
+        attached: mmio.attached(),
         subscribers,
         config,
         cpu_vendor,
@@ -430,15 +441,27 @@ pub(crate) fn assemble(
     Ok(microvm)
 }
 
-/// Opens every drive (root first, so it becomes /dev/vda) and every tap.
-pub(crate) fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError> {
+/// The drives in the order they are attached: the root first, so it becomes /dev/vda.
+pub(crate) fn drives_in_order(config: &VmConfig) -> Vec<&DriveConfig> {
     let mut drives: Vec<_> = config.drives.iter().collect();
     drives.sort_by_key(|d| !d.is_root_device);
+    drives
+}
+
+/// A root drive given by device name must hold an ext filesystem.
+pub(crate) fn check_root_drive(drive: &DriveConfig) -> Result<(), BuildError> {
+    if drive.is_root_device && drive.partuuid.is_none() {
+        check_ext_superblock(&drive.drive_id, &drive.path_on_host)?;
+    }
+    Ok(())
+}
+
+/// Opens every drive (root first) and every tap.
+fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError> {
+    let drives = drives_in_order(config);
     let mut blocks = Vec::with_capacity(drives.len());
     for d in drives {
-        if d.is_root_device && d.partuuid.is_none() {
-            check_ext_superblock(&d.drive_id, &d.path_on_host)?;
-        }
+        check_root_drive(d)?;
         blocks.push(Block::new(&d.drive_id, &d.path_on_host, d.is_read_only)?);
     }
     let mut nets = Vec::with_capacity(config.network_interfaces.len());

@@ -4,10 +4,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_OFFSET};
-use devices::virtio::{Interrupt, VirtioDevice};
-use devices::Bus;
-use devices::GuestMemoryMmap;
+use devices::virtio::mmio::{
+    MmioTransport, MmioTransportArgs, MmioTransportState, MMIO_LEN, NOTIFY_OFFSET,
+};
+use devices::virtio::{Interrupt, VirtioDevice, VirtioDeviceState};
+use devices::{Bus, GuestMemoryMmap, Persist};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -56,6 +57,21 @@ pub struct MmioSlot {
     pub irq: u32,
 }
 
+/// An attached device as a snapshot sees it: its slot, its transport, and its own state.
+#[derive(Clone)]
+pub struct AttachedDevice {
+    pub slot: MmioSlot,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    save_device: Arc<dyn Fn() -> VirtioDeviceState + Send + Sync>,
+}
+
+impl AttachedDevice {
+    /// The device's own state (taken while the VM is paused).
+    pub fn device_state(&self) -> VirtioDeviceState {
+        (self.save_device)()
+    }
+}
+
 pub struct MmioDeviceManager {
     bus: Bus,
     next_addr: u64,
@@ -63,7 +79,7 @@ pub struct MmioDeviceManager {
     slots: Vec<MmioSlot>,
     subscribers: Vec<Subscriber>,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
-    transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
+    attached: Vec<AttachedDevice>,
 }
 
 impl Default for MmioDeviceManager {
@@ -81,7 +97,7 @@ impl MmioDeviceManager {
             slots: Vec::new(),
             subscribers: Vec::new(),
             devices: Vec::new(),
-            transports: Vec::new(),
+            attached: Vec::new(),
         }
     }
 
@@ -96,7 +112,8 @@ impl MmioDeviceManager {
         saved: Option<&MmioTransportState>,
     ) -> Result<MmioSlot, DeviceManagerError>
     where
-        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+        D: VirtioDevice + Persist + MutEventSubscriber + Send + 'static,
+        D::State: Into<VirtioDeviceState>,
     {
         if self.next_irq > LAST_IRQ {
             return Err(DeviceManagerError::OutOfIrqs(id.to_string()));
@@ -110,7 +127,14 @@ impl MmioDeviceManager {
         vm.register_irqfd(&irqfd, irq)?;
         let interrupt = Arc::new(Interrupt::new(irqfd));
         let transport = match saved {
-            Some(state) => MmioTransport::restore(device.clone(), mem.clone(), interrupt, state),
+            Some(state) => {
+                let args = MmioTransportArgs {
+                    device: device.clone(),
+                    mem: mem.clone(),
+                    interrupt,
+                };
+                MmioTransport::restore(args, state)
+            }
             None => MmioTransport::new(device.clone(), mem.clone(), interrupt),
         }
         .map_err(|source| DeviceManagerError::Transport {
@@ -138,6 +162,14 @@ impl MmioDeviceManager {
                 source,
             })?;
         self.subscribers.push(device.clone());
+        let saved_device = device.clone();
+        let save_device = Arc::new(move || {
+            saved_device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save()
+                .into()
+        });
         self.devices.push(device);
         let slot = MmioSlot {
             id: id.to_string(),
@@ -145,7 +177,11 @@ impl MmioDeviceManager {
             irq,
         };
         self.slots.push(slot.clone());
-        self.transports.push((slot.clone(), transport));
+        self.attached.push(AttachedDevice {
+            slot: slot.clone(),
+            transport,
+            save_device,
+        });
         self.next_addr += MMIO_LEN;
         self.next_irq += 1;
         Ok(slot)
@@ -167,9 +203,9 @@ impl MmioDeviceManager {
         std::mem::take(&mut self.subscribers)
     }
 
-    /// Each device's slot and transport, for snapshots.
-    pub fn transports(&self) -> Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)> {
-        self.transports.clone()
+    /// Each device's slot, transport and own state, for snapshots.
+    pub fn attached(&self) -> Vec<AttachedDevice> {
+        self.attached.clone()
     }
 
     /// The attached devices, for pausing and resuming them with the VM.

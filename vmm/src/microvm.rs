@@ -12,13 +12,14 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::legacy::{I8042Device, SerialDevice};
-use devices::virtio::mmio::MmioTransport;
 use devices::virtio::VirtioDevice;
 
 use crate::config::VmConfig;
-use crate::device_manager::MmioSlot;
+use crate::device_manager::AttachedDevice;
 use crate::persist::SnapshotSource;
+use crate::reap::{Recorder, RecordingState};
 use crate::vcpu::{ExitSignal, PauseError, VcpuGroup, VmExitReason};
+use crate::vm::Vm;
 
 /// How long a pause (or a snapshot's vCPU state save) waits for every vCPU to leave KVM_RUN.
 pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,8 +71,6 @@ impl PauseHandle {
         self.vcpus.is_paused()
     }
 }
-use crate::reap::{Recorder, RecordingState};
-use crate::vm::Vm;
 
 /// How long a stopping VM waits for its REAP working set to be written.
 const WS_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -126,7 +125,7 @@ pub struct MicroVm {
     pub(crate) i8042: Arc<Mutex<I8042Device>>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
-    pub(crate) transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
+    pub(crate) attached: Vec<AttachedDevice>,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) config: VmConfig,
     pub(crate) cpu_vendor: String,
@@ -156,7 +155,7 @@ impl MicroVm {
             vcpus: self.vcpus.clone(),
             serial: self.serial.clone(),
             i8042: self.i8042.clone(),
-            transports: self.transports.clone(),
+            attached: self.attached.clone(),
             config: self.config.clone(),
             cpu_vendor: self.cpu_vendor.clone(),
             ws_recorder: self.ws_recorder.clone(),

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use vm_superio::Trigger;
 
-use crate::{BusDevice, EventFdTrigger};
+use crate::{BusDevice, EventFdTrigger, Persist};
 
 pub const I8042_PORT: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
@@ -86,6 +86,44 @@ pub struct I8042Device {
     pending: PendingData,
 }
 
+/// What a restored controller needs besides its state.
+pub struct I8042Args {
+    /// Fires when the guest resets the CPU.
+    pub reset: EventFdTrigger,
+    /// The irqfd of IRQ 1.
+    pub kbd_interrupt: EventFdTrigger,
+}
+
+impl Persist for I8042Device {
+    type State = I8042State;
+    type ConstructorArgs = I8042Args;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            pending: self.pending,
+        }
+    }
+
+    /// An output queue longer than the device keeps is cut.
+    fn restore(args: I8042Args, state: &I8042State) -> Result<Self, Self::Error> {
+        let mut device = Self::new(args.reset, args.kbd_interrupt);
+        device.ctr = state.ctr;
+        device.status = state.status;
+        device.output = state
+            .output
+            .iter()
+            .copied()
+            .take(OUTPUT_QUEUE_MAX)
+            .collect();
+        device.pending = state.pending;
+        Ok(device)
+    }
+}
+
 impl I8042Device {
     /// `reset` fires when the guest resets the CPU; `kbd_interrupt` is the irqfd of IRQ 1.
     pub fn new(reset: EventFdTrigger, kbd_interrupt: EventFdTrigger) -> Self {
@@ -97,28 +135,6 @@ impl I8042Device {
             output: VecDeque::new(),
             pending: PendingData::KeyboardCommand,
         }
-    }
-
-    pub fn state(&self) -> I8042State {
-        I8042State {
-            ctr: self.ctr,
-            status: self.status,
-            output: self.output.iter().copied().collect(),
-            pending: self.pending,
-        }
-    }
-
-    /// Takes over a saved state; an output queue longer than the device keeps is cut.
-    pub fn restore(&mut self, state: &I8042State) {
-        self.ctr = state.ctr;
-        self.status = state.status;
-        self.output = state
-            .output
-            .iter()
-            .copied()
-            .take(OUTPUT_QUEUE_MAX)
-            .collect();
-        self.pending = state.pending;
     }
 
     /// Presses and releases Ctrl-Alt-Del, as `SendCtrlAltDel` does in Firecracker.
@@ -324,10 +340,14 @@ mod tests {
         dev.write(DATA_OFFSET, &[0x45]);
         dev.write(DATA_OFFSET, &[KBD_GET_ID]);
         dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
-        let saved = serde_json::to_string(&dev.state()).unwrap();
-        let (mut copy, _, _) = device();
-        copy.restore(&serde_json::from_str(&saved).unwrap());
-        assert_eq!(copy.state(), dev.state());
+        let saved = serde_json::to_string(&dev.save()).unwrap();
+        let trigger = || EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let args = I8042Args {
+            reset: trigger(),
+            kbd_interrupt: trigger(),
+        };
+        let Ok(mut copy) = I8042Device::restore(args, &serde_json::from_str(&saved).unwrap());
+        assert_eq!(copy.save(), dev.save());
         // The pending CTR write and the queued keyboard answer carry over.
         copy.write(DATA_OFFSET, &[0x47]);
         assert_eq!(read(&mut copy, DATA_OFFSET), KBD_ACK);

@@ -10,9 +10,11 @@ mod serial;
 
 pub use boot_timer::{now as start_time_now, BootTimer, StartTime, BOOT_TIMER_PORT};
 pub use console_signal::{ConsoleSignalFilter, InvocationHook, InvocationSignal, INVOCATION_DONE};
-pub use i8042::{I8042Device, I8042State, I8042_PORT, I8042_PORT_LEN};
+pub use i8042::{I8042Args, I8042Device, I8042State, I8042_PORT, I8042_PORT_LEN};
 pub use replay_control::{
     describe_error as describe_replay_error, ReplayControl, ReplayReport, ReplayStatus,
     REPLAY_CONTROL_ADDR, REPLAY_CONTROL_LEN,
 };
-pub use serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+pub use serial::{
+    SerialArgs, SerialDevice, SerialError, SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
+};

@@ -5,7 +5,7 @@ use std::io::Write;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
-use crate::{BusDevice, EventFdTrigger};
+use crate::{BusDevice, EventFdTrigger, Persist};
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_PORT_LEN: u64 = 8;
@@ -30,15 +30,26 @@ pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
-impl SerialDevice {
-    /// `interrupt` is the irqfd of the UART's interrupt line.
-    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            uart: Serial::new(interrupt, out),
-        }
-    }
+/// What a restored UART needs besides its state.
+pub struct SerialArgs {
+    /// The irqfd of the UART's interrupt line.
+    pub interrupt: EventFdTrigger,
+    /// Where the guest's output goes.
+    pub out: Box<dyn Write + Send>,
+}
 
-    pub fn state(&self) -> SerialSnapshot {
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("the saved serial port state is refused: {0}")]
+    State(String),
+}
+
+impl Persist for SerialDevice {
+    type State = SerialSnapshot;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> SerialSnapshot {
         let s = self.uart.state();
         SerialSnapshot {
             baud_divisor_low: s.baud_divisor_low,
@@ -55,11 +66,8 @@ impl SerialDevice {
     }
 
     /// A UART in a saved state; an oversized receive FIFO is refused by vm-superio.
-    pub fn from_state(
-        state: &SerialSnapshot,
-        interrupt: EventFdTrigger,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, String> {
+    fn restore(args: SerialArgs, state: &SerialSnapshot) -> Result<Self, SerialError> {
+        let SerialArgs { interrupt, out } = args;
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -73,8 +81,17 @@ impl SerialDevice {
             in_buffer: state.in_buffer.clone(),
         };
         let uart = Serial::from_state(&s, interrupt, NoEvents, out)
-            .map_err(|e| format!("serial state refused: {e}"))?;
+            .map_err(|e| SerialError::State(e.to_string()))?;
         Ok(Self { uart })
+    }
+}
+
+impl SerialDevice {
+    /// `interrupt` is the irqfd of the UART's interrupt line.
+    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(interrupt, out),
+        }
     }
 
     /// Queues console input for the guest; returns how many bytes fit in the receive FIFO.
@@ -171,15 +188,14 @@ mod tests {
         dev.write(3, &[0x03]); // 8N1
         dev.write(7, &[0x5a]); // scratch
         dev.enqueue_input(b"xy");
-        let saved = serde_json::to_string(&dev.state()).unwrap();
+        let saved = serde_json::to_string(&dev.save()).unwrap();
         let restored: SerialSnapshot = serde_json::from_str(&saved).unwrap();
-        let mut copy = SerialDevice::from_state(
-            &restored,
-            EventFdTrigger::new(irq),
-            Box::new(std::io::sink()),
-        )
-        .unwrap();
-        assert_eq!(copy.state(), dev.state());
+        let args = |irq| SerialArgs {
+            interrupt: EventFdTrigger::new(irq),
+            out: Box::new(std::io::sink()),
+        };
+        let mut copy = SerialDevice::restore(args(irq), &restored).unwrap();
+        assert_eq!(copy.save(), dev.save());
         let mut byte = [0u8];
         copy.read(0, &mut byte);
         assert_eq!(byte[0], b'x');
@@ -188,11 +204,10 @@ mod tests {
         let mut oversized = restored.clone();
         oversized.in_buffer = vec![0; 1 << 20];
         let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        assert!(SerialDevice::from_state(
-            &oversized,
-            EventFdTrigger::new(irq2),
-            Box::new(std::io::sink())
-        )
-        .is_err());
+        let refused = SerialDevice::restore(args(irq2), &oversized).err().unwrap();
+        assert!(
+            refused.to_string().contains("serial port state"),
+            "{refused}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
 /// The dirty bitmap of a slice of guest memory, as the descriptor readers and writers carry it.
 type GuestSliceBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
-use crate::GuestMemoryMmap;
+use crate::{GuestMemoryMmap, Persist};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK};
@@ -51,6 +51,56 @@ pub enum BlockError {
     },
     #[error("cannot create the activation event of drive {0}: {1}")]
     Event(String, std::io::Error),
+    #[error("drive {id} at {path} holds {now} sectors; the snapshot's guest saw {saved}: give it the drive it had")]
+    CapacityChanged {
+        id: String,
+        path: PathBuf,
+        saved: u64,
+        now: u64,
+    },
+}
+
+/// A drive in a snapshot: what its guest saw of it. The backing file comes from the
+/// configuration at restore time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub id: String,
+    pub read_only: bool,
+    pub capacity_sectors: u64,
+}
+
+/// What a restored drive needs besides its state: the file backing it now.
+pub struct BlockArgs {
+    pub path: PathBuf,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type ConstructorArgs = BlockArgs;
+    type Error = BlockError;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            id: self.id.clone(),
+            read_only: self.read_only,
+            capacity_sectors: self.capacity_sectors,
+        }
+    }
+
+    /// The guest keeps the capacity it read at boot: a backing file of another size would
+    /// have it read past the end or miss data, so it is refused.
+    fn restore(args: BlockArgs, state: &BlockState) -> Result<Self, BlockError> {
+        let block = Self::new(&state.id, &args.path, state.read_only)?;
+        if block.capacity_sectors != state.capacity_sectors {
+            return Err(BlockError::CapacityChanged {
+                id: state.id.clone(),
+                path: args.path,
+                saved: state.capacity_sectors,
+                now: block.capacity_sectors,
+            });
+        }
+        Ok(block)
+    }
 }
 
 /// Why a request failed; decides the status byte.
@@ -685,5 +735,33 @@ mod tests {
             Block::new("d", Path::new("/nonexistent/disk"), false),
             Err(BlockError::Open { .. })
         ));
+    }
+
+    #[test]
+    fn saved_state_restores_the_drive_the_guest_saw_and_refuses_another_size() {
+        let f = fixture("persist", 8);
+        let saved = Block::new("data", &f.path, true).unwrap().save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let state: BlockState = serde_json::from_str(&json).unwrap();
+        let args = || BlockArgs {
+            path: f.path.clone(),
+        };
+        let restored = Block::restore(args(), &state).unwrap();
+        assert_eq!(restored.save(), saved);
+        assert_eq!(restored.id(), "data");
+        assert_ne!(restored.offered_features() & VIRTIO_BLK_F_RO, 0);
+        std::fs::write(&f.path, vec![0u8; 16 * SECTOR_SIZE as usize]).unwrap();
+        let e = Block::restore(args(), &state).err().unwrap();
+        assert!(
+            matches!(
+                e,
+                BlockError::CapacityChanged {
+                    saved: 8,
+                    now: 16,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::BusDevice;
+use crate::{BusDevice, Persist};
 
 pub const MMIO_LEN: u64 = 0x1000;
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -111,41 +111,21 @@ fn lock(device: &Mutex<dyn VirtioDevice>) -> std::sync::MutexGuard<'_, dyn Virti
     device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl MmioTransport {
-    pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<Self, MmioError> {
-        let max_sizes = lock(&device).queue_max_sizes().to_vec();
-        let mut queues = Vec::with_capacity(max_sizes.len());
-        let mut queue_evts = Vec::with_capacity(max_sizes.len());
-        for (queue, max) in max_sizes.iter().enumerate() {
-            // Queue sizes come from our own devices: powers of two up to 32768.
-            queues.push(Queue::new(*max).expect("device queue sizes are valid"));
-            queue_evts.push(
-                EventFd::new(libc::EFD_NONBLOCK)
-                    .map_err(|source| MmioError::QueueEvent { queue, source })?,
-            );
-        }
-        Ok(Self {
-            device,
-            mem,
-            interrupt,
-            queues,
-            queue_evts,
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            device_status: 0,
-            config_generation: 0,
-        })
-    }
+/// What a restored transport needs besides its state.
+pub struct MmioTransportArgs {
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs = MmioTransportArgs;
+    type Error = MmioError;
 
     /// The state to save; taken while the VM is paused. An active device reports its own
     /// queues, whose ring positions have moved on since activation.
-    pub fn state(&self) -> MmioTransportState {
+    fn save(&self) -> MmioTransportState {
         let live = lock(&self.device).queue_states();
         let queues = live
             .unwrap_or_else(|| self.queues.iter().map(Queue::state).collect())
@@ -166,12 +146,12 @@ impl MmioTransport {
 
     /// A transport in a saved state. Saved state is untrusted: each queue is checked (sizes,
     /// addresses inside guest memory) before an active device gets it back.
-    pub fn restore(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        state: &MmioTransportState,
-    ) -> Result<Self, MmioError> {
+    fn restore(args: MmioTransportArgs, state: &MmioTransportState) -> Result<Self, MmioError> {
+        let MmioTransportArgs {
+            device,
+            mem,
+            interrupt,
+        } = args;
         let mut transport = Self::new(device, mem, interrupt)?;
         if state.queues.len() != transport.queues.len() {
             return Err(MmioError::QueueCount {
@@ -227,6 +207,39 @@ impl MmioTransport {
             }
         }
         Ok(transport)
+    }
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, MmioError> {
+        let max_sizes = lock(&device).queue_max_sizes().to_vec();
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        let mut queue_evts = Vec::with_capacity(max_sizes.len());
+        for (queue, max) in max_sizes.iter().enumerate() {
+            // Queue sizes come from our own devices: powers of two up to 32768.
+            queues.push(Queue::new(*max).expect("device queue sizes are valid"));
+            queue_evts.push(
+                EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|source| MmioError::QueueEvent { queue, source })?,
+            );
+        }
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            device_status: 0,
+            config_generation: 0,
+        })
     }
 
     /// The notification event of each queue, for the VMM to bind as ioeventfds.
@@ -633,7 +646,7 @@ mod tests {
     #[test]
     fn state_round_trip_reactivates_with_ring_positions() {
         let (t, _) = activated();
-        let saved = t.state();
+        let saved = t.save();
         assert_eq!(
             saved.queues[0].next_avail, 5,
             "the device's live queue, not the transport's copy"
@@ -643,44 +656,42 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dev = Arc::new(Mutex::new(Dummy::default()));
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let restored = MmioTransport::restore(dev.clone(), mem, irq, &state).unwrap();
+        let args = MmioTransportArgs {
+            device: dev.clone(),
+            mem,
+            interrupt: irq,
+        };
+        let restored = MmioTransport::restore(args, &state).unwrap();
         assert_eq!(
             dev.lock().unwrap().activated,
             Some(2),
             "the device serves again"
         );
-        assert_eq!(restored.state(), saved);
+        assert_eq!(restored.save(), saved);
     }
 
     #[test]
     fn corrupt_queue_state_is_refused() {
         let (t, _) = activated();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let new_irq = || Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let mut bad = t.state();
+        let args = || MmioTransportArgs {
+            device: Arc::new(Mutex::new(Dummy::default())),
+            mem: mem.clone(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        };
+        let mut bad = t.save();
         bad.queues[0].size = 3; // not a power of two
         assert!(matches!(
-            MmioTransport::restore(
-                Arc::new(Mutex::new(Dummy::default())),
-                mem.clone(),
-                new_irq(),
-                &bad
-            ),
+            MmioTransport::restore(args(), &bad),
             Err(MmioError::BadQueue { queue: 0, .. })
         ));
-        let mut bad = t.state();
+        let mut bad = t.save();
         bad.queues[1].used_ring = 0xffff_0000;
-        assert!(MmioTransport::restore(
-            Arc::new(Mutex::new(Dummy::default())),
-            mem.clone(),
-            new_irq(),
-            &bad
-        )
-        .is_err());
-        let mut bad = t.state();
+        assert!(MmioTransport::restore(args(), &bad).is_err());
+        let mut bad = t.save();
         bad.queues.pop();
         assert!(matches!(
-            MmioTransport::restore(Arc::new(Mutex::new(Dummy::default())), mem, new_irq(), &bad),
+            MmioTransport::restore(args(), &bad),
             Err(MmioError::QueueCount {
                 saved: 1,
                 device: 2

@@ -12,6 +12,26 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
 
+/// A virtio device's own state in a snapshot, whichever kind it is (its queues are its
+/// transport's).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VirtioDeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+}
+
+impl From<block::BlockState> for VirtioDeviceState {
+    fn from(state: block::BlockState) -> Self {
+        Self::Block(state)
+    }
+}
+
+impl From<net::NetState> for VirtioDeviceState {
+    fn from(state: net::NetState) -> Self {
+        Self::Net(state)
+    }
+}
+
 /// Feature bits every reapvm device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;

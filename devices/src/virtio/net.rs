@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use crate::GuestMemoryMmap;
+use crate::{GuestMemoryMmap, Persist};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
@@ -60,6 +60,36 @@ struct Active {
     registered: bool,
 }
 
+/// A network interface in a snapshot: what its guest saw of it. The tap comes from the
+/// configuration (or a network override) at restore time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    pub id: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// What a restored interface needs besides its state: the tap it uses now.
+pub struct NetArgs {
+    pub tap_name: String,
+}
+
+impl Persist for Net {
+    type State = NetState;
+    type ConstructorArgs = NetArgs;
+    type Error = NetError;
+
+    fn save(&self) -> NetState {
+        NetState {
+            id: self.id.clone(),
+            mac: self.mac,
+        }
+    }
+
+    fn restore(args: NetArgs, state: &NetState) -> Result<Self, NetError> {
+        Self::open(&state.id, &args.tap_name, state.mac)
+    }
+}
+
 pub struct Net {
     id: String,
     tap: Tap,
@@ -85,6 +115,10 @@ impl Net {
             })?),
             None => None,
         };
+        Self::open(id, tap_name, mac)
+    }
+
+    fn open(id: &str, tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
         let tap = Tap::open(tap_name).map_err(|source| NetError::Tap {
             id: id.to_string(),
             source,

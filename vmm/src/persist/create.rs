@@ -4,12 +4,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{I8042Device, SerialDevice};
-use devices::virtio::mmio::MmioTransport;
-use devices::GuestMemoryMmap;
+use devices::{GuestMemoryMmap, Persist};
 
 use super::{DeviceState, MicrovmState, PersistError};
 use crate::config::VmConfig;
-use crate::device_manager::MmioSlot;
+use crate::device_manager::AttachedDevice;
 use crate::microvm::PAUSE_TIMEOUT;
 use crate::reap::Recorder;
 use crate::vcpu::{PauseError, VcpuGroup};
@@ -55,7 +54,7 @@ pub struct SnapshotSource {
     pub(crate) vcpus: Arc<VcpuGroup>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) i8042: Arc<Mutex<I8042Device>>,
-    pub(crate) transports: Vec<(MmioSlot, Arc<Mutex<MmioTransport>>)>,
+    pub(crate) attached: Vec<AttachedDevice>,
     pub(crate) config: VmConfig,
     pub(crate) cpu_vendor: String,
     pub(crate) ws_recorder: Option<Arc<Recorder>>,
@@ -90,13 +89,18 @@ impl SnapshotSource {
         let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
         let vm = VmState::save(self.vm.fd())?;
         let devices = self
-            .transports
+            .attached
             .iter()
-            .map(|(slot, transport)| DeviceState {
-                id: slot.id.clone(),
-                addr: slot.addr,
-                irq: slot.irq,
-                transport: transport.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            .map(|attached| DeviceState {
+                id: attached.slot.id.clone(),
+                addr: attached.slot.addr,
+                irq: attached.slot.irq,
+                transport: attached
+                    .transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .save(),
+                device: Some(attached.device_state()),
             })
             .collect();
         let memory = super::memory_layout(&self.mem);
@@ -106,12 +110,8 @@ impl SnapshotSource {
             memory: memory.clone(),
             vm,
             vcpus,
-            serial: self
-                .serial
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .state(),
-            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).save(),
             devices,
         };
         match std::fs::remove_file(vmstate_path) {

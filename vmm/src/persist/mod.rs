@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use devices::legacy::{I8042State, SerialSnapshot};
 use devices::virtio::mmio::MmioTransportState;
+use devices::virtio::VirtioDeviceState;
 use devices::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -61,13 +62,17 @@ pub struct MemoryRegionState {
     pub file_offset: u64,
 }
 
-/// A virtio device: where it sat on the MMIO bus and its transport's state.
+/// A virtio device: where it sat on the MMIO bus, its transport's state and its own.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceState {
     pub id: String,
     pub addr: u64,
     pub irq: u32,
     pub transport: MmioTransportState,
+    /// None in vmstates written before devices saved their own state: the device is then
+    /// built from the configuration alone.
+    #[serde(default)]
+    pub device: Option<VirtioDeviceState>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -12,6 +12,10 @@ pub use memory::{MemoryRestoreContext, MemoryRestoreError, RestoredMemory};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use devices::virtio::block::{Block, BlockArgs};
+use devices::virtio::net::{Net, NetArgs};
+use devices::virtio::VirtioDeviceState;
+use devices::Persist;
 use kvm_ioctls::{Cap, Kvm};
 
 use crate::arch::cpuid::Topology;
@@ -59,6 +63,12 @@ pub enum RestoreError {
     DeviceMissing(String),
     #[error("the snapshot has a device {0} the configuration lacks")]
     DeviceExtra(String),
+    #[error("the configuration's {configured} {id} is the snapshot's {saved}")]
+    DeviceMismatch {
+        id: String,
+        configured: &'static str,
+        saved: String,
+    },
     #[error("device {id} landed at {addr:#x} IRQ {irq}, the snapshot had it at {saved_addr:#x} IRQ {saved_irq}")]
     DeviceSlot {
         id: String,
@@ -122,7 +132,7 @@ pub fn restore_vm(
         });
     }
     // Drives and taps first: a missing file or tap fails before KVM is touched.
-    let (blocks, nets) = builder::open_devices(&config)?;
+    let devices = restore_devices(&config, state)?;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     check_cpu(&kvm, state)?;
@@ -144,17 +154,11 @@ pub fn restore_vm(
         Some((&state.serial, &state.i8042)),
     )?;
     let mut mmio = MmioDeviceManager::new();
-    let mut saved = state.devices.iter();
-    for block in blocks {
-        let id = block.id().to_string();
-        attach_saved(&mut mmio, &vm, &memory.guest_memory, &mut saved, &id, block)?;
+    for (block, saved) in devices.blocks {
+        attach_saved(&mut mmio, &vm, &memory.guest_memory, saved, block)?;
     }
-    for net in nets {
-        let id = net.id().to_string();
-        attach_saved(&mut mmio, &vm, &memory.guest_memory, &mut saved, &id, net)?;
-    }
-    if let Some(extra) = saved.next() {
-        return Err(RestoreError::DeviceExtra(extra.id.clone()));
+    for (net, saved) in devices.nets {
+        attach_saved(&mut mmio, &vm, &memory.guest_memory, saved, net)?;
     }
 
     let mmio_bus = builder::vcpu_mmio_bus(mmio.bus(), &legacy, &config)?;
@@ -275,39 +279,110 @@ fn check_cpu(kvm: &Kvm, state: &MicrovmState) -> Result<(), RestoreError> {
     }
 }
 
-/// Attaches `device` with the next saved device state, which must be its own and must have
-/// sat at the same MMIO slot.
+/// The configured devices, each built from its saved state, in the order they were
+/// attached (the root drive, the other drives, the network interfaces) with that state.
+struct RestoredDevices<'a> {
+    blocks: Vec<(Block, &'a DeviceState)>,
+    nets: Vec<(Net, &'a DeviceState)>,
+}
+
+fn restore_devices<'a>(
+    config: &VmConfig,
+    state: &'a MicrovmState,
+) -> Result<RestoredDevices<'a>, RestoreError> {
+    let mut saved = state.devices.iter();
+    let mut blocks = Vec::with_capacity(config.drives.len());
+    for drive in builder::drives_in_order(config) {
+        builder::check_root_drive(drive)?;
+        let id = &drive.drive_id;
+        let dev = next_saved(&mut saved, id)?;
+        let block = match &dev.device {
+            Some(VirtioDeviceState::Block(s)) if &s.id == id => {
+                let args = BlockArgs {
+                    path: drive.path_on_host.clone(),
+                };
+                Block::restore(args, s).map_err(BuildError::from)?
+            }
+            // A vmstate from before devices saved their own state.
+            None => {
+                Block::new(id, &drive.path_on_host, drive.is_read_only).map_err(BuildError::from)?
+            }
+            Some(other) => return Err(device_mismatch(id, "drive", other)),
+        };
+        blocks.push((block, dev));
+    }
+    let mut nets = Vec::with_capacity(config.network_interfaces.len());
+    for iface in &config.network_interfaces {
+        let id = &iface.iface_id;
+        let dev = next_saved(&mut saved, id)?;
+        let net = match &dev.device {
+            Some(VirtioDeviceState::Net(s)) if &s.id == id => {
+                let args = NetArgs {
+                    tap_name: iface.host_dev_name.clone(),
+                };
+                Net::restore(args, s).map_err(BuildError::from)?
+            }
+            None => Net::new(id, &iface.host_dev_name, iface.guest_mac.as_deref())
+                .map_err(BuildError::from)?,
+            Some(other) => return Err(device_mismatch(id, "network interface", other)),
+        };
+        nets.push((net, dev));
+    }
+    if let Some(extra) = saved.next() {
+        return Err(RestoreError::DeviceExtra(extra.id.clone()));
+    }
+    Ok(RestoredDevices { blocks, nets })
+}
+
+fn device_mismatch(id: &str, configured: &'static str, saved: &VirtioDeviceState) -> RestoreError {
+    let saved = match saved {
+        VirtioDeviceState::Block(s) => format!("drive {}", s.id),
+        VirtioDeviceState::Net(s) => format!("network interface {}", s.id),
+    };
+    RestoreError::DeviceMismatch {
+        id: id.to_string(),
+        configured,
+        saved,
+    }
+}
+
+fn next_saved<'a>(
+    saved: &mut std::slice::Iter<'a, DeviceState>,
+    id: &str,
+) -> Result<&'a DeviceState, RestoreError> {
+    match saved.next() {
+        Some(dev) if dev.id == id => Ok(dev),
+        Some(dev) => Err(RestoreError::DeviceOrder {
+            saved: dev.id.clone(),
+            configured: id.to_string(),
+        }),
+        None => Err(RestoreError::DeviceMissing(id.to_string())),
+    }
+}
+
+/// Attaches a restored device with its transport's saved state; it must land at the MMIO
+/// slot it had.
 fn attach_saved<D>(
     mmio: &mut MmioDeviceManager,
     vm: &Vm,
     mem: &devices::GuestMemoryMmap,
-    saved: &mut std::slice::Iter<'_, DeviceState>,
-    id: &str,
+    saved: &DeviceState,
     device: D,
 ) -> Result<(), RestoreError>
 where
-    D: devices::virtio::VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+    D: devices::virtio::VirtioDevice + Persist + event_manager::MutEventSubscriber + Send + 'static,
+    D::State: Into<VirtioDeviceState>,
 {
-    let dev = match saved.next() {
-        Some(dev) if dev.id == id => dev,
-        Some(dev) => {
-            return Err(RestoreError::DeviceOrder {
-                saved: dev.id.clone(),
-                configured: id.to_string(),
-            })
-        }
-        None => return Err(RestoreError::DeviceMissing(id.to_string())),
-    };
     let slot = mmio
         .attach(
             vm,
             mem,
-            id,
+            &saved.id,
             Arc::new(Mutex::new(device)),
-            Some(&dev.transport),
+            Some(&saved.transport),
         )
         .map_err(BuildError::from)?;
-    check_slot(&slot, dev)
+    check_slot(&slot, saved)
 }
 
 fn check_slot(slot: &MmioSlot, saved: &DeviceState) -> Result<(), RestoreError> {
