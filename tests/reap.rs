@@ -49,12 +49,7 @@ fn take_snapshot(
         return Err(format!("invocation of {function}: {status}"));
     }
     let socket = scratch.path("api.sock");
-    wait_for_invocation_signals(
-        &socket,
-        &scratch.path("boot-metrics.json"),
-        2,
-        Duration::from_secs(60),
-    )?;
+    wait_for_invocation_signals(&socket, vm.metrics_path(), 2, Duration::from_secs(60))?;
     set_vm_state(&socket, "Paused")?;
     let (vmstate, mem) = (scratch.path("vmstate"), scratch.path("memory"));
     create_snapshot(&socket, "Full", &vmstate, &mem)?;

@@ -1,7 +1,7 @@
 //! One function's measurements: boot and warm invocations of a booted VM, its snapshot, the
 //! REAP recording restore, and cold restores per mode.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::functions::SuiteFunction;
@@ -12,7 +12,9 @@ use crate::support::netns::NetNs;
 use crate::support::restore::{
     create_snapshot, flushed_metrics, set_vm_state, wait_for_invocation_signals, Vmm,
 };
-use crate::support::{drop_from_page_cache, GuestArtifacts, Scratch};
+use crate::support::{
+    drop_from_page_cache, guest_shut_down, wait_for_exit, GuestArtifacts, Scratch,
+};
 
 /// A function's snapshot files.
 pub struct SnapshotFiles {
@@ -140,7 +142,7 @@ pub fn boot_and_snapshot(
     let answered = 3 + runs as u64;
     wait_for_invocation_signals(
         &socket,
-        &scratch.path("boot-metrics.json"),
+        vm.metrics_path(),
         answered,
         Duration::from_secs(60),
     )?;
@@ -157,12 +159,48 @@ pub fn boot_and_snapshot(
     })
 }
 
+/// A restore that failed, and whether reapvm counted a guest shutdown (a triple fault).
+#[derive(Debug)]
+pub struct RestoreFailed {
+    pub message: String,
+    pub guest_shut_down: bool,
+}
+
+impl From<RestoreFailed> for String {
+    fn from(e: RestoreFailed) -> String {
+        e.message
+    }
+}
+
 /// Restores `files` with `mode` in a fresh reapvm and invokes `f` once.
 pub fn restore_and_invoke(
     f: &SuiteFunction,
     files: &SnapshotFiles,
     mode: Mode,
     cold: bool,
+) -> Result<Restore, RestoreFailed> {
+    let scratch = Scratch::new(&format!("suite-restore-{}", f.name));
+    let metrics = scratch.path("metrics.json");
+    let mut vmm = None;
+    restore_and_invoke_in(f, files, mode, cold, &scratch, &metrics, &mut vmm).map_err(|message| {
+        if let Some(vmm) = vmm.as_mut() {
+            wait_for_exit(&mut vmm.child, Duration::from_secs(5));
+        }
+        RestoreFailed {
+            message,
+            guest_shut_down: guest_shut_down(&metrics),
+        }
+    })
+}
+
+fn restore_and_invoke_in(
+    f: &SuiteFunction,
+    files: &SnapshotFiles,
+    mode: Mode,
+    cold: bool,
+    scratch: &Scratch,
+    metrics: &Path,
+    vmm_slot: &mut Option<Vmm>,
 ) -> Result<Restore, String> {
     if cold {
         for path in [files.vmstate(), files.memory(), files.ws()] {
@@ -171,12 +209,10 @@ pub fn restore_and_invoke(
             }
         }
     }
-    let scratch = Scratch::new(&format!("suite-restore-{}", f.name));
     let ns = NetNs::with_tap("suite")?;
-    let vmm = Vmm::start(&ns, &scratch.path("api.sock"))?;
-    let metrics = scratch.path("metrics.json");
-    std::fs::write(&metrics, b"").map_err(|e| e.to_string())?;
-    vmm.put_metrics(&metrics)?;
+    let vmm = vmm_slot.insert(Vmm::start(&ns, &scratch.path("api.sock"))?);
+    std::fs::write(metrics, b"").map_err(|e| e.to_string())?;
+    vmm.put_metrics(metrics)?;
     let body = serde_json::json!({
         "snapshot_path": files.vmstate(),
         "mem_backend": mode.backend(&files.memory()),
@@ -215,7 +251,7 @@ pub fn restore_and_invoke(
         &answer,
         &format!("after a {} restore", mode.label()),
     )?;
-    let line = flushed_metrics(&vmm.socket, &metrics)?;
+    let line = flushed_metrics(&vmm.socket, metrics)?;
     let m = &line["memory_restore"];
     let restore = Restore {
         load_ms,
@@ -243,7 +279,7 @@ pub fn restore_and_invoke(
             ));
         }
     }
-    drop(vmm);
+    *vmm_slot = None;
     drop(ns);
     Ok(restore)
 }

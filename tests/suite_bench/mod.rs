@@ -20,7 +20,6 @@ use report::Sample;
 
 use snapshot::touch_log;
 
-use crate::support::function_vm::LAB_GUEST_SHUTDOWN;
 use crate::support::{detect_place, GuestArtifacts, Place, Trial};
 
 pub const RESULTS_CSV: &str = "runs.csv";
@@ -88,16 +87,17 @@ fn restore_retrying_in_lab(
     retried: &mut Vec<String>,
 ) -> Result<Restore, String> {
     match restore_and_invoke(f, files, mode, cold) {
-        Err(e) if detect_place() == Place::Lab && e.contains(LAB_GUEST_SHUTDOWN) => {
+        Err(e) if detect_place() == Place::Lab && e.guest_shut_down => {
             eprintln!(
-                "WARNING: {} {}: the guest triple-faulted in the KVM lab; restoring once more. {e}",
+                "WARNING: {} {}: the guest triple-faulted in the KVM lab; restoring once more. {}",
                 f.name,
-                mode.label()
+                mode.label(),
+                e.message
             );
             retried.push(format!("{} {}", f.name, mode.label()));
-            restore_and_invoke(f, files, mode, cold)
+            Ok(restore_and_invoke(f, files, mode, cold)?)
         }
-        other => other,
+        other => Ok(other?),
     }
 }
 

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::http::HttpConn;
 use super::netns::{NetNs, GUEST_IP, HOST_IP, TAP};
-use super::{detect_place, reapvm_bin, test_boot_args, GuestArtifacts, Place, Scratch};
+use super::{
+    detect_place, guest_shut_down, reapvm_bin, test_boot_args, wait_for_exit, GuestArtifacts,
+    Place, Scratch,
+};
 
 pub const AGENT_PORT: u16 = 8080;
 pub const READY_DEADLINE: Duration = Duration::from_secs(300);
@@ -116,14 +119,21 @@ const NOT_READY: &str = "the agent was not ready";
 /// Boots of one function VM in the lab before its emulation faults fail the test.
 const LAB_BOOT_ATTEMPTS: usize = 4;
 
-/// What reapvm logs when a vCPU reports a guest shutdown (triple fault).
-pub const LAB_GUEST_SHUTDOWN: &str = "the guest shut the machine down";
+/// Why a boot failed.
+enum BootFailure {
+    /// reapvm's metrics count a guest shutdown (a triple fault).
+    GuestShutdown(String),
+    /// The agent did not become ready in time.
+    Stalled(String),
+    Other(String),
+}
 
 pub struct FunctionVm {
     pub ns: NetNs,
     child: Child,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    metrics_path: PathBuf,
 }
 
 impl FunctionVm {
@@ -133,20 +143,15 @@ impl FunctionVm {
     pub fn boot(guest: &GuestArtifacts, spec: &VmSpec, scratch: &Scratch) -> Result<Self, String> {
         let mut attempt = 1;
         loop {
-            let err = match Self::boot_once(guest, spec, scratch) {
-                Ok(vm) => return Ok(vm),
-                Err(e) => e,
-            };
             // The lab's emulated nested SVM now and then triple-faults a booting guest or
             // leaves it stalled (docs/kvm-lab.md: both at the busiest moment of a boot, cause
             // not found). In the lab only, the boot is tried again, said out loud; on
             // hardware KVM, or LAB_BOOT_ATTEMPTS times in a row, it is a failure.
-            let fault = if err.contains(LAB_GUEST_SHUTDOWN) {
-                "the guest shut down (triple fault)"
-            } else if err.contains(NOT_READY) {
-                "the guest stalled (open item)"
-            } else {
-                return Err(err);
+            let (fault, err) = match Self::boot_once(guest, spec, scratch) {
+                Ok(vm) => return Ok(vm),
+                Err(BootFailure::GuestShutdown(e)) => ("the guest shut down (triple fault)", e),
+                Err(BootFailure::Stalled(e)) => ("the guest stalled (open item)", e),
+                Err(BootFailure::Other(e)) => return Err(e),
             };
             if detect_place() != Place::Lab || attempt >= LAB_BOOT_ATTEMPTS {
                 return Err(err);
@@ -159,10 +164,18 @@ impl FunctionVm {
         }
     }
 
-    fn boot_once(guest: &GuestArtifacts, spec: &VmSpec, scratch: &Scratch) -> Result<Self, String> {
-        let ns = NetNs::with_tap("fn")?;
+    fn boot_once(
+        guest: &GuestArtifacts,
+        spec: &VmSpec,
+        scratch: &Scratch,
+    ) -> Result<Self, BootFailure> {
+        let ns = NetNs::with_tap("fn").map_err(BootFailure::Other)?;
         let config = scratch.write("vm.json", config_json(&guest.vmlinux, spec));
+        // Metrics from the start: a guest shutdown is counted there (and at exit).
+        let metrics_path = scratch.path("reapvm-metrics.json");
+        let _ = std::fs::remove_file(&metrics_path);
         let mut command = ns.command(reapvm_bin());
+        command.arg("--metrics-path").arg(&metrics_path);
         if spec.api {
             command.arg("--api-sock").arg(scratch.path("api.sock"));
         } else {
@@ -175,7 +188,7 @@ impl FunctionVm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start reapvm: {e}"))?;
+            .map_err(|e| BootFailure::Other(format!("cannot start reapvm: {e}")))?;
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         collect(child.stdout.take().unwrap(), stdout.clone());
@@ -185,9 +198,27 @@ impl FunctionVm {
             child,
             stdout,
             stderr,
+            metrics_path,
         };
-        vm.wait_ready()?;
-        Ok(vm)
+        match vm.wait_ready() {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                wait_for_exit(&mut vm.child, Duration::from_secs(5));
+                if guest_shut_down(&vm.metrics_path) {
+                    Err(BootFailure::GuestShutdown(e))
+                } else if e.contains(NOT_READY) {
+                    Err(BootFailure::Stalled(e))
+                } else {
+                    Err(BootFailure::Other(e))
+                }
+            }
+        }
+    }
+
+    /// Where reapvm writes this VM's metrics (set on its command line: `PUT /metrics` would
+    /// be refused).
+    pub fn metrics_path(&self) -> &Path {
+        &self.metrics_path
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {

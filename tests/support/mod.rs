@@ -332,6 +332,28 @@ pub fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
 
 /// Drops `path` from the page cache (posix_fadvise DONTNEED), so that the next read of it is
 /// a real read: the "cold" of the snapshot benchmarks. The snapshot writer synced the file.
+/// Whether reapvm's metrics file at `path` counts a guest shutdown (`vcpu.exit_shutdown`:
+/// KVM_EXIT_SHUTDOWN, what a triple fault gives). Counters are increments per flush, so
+/// every line counts; reapvm flushes once more as it exits.
+pub fn guest_shut_down(metrics_path: &Path) -> bool {
+    std::fs::read_to_string(metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|m| m["vcpu"]["exit_shutdown"].as_u64().unwrap_or(0) > 0)
+}
+
+/// Waits up to `deadline` for `child` to exit (its last metrics flush is then written).
+pub fn wait_for_exit(child: &mut std::process::Child, deadline: Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -149,16 +149,16 @@ pub fn put_metrics(socket: &Path, path: &Path) -> Result<(), String> {
 }
 
 /// Waits until reapvm has seen `answered` invocation signals from the agent (metrics
-/// `agent.invocations_signalled`; metrics go to `metrics_path`, set here). The agent signals
-/// after it sends an answer: a snapshot taken before the signal is out would carry it, and
-/// its restore would see it at once and end a REAP recording before any invocation.
+/// `agent.invocations_signalled`; reapvm writes its metrics to `metrics_path` already). The
+/// agent signals after it sends an answer: a snapshot taken before the signal is out would
+/// carry it, and its restore would see it at once and end a REAP recording before any
+/// invocation.
 pub fn wait_for_invocation_signals(
     socket: &Path,
     metrics_path: &Path,
     answered: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    put_metrics(socket, metrics_path)?;
     let start = std::time::Instant::now();
     loop {
         let m = flushed_metrics(socket, metrics_path)?;

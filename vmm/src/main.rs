@@ -150,13 +150,16 @@ fn main() -> ExitCode {
     let outcome = microvm.run();
     metrics::flush_if_configured();
     match outcome {
-        Ok(VmExitReason::GuestReset) => {
-            log::info!("the guest reset; exiting");
+        // A guest that shuts the machine down ends the VM as a reset does (Firecracker's
+        // exit code too); the log and `vcpu.exit_shutdown` tell the two apart.
+        Ok(reason @ (VmExitReason::GuestReset | VmExitReason::GuestShutdown { .. })) => {
+            log::info!("{reason}; exiting");
             ExitCode::from(exit_code::OK as u8)
         }
-        Ok(VmExitReason::Error(e)) => {
-            fail(exit_code::GENERIC_ERROR, format!("the VM stopped: {e}"))
-        }
+        Ok(reason @ (VmExitReason::Vcpu(_) | VmExitReason::Error(_))) => fail(
+            exit_code::GENERIC_ERROR,
+            format!("the VM stopped: {reason}"),
+        ),
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
     }
 }

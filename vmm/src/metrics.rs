@@ -113,6 +113,8 @@ pub struct VcpuMetrics {
     pub exit_io_out: Counter,
     pub exit_mmio_read: Counter,
     pub exit_mmio_write: Counter,
+    /// KVM_EXIT_SHUTDOWN (or HLT): the guest shut the machine down, as a triple fault does.
+    pub exit_shutdown: Counter,
     pub failures: Counter,
 }
 

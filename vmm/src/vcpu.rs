@@ -48,11 +48,64 @@ pub enum VcpuError {
 /// Why the VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExitReason {
-    /// The guest reset or powered off the machine (i8042 reset, triple fault, PSCI-like
-    /// system event): a normal end, exit code 0.
+    /// The guest reset or powered off the machine (i8042 reset line, or a KVM reset or
+    /// shutdown system event): a normal end, exit code 0.
     GuestReset,
+    /// A vCPU left KVM_RUN with KVM_EXIT_SHUTDOWN (or HLT): the guest shut the machine down
+    /// without a reset line, as a triple fault does. Exit code 0, as Firecracker's; the
+    /// metrics count it (`vcpu.exit_shutdown`) so it can be told from a reset.
+    GuestShutdown { vcpu: u8, place: GuestPlace },
     /// A vCPU met something it cannot continue from.
+    Vcpu(VcpuRunError),
+    /// Any other part of the VMM stopped the VM.
     Error(String),
+}
+
+impl std::fmt::Display for VmExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::GuestReset => write!(f, "the guest reset the machine"),
+            Self::GuestShutdown { vcpu, place } => {
+                write!(f, "vCPU {vcpu}: the guest shut the machine down{place}")
+            }
+            Self::Vcpu(e) => write!(f, "{e}"),
+            Self::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Where a vCPU was when the guest shut the machine down (to trace an unexpected triple
+/// fault), if its registers could be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestPlace(Option<[u64; 6]>);
+
+impl std::fmt::Display for GuestPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some([rip, rsp, cr0, cr2, cr3, cr4]) => write!(
+                f,
+                " (rip {rip:#x} rsp {rsp:#x} cr0 {cr0:#x} cr2 {cr2:#x} cr3 {cr3:#x} cr4 {cr4:#x})"
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why a vCPU could not go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuRunError {
+    #[error(
+        "vCPU {vcpu}: KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on CPU {cpu}"
+    )]
+    FailEntry { vcpu: u8, reason: u64, cpu: u32 },
+    #[error("vCPU {vcpu}: KVM_EXIT_INTERNAL_ERROR (suberror {suberror}): KVM could not emulate the guest's instruction")]
+    InternalError { vcpu: u8, suberror: u32 },
+    #[error("vCPU {vcpu}: unexpected system event {kind}")]
+    SystemEvent { vcpu: u8, kind: u32 },
+    #[error("vCPU {vcpu}: unhandled KVM exit {exit}")]
+    UnhandledExit { vcpu: u8, exit: String },
+    #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
+    Run { vcpu: u8, source: kvm_ioctls::Error },
 }
 
 /// Collects the first reason any part of the VM gives for stopping and wakes the event loop.
@@ -194,7 +247,7 @@ impl Vcpu {
                 }
                 Err(e) => {
                     crate::metrics::metrics().vcpu.failures.inc();
-                    exit.report(VmExitReason::Error(format!("vCPU {}: {e}", self.index)));
+                    exit.report(VmExitReason::Vcpu(e));
                     break;
                 }
             }
@@ -203,8 +256,8 @@ impl Vcpu {
     }
 
     /// One KVM_RUN and the handling of its exit; Some(reason) when the VM must stop.
-    fn run_once(&mut self) -> Result<Option<VmExitReason>, String> {
-        let index = self.index;
+    fn run_once(&mut self) -> Result<Option<VmExitReason>, VcpuRunError> {
+        let vcpu = self.index;
         let counts = &crate::metrics::metrics().vcpu;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -232,40 +285,38 @@ impl Vcpu {
                 Ok(None)
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
-                // A triple fault looks the same as a reboot through a reset: say where the
-                // guest was, so an unexpected one can be traced.
+                counts.exit_shutdown.inc();
                 let place = match (self.fd.get_regs(), self.fd.get_sregs()) {
-                    (Ok(r), Ok(s)) => format!(
-                        " (rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x})",
-                        r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4
-                    ),
-                    _ => String::new(),
+                    (Ok(r), Ok(s)) => GuestPlace(Some([r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4])),
+                    _ => GuestPlace(None),
                 };
-                log::info!("vCPU {index} stopped: the guest shut the machine down{place}");
-                Ok(Some(VmExitReason::GuestReset))
+                let reason = VmExitReason::GuestShutdown { vcpu, place };
+                log::info!("{reason}");
+                Ok(Some(reason))
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
                     Ok(Some(VmExitReason::GuestReset))
                 }
-                other => Err(format!("unexpected system event {other}")),
+                kind => Err(VcpuRunError::SystemEvent { vcpu, kind }),
             },
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(
-                "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on CPU {cpu}"
-            )),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Err(VcpuRunError::FailEntry { vcpu, reason, cpu })
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                Err(format!(
-                    "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}): KVM could not emulate the guest's instruction"
-                ))
+                Err(VcpuRunError::InternalError { vcpu, suberror })
             }
-            Ok(other) => Err(format!("unhandled KVM exit {other:?}")),
+            Ok(other) => Err(VcpuRunError::UnhandledExit {
+                vcpu,
+                exit: format!("{other:?}"),
+            }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 Ok(None)
             }
-            Err(e) => Err(format!("KVM_RUN failed: {e}")),
+            Err(source) => Err(VcpuRunError::Run { vcpu, source }),
         }
     }
 }
@@ -705,5 +756,21 @@ mod kvm_tests {
             }
             other => panic!("expected the guest's OUT to 0x3f8, got {other:?}"),
         }
+    }
+
+    /// A triple fault (an exception with no IDT to deliver it through) ends the VM with a
+    /// typed guest shutdown, counted in the metrics, not with an error.
+    #[test]
+    fn a_triple_fault_is_a_guest_shutdown() {
+        let code = [0x0f, 0x0b]; // ud2: #UD with an empty IDT, then #DF, then shutdown
+        let (_kvm, _vm, _mem, mut vcpu) = boot_vcpu(&code);
+        let before = crate::metrics::metrics().vcpu.exit_shutdown.total();
+        match vcpu.run_once() {
+            Ok(Some(VmExitReason::GuestShutdown { vcpu: 0, place })) => {
+                assert!(place.to_string().contains("rip"), "{place}");
+            }
+            other => panic!("expected a guest shutdown, got {other:?}"),
+        }
+        assert!(crate::metrics::metrics().vcpu.exit_shutdown.total() > before);
     }
 }
