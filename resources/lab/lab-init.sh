@@ -25,8 +25,12 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# Module parameters come from the kernel command line as MODULE.PARAM=VALUE (as modprobe
+# takes them; insmod does not look), e.g. REAPVM_LAB_KERNEL_ARGS="kvm_amd.npt=0".
 for m in $(cat /modules/order); do
-  insmod "/modules/$m" 2>/dev/null || echo "lab: insmod $m failed"
+  name="$(basename "$m" .ko | tr - _)"
+  params="$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$name\.//p")"
+  insmod "/modules/$m" $params 2>/dev/null || echo "lab: insmod $m $params failed"
 done
 run="$(sed -n 's/.*reapvm_lab.run=\([^ ]*\).*/\1/p' /proc/cmdline)"
 for i in $(seq 50); do [ -c /dev/hvc0 ] && break; sleep 0.1; done

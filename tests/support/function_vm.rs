@@ -120,7 +120,8 @@ const NOT_READY: &str = "the agent was not ready";
 const LAB_BOOT_ATTEMPTS: usize = 4;
 
 /// Why a boot failed.
-enum BootFailure {
+#[derive(Debug)]
+pub enum BootFailure {
     /// reapvm's metrics count a guest shutdown (a triple fault).
     GuestShutdown(String),
     /// The agent did not become ready in time.
@@ -147,7 +148,7 @@ impl FunctionVm {
             // leaves it stalled (docs/kvm-lab.md: both at the busiest moment of a boot, cause
             // not found). In the lab only, the boot is tried again, said out loud; on
             // hardware KVM, or LAB_BOOT_ATTEMPTS times in a row, it is a failure.
-            let (fault, err) = match Self::boot_once(guest, spec, scratch) {
+            let (fault, err) = match Self::boot_attempt(guest, spec, scratch, READY_DEADLINE) {
                 Ok(vm) => return Ok(vm),
                 Err(BootFailure::GuestShutdown(e)) => ("the guest shut down (triple fault)", e),
                 Err(BootFailure::Stalled(e)) => ("the guest stalled (open item)", e),
@@ -164,10 +165,12 @@ impl FunctionVm {
         }
     }
 
-    fn boot_once(
+    /// One boot, without the lab's retries: the agent must answer within `ready_deadline`.
+    pub fn boot_attempt(
         guest: &GuestArtifacts,
         spec: &VmSpec,
         scratch: &Scratch,
+        ready_deadline: Duration,
     ) -> Result<Self, BootFailure> {
         let ns = NetNs::with_tap("fn").map_err(BootFailure::Other)?;
         let config = scratch.write("vm.json", config_json(&guest.vmlinux, spec));
@@ -200,7 +203,7 @@ impl FunctionVm {
             stderr,
             metrics_path,
         };
-        match vm.wait_ready() {
+        match vm.wait_ready(ready_deadline) {
             Ok(()) => Ok(vm),
             Err(e) => {
                 wait_for_exit(&mut vm.child, Duration::from_secs(5));
@@ -221,9 +224,9 @@ impl FunctionVm {
         &self.metrics_path
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    fn wait_ready(&mut self, deadline: Duration) -> Result<(), String> {
         let start = Instant::now();
-        while start.elapsed() < READY_DEADLINE {
+        while start.elapsed() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "reapvm exited ({status}) before the agent was ready; {}",
@@ -243,7 +246,7 @@ impl FunctionVm {
             String::new()
         };
         Err(format!(
-            "{NOT_READY} after {READY_DEADLINE:?}; {}\n{lab_state}",
+            "{NOT_READY} after {deadline:?}; {}\n{lab_state}",
             self.describe()
         ))
     }

@@ -63,6 +63,18 @@ pub fn describe_error(code: u32, detail: u32) -> String {
         4 => format!("the replay trace touches page {detail}, inside the replay guest's own region (below 2 MiB or in the initrd)"),
         5 => "no initrd: the replay guest needs its trace as the initrd".into(),
         6 => format!("guest memory ends at page {detail}, beyond the first GiB the boot page tables map"),
+        // The virtio-blk DMA check (guest/replay/src/virtio_check.rs).
+        10 => "virtio check: no virtio-blk device found".into(),
+        11 => format!("virtio check: feature negotiation or queue set-up refused (step {detail})"),
+        12 => format!("virtio check: request {detail} read data that is not the disk's"),
+        13 => format!("virtio check: request {detail} changed guard bytes around its buffers"),
+        14 => format!("virtio check: request {detail} completed with a failed status"),
+        15 => format!("virtio check: request {detail} completed with a wrong used length"),
+        16 => format!("virtio check: no completion after {detail} requests (timed out)"),
+        17 => format!("virtio check: memory outside every buffer changed (page {detail})"),
+        18 => format!("virtio check: the used ring returned descriptor {detail}, which is not in flight"),
+        19 => format!("virtio check: the disk has only {detail} sectors"),
+        20 => format!("virtio check: guest memory ends at page {detail}: too small, or beyond the first GiB"),
         other => format!("replay guest error {other} (detail {detail})"),
     }
 }

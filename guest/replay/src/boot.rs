@@ -7,6 +7,9 @@ const E820_ENTRY_LEN: u64 = 20;
 const E820_RAM: u32 = 1;
 const RAMDISK_IMAGE: u64 = 0x218;
 const RAMDISK_SIZE: u64 = 0x21c;
+const CMD_LINE_PTR: u64 = 0x228;
+/// The longest command line read.
+const CMDLINE_MAX: usize = 2048;
 
 pub struct BootInfo {
     /// One past the highest RAM address.
@@ -35,4 +38,18 @@ pub fn read_boot_info(zero_page: u64) -> BootInfo {
         initrd_addr: u64::from(read::<u32>(zero_page + RAMDISK_IMAGE)),
         initrd_len: u64::from(read::<u32>(zero_page + RAMDISK_SIZE)),
     }
+}
+
+/// The kernel command line (up to its NUL), as the VMM wrote it below 1 GiB.
+pub fn cmdline(zero_page: u64) -> &'static [u8] {
+    let at = u64::from(read::<u32>(zero_page + CMD_LINE_PTR));
+    if at == 0 {
+        return &[];
+    }
+    let len = (0..CMDLINE_MAX)
+        .find(|&i| read::<u8>(at + i as u64) == 0)
+        .unwrap_or(CMDLINE_MAX);
+    // SAFETY: `len` bytes from `at` are the command line the VMM wrote in guest RAM below
+    // 1 GiB (identity-mapped for user mode, entry.rs), which nothing writes afterwards.
+    unsafe { core::slice::from_raw_parts(at as *const u8, len) }
 }

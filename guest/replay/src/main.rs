@@ -9,12 +9,29 @@ mod boot;
 mod control;
 mod entry;
 mod replay;
+mod virtio_check;
 
 /// The first user-mode code; `zero_page` is the boot parameters' address.
 pub extern "C" fn user_main(zero_page: u64) -> ! {
     let info = boot::read_boot_info(zero_page);
-    replay::run(&info)
+    let cmdline = boot::cmdline(zero_page);
+    if cmdline
+        .windows(VIRTIO_CHECK.len())
+        .any(|w| w == VIRTIO_CHECK)
+    {
+        virtio_check::run(&info, cmdline)
+    } else {
+        replay::run(&info)
+    }
 }
+
+/// The boot argument that selects the virtio-blk DMA check instead of a replay.
+const VIRTIO_CHECK: &[u8] = b"reapvm-virtio-check";
+
+/// The prebuilt libcore is compiled for unwinding and some of its functions name the
+/// personality routine; this guest aborts on panic and never unwinds, so it is never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
