@@ -1,7 +1,7 @@
 //! The Firecracker API over a Unix socket, on real KVM: configure and start a VM through it,
 //! stop the guest with SendCtrlAltDel, and refuse bad requests with 400 and a fault message.
 
-mod support;
+use test_support as support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Boot tests on real KVM: the project's kernel (vmlinux and bzImage) with the agent
 //! initramfs, vCPU and memory configurations, exit codes, and every start-up error.
 
-mod support;
+use test_support as support;
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! virtio-net from inside a network namespace the test creates, block writes reaching the
 //! image, read-only roots, bulk transfers, and device errors.
 
-mod support;
+use test_support as support;
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;

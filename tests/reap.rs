@@ -3,7 +3,7 @@
 //! demand; bad WS files are refused (the restore records a new one) and the invocation still
 //! answers; a VMM killed while recording leaves no WS; recording also ends through the API.
 
-mod support;
+use test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

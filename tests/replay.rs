@@ -3,9 +3,8 @@
 //! backend restores it to a replay that reads back exactly what the trace says (checksum);
 //! REAP's prefetch serves its pages without faults; a trace outside guest memory is refused.
 
-#[path = "replay_vm/mod.rs"]
-mod replay_vm;
-mod support;
+use reapvm_bench::replay_vm;
+use test_support as support;
 
 use std::path::Path;
 use std::process::ExitCode;

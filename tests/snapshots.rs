@@ -2,7 +2,7 @@
 //! API, a fresh reapvm process loads it (memory file mapped privately) and the function's
 //! state carries on; damaged snapshot files are refused with 400 while the VMM stays up.
 
-mod support;
+use test_support as support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;

@@ -2,9 +2,8 @@
 //! when restored with each memory backend (File, Uffd, REAP recording, REAP, REAP+), and the
 //! suite benchmark runs end to end (helloworld, N = 2) with the CSV rows it promises.
 
-#[path = "suite_bench/mod.rs"]
-mod suite_bench;
-mod support;
+use reapvm_bench::suite as suite_bench;
+use test_support as support;
 
 use std::process::ExitCode;
 

@@ -3,8 +3,7 @@
 //!
 //! `cargo bench -p vmm --bench boot -- [--runs N] [--vcpus N] [--mem-mib N] [--kernel vmlinux|bzImage]`
 
-#[path = "../support/mod.rs"]
-mod support;
+use test_support as support;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -3,8 +3,7 @@
 //!
 //! `cargo bench -p vmm --bench functions -- [--boots N] [--invocations N]`
 
-#[path = "../support/mod.rs"]
-mod support;
+use test_support as support;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -8,8 +8,7 @@
 //! `cargo bench -p vmm --bench lab_faults -- [--boots N] [--function F] [--mem-mib M]
 //!  [--suite] [--deadline-s S]`
 
-#[path = "../support/mod.rs"]
-mod support;
+use test_support as support;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -6,12 +6,9 @@
 //!
 //! `scripts/bench-replay.sh [--functions a,b] [--modes File,Uffd,REAP,REAP+] [--runs N] [--out DIR]`
 
-#[path = "../replay_vm/mod.rs"]
-mod replay_vm;
-#[path = "../suite_bench/mod.rs"]
-mod suite_bench;
-#[path = "../support/mod.rs"]
-mod support;
+use reapvm_bench::replay_vm;
+use reapvm_bench::suite as suite_bench;
+use test_support as support;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -9,8 +9,7 @@
 //! to a scratch disk the lab gets for this run (QEMU reads it with O_DIRECT); on hardware
 //! KVM, to target/bench-snapshots.
 
-#[path = "../support/mod.rs"]
-mod support;
+use test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};

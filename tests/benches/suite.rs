@@ -8,10 +8,8 @@
 //! in ~/.cache/reapvm/suite/NAME. On a host whose KVM cannot boot Linux it runs in the KVM
 //! lab (its figures say so).
 
-#[path = "../suite_bench/mod.rs"]
-mod suite_bench;
-#[path = "../support/mod.rs"]
-mod support;
+use reapvm_bench::suite as suite_bench;
+use test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -15,10 +15,12 @@ pub enum Place {
     NeedsLab,
 }
 
+/// The repository's root (this crate is tests/support in it).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
+        .ancestors()
+        .nth(2)
+        .expect("tests/support sits two folders below the repository's root")
         .to_path_buf()
 }
 

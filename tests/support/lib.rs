@@ -1,7 +1,6 @@
-//! Shared by the whole-guest KVM test suites: where to run (hardware KVM or the KVM lab),
-//! the guest artifacts, and running `reapvm` with a deadline.
-
-#![allow(dead_code)]
+//! Shared by the whole-guest KVM test suites and the benchmarks (as Cloud Hypervisor's
+//! `test_infra`): where to run (hardware KVM or the KVM lab), the guest artifacts, and
+//! running `reapvm` with a deadline.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -189,12 +188,30 @@ fn tail(s: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The `reapvm` binary cargo built with the running test or benchmark (vmm's targets: cargo
+/// builds the package's binaries for them into the profile folder, one above `deps/`).
 pub fn reapvm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_reapvm"))
+    built_bin("reapvm")
 }
 
 pub fn rebase_snap_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_rebase-snap"))
+    built_bin("rebase-snap")
+}
+
+fn built_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the running test's own path");
+    let profile_dir = exe
+        .parent()
+        .filter(|d| d.ends_with("deps"))
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not in a cargo deps folder", exe.display()));
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the suites through cargo test or cargo bench of the vmm package",
+        bin.display()
+    );
+    bin
 }
 
 /// Runs `reapvm` with `args`, stdin from /dev/null, killing it after `deadline`.

@@ -67,7 +67,7 @@ pub mod tests {
     use super::*;
 
     pub fn every_suite_function_has_a_folder_and_a_paper_row() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/functions");
+        let root = test_support::repo_root().join("resources/functions");
         for f in SUITE {
             assert!(root.join(f.name).join("handler.py").is_file(), "{}", f.name);
             assert!(paper(f.name).is_some(), "{}", f.name);

@@ -3,14 +3,12 @@
 //! memory backend; the VMM's metrics say when the replay was done and what it read. No guest
 //! network: the guest talks to the VMM through its MMIO control page only.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::http::unix_request;
-use crate::support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket};
+use test_support::http::unix_request;
+use test_support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket};
 
 /// The replay guest as scripts/build-replay-guest.sh builds it.
 pub fn replay_guest() -> Result<PathBuf, String> {

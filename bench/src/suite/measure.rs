@@ -6,15 +6,13 @@ use std::time::{Duration, Instant};
 
 use super::functions::SuiteFunction;
 use super::options::Mode;
-use crate::support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
-use crate::support::http::HttpConn;
-use crate::support::netns::NetNs;
-use crate::support::restore::{
+use test_support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
+use test_support::http::HttpConn;
+use test_support::netns::NetNs;
+use test_support::restore::{
     create_snapshot, flushed_metrics, set_vm_state, wait_for_invocation_signals, Vmm,
 };
-use crate::support::{
-    drop_from_page_cache, guest_shut_down, wait_for_exit, GuestArtifacts, Scratch,
-};
+use test_support::{drop_from_page_cache, guest_shut_down, wait_for_exit, GuestArtifacts, Scratch};
 
 /// A function's snapshot files.
 pub struct SnapshotFiles {

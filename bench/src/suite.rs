@@ -3,8 +3,6 @@
 //! warm invocations. Shared by the benchmark command (tests/benches/suite.rs) and its CI test
 //! (tests/suite.rs).
 
-#![allow(dead_code)]
-
 pub mod functions;
 pub mod measure;
 pub mod options;
@@ -20,7 +18,7 @@ use report::Sample;
 
 use snapshot::touch_log;
 
-use crate::support::{detect_place, GuestArtifacts, Place, Trial};
+use test_support::{detect_place, GuestArtifacts, Place, Trial};
 
 pub const RESULTS_CSV: &str = "runs.csv";
 pub const RESULTS_MD: &str = "results.md";
