@@ -207,9 +207,52 @@ fn virtio_block_dma_lands_only_in_its_buffers() -> Result<(), String> {
     Ok(())
 }
 
+/// A memory file that cannot be read any more while a restored VM runs (truncated under
+/// it) stops the VM with the file and the offset named, for each backend whose fault loop
+/// reads it: the guest never runs on with a zero page where its data was.
+fn an_unreadable_memory_file_stops_the_vm() -> Result<(), String> {
+    let scratch = Scratch::new("replay-truncated");
+    let trace = synthetic_trace();
+    let snap = boot_and_snapshot(&scratch.dir, &write_trace(&scratch.dir, &trace)?, MEM_MIB)?;
+    for backend in ["OnDemand", "Reap"] {
+        let mem = scratch.path(&format!("memory-{backend}"));
+        std::fs::copy(&snap.memory, &mem).map_err(|e| format!("{}: {e}", mem.display()))?;
+        let mut vmm = ReplayVmm::start(&scratch.dir, backend, None)?;
+        let body = serde_json::json!({
+            "snapshot_path": snap.vmstate,
+            "mem_backend": {"backend_type": backend, "backend_path": mem},
+            "resume_vm": false,
+        });
+        vmm.api("PUT", "/snapshot/load", body)?;
+        // The replay guest's own 2 MiB stay readable; every page the trace touches does not.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mem)
+            .and_then(|f| f.set_len(2 << 20))
+            .map_err(|e| format!("truncating {}: {e}", mem.display()))?;
+        vmm.api("PATCH", "/vm", serde_json::json!({"state": "Resumed"}))?;
+        let status = vmm.wait_exit(std::time::Duration::from_secs(30));
+        let log = vmm.log_tail();
+        let named = format!("of memory file {}", mem.display());
+        if status.and_then(|s| s.code()) != Some(1)
+            || !log.contains("cannot read the page at offset")
+            || !log.contains(&named)
+        {
+            return Err(format!(
+                "{backend}: expected reapvm to stop with exit code 1 naming {} and the offset; exit {status:?}\n{log}",
+                mem.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = vec![
+        Trial::test("an_unreadable_memory_file_stops_the_vm", || {
+            an_unreadable_memory_file_stops_the_vm().map_err(Failed::from)
+        }),
         Trial::test("virtio_block_dma_lands_only_in_its_buffers", || {
             virtio_block_dma_lands_only_in_its_buffers().map_err(Failed::from)
         }),

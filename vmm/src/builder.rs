@@ -253,6 +253,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         config.clone(),
         opts.console_in,
         RunControl::new(),
+        exit_signal()?,
     )?;
     log::info!(
         "started: {} vCPU(s), {} MiB, kernel {} entry {:#x}",
@@ -386,6 +387,16 @@ pub(crate) fn legacy_devices(
     })
 }
 
+/// What the VM's parts report their reason to stop to (the event loop wakes on it).
+pub(crate) fn exit_signal() -> Result<Arc<ExitSignal>, BuildError> {
+    ExitSignal::new()
+        .map(Arc::new)
+        .map_err(|source| BuildError::EventFd {
+            what: "VM exits",
+            source,
+        })
+}
+
 /// Puts the parts together and starts the vCPU threads (running, or parked when `control`
 /// says so).
 #[allow(clippy::too_many_arguments)]
@@ -399,11 +410,8 @@ pub(crate) fn assemble(
     config: VmConfig,
     console_in: bool,
     control: RunControl,
+    exit: Arc<ExitSignal>,
 ) -> Result<MicroVm, BuildError> {
-    let exit = Arc::new(ExitSignal::new().map_err(|source| BuildError::EventFd {
-        what: "VM exits",
-        source,
-    })?);
     let control = Arc::new(control);
     let mut subscribers: Vec<Subscriber> = mmio.take_subscribers();
     if console_in {

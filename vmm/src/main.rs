@@ -156,7 +156,10 @@ fn main() -> ExitCode {
             log::info!("{reason}; exiting");
             ExitCode::from(exit_code::OK as u8)
         }
-        Ok(reason @ (VmExitReason::Vcpu(_) | VmExitReason::Error(_))) => fail(
+        Ok(
+            reason
+            @ (VmExitReason::Vcpu(_) | VmExitReason::GuestMemory(_) | VmExitReason::Error(_)),
+        ) => fail(
             exit_code::GENERIC_ERROR,
             format!("the VM stopped: {reason}"),
         ),

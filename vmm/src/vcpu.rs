@@ -57,6 +57,10 @@ pub enum VmExitReason {
     GuestShutdown { vcpu: u8, place: GuestPlace },
     /// A vCPU met something it cannot continue from.
     Vcpu(VcpuRunError),
+    /// A page of guest memory could not be served (its memory file could not be read, the
+    /// kernel refused the page, the fault handler died): the guest must not run on with a
+    /// page that is not what the snapshot had.
+    GuestMemory(String),
     /// Any other part of the VMM stopped the VM.
     Error(String),
 }
@@ -69,6 +73,7 @@ impl std::fmt::Display for VmExitReason {
                 write!(f, "vCPU {vcpu}: the guest shut the machine down{place}")
             }
             Self::Vcpu(e) => write!(f, "{e}"),
+            Self::GuestMemory(why) => write!(f, "guest memory: {why}"),
             Self::Error(e) => write!(f, "{e}"),
         }
     }

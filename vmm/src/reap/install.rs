@@ -1,7 +1,6 @@
 //! Installing a WS into userfaultfd-registered guest memory: all of it before the guest runs
 //! (the paper), or in order of first touch while the guest runs (chunked).
 
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,9 +12,10 @@ use userfaultfd::Uffd;
 use super::{FetchedWs, ReapError};
 use crate::metrics::FaultSource;
 use crate::uffd::{
-    install_page, FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault, PageSource,
-    UffdRegions,
+    install_page, FaultError, FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault,
+    PageSource, UffdRegions,
 };
+use crate::vcpu::ExitSignal;
 
 /// Installs every run of `ws` into the registered guest memory before the guest runs (the
 /// paper's REAP); returns the pages installed.
@@ -191,12 +191,12 @@ impl FaultSource for ChunkedInstallStats {
 /// otherwise.
 pub fn spawn_chunked_install(
     uffd: Arc<Uffd>,
-    file: Arc<File>,
+    on_demand: FileSource,
     regions: Arc<UffdRegions>,
     ws: WsPages,
     stop: Arc<HandlerStop>,
+    exit: Option<Arc<ExitSignal>>,
 ) -> Result<Arc<ChunkedInstallStats>, ReapError> {
-    let on_demand = FileSource::new(file);
     let stats = Arc::new(ChunkedInstallStats {
         file: on_demand.stats(),
         ..Default::default()
@@ -231,7 +231,7 @@ pub fn spawn_chunked_install(
         on_demand,
         stats: stats.clone(),
     };
-    FaultLoop::new(uffd, regions, stop, source).spawn("fc_uffd")?;
+    FaultLoop::new(uffd, regions, stop, exit, source).spawn("fc_uffd")?;
     Ok(stats)
 }
 
@@ -245,17 +245,17 @@ struct WsThenFile {
 }
 
 impl PageSource for WsThenFile {
-    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed {
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError> {
         if self.ws.is_some() && self.stats.install_us.load(Ordering::Acquire) != 0 {
             self.ws = None;
         }
         match self.ws.as_ref().and_then(|ws| ws.page(fault.offset)) {
             Some(data) => {
-                let installed = install_page(uffd, fault.host_addr, data);
+                let installed = install_page(uffd, fault.host_addr, fault.offset, data)?;
                 if installed == Installed::Now {
                     self.stats.from_ws.fetch_add(1, Ordering::Relaxed);
                 }
-                installed
+                Ok(installed)
             }
             None => self.on_demand.serve(uffd, fault),
         }

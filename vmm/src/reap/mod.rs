@@ -15,7 +15,6 @@ pub use fetch::{fetch, AlignedBuf, FetchedWs};
 pub use install::{install_all, spawn_chunked_install, ChunkedInstallStats, WsPages};
 pub use record::{Recorder, RecordingState, WsTarget};
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +25,7 @@ use userfaultfd::Uffd;
 use crate::metrics::{FaultSource, MemoryRestoreReport};
 use crate::persist::MemoryRegionState;
 use crate::uffd::{FaultLoop, FileSource, HandlerStop, UffdError, UffdRegions};
+use crate::vcpu::ExitSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReapError {
@@ -103,13 +103,16 @@ pub fn ws_layout(layout: &[MemoryRegionState]) -> Vec<WsRegion> {
 pub struct ReapSetup {
     pub uffd: Arc<Uffd>,
     pub regions: Arc<UffdRegions>,
-    pub file: Arc<File>,
+    /// The memory file: what the WS lacks, and the recording's pages, come from it.
+    pub mem: FileSource,
     pub ws_path: PathBuf,
     pub options: ReapOptions,
     pub identity: SnapshotIdentity,
     pub layout: Vec<WsRegion>,
     /// Ends the handler threads (a failed restore, the VM gone).
     pub stop: Arc<HandlerStop>,
+    /// A page that cannot be served stops the VM through it (None: no VM, only logged).
+    pub exit: Option<Arc<ExitSignal>>,
 }
 
 /// How a REAP restore serves memory, for the metrics and the VM.
@@ -131,12 +134,13 @@ pub fn restore_memory(
     let ReapSetup {
         uffd,
         regions,
-        file,
+        mem,
         ws_path,
         options,
         identity,
         layout,
         stop,
+        exit,
     } = setup;
     let refused = |report: &mut MemoryRestoreReport, why: String| {
         log::warn!("REAP: {why}; recording a new WS");
@@ -161,7 +165,7 @@ pub fn restore_memory(
                         ws.pages(),
                         ws_path.display()
                     );
-                    spawn_chunked_install(uffd, file, regions, ws, stop)?
+                    spawn_chunked_install(uffd, mem, regions, ws, stop, exit)?
                 } else {
                     let started = Instant::now();
                     report.pages_prefetched = install_all(&uffd, &regions, &ws);
@@ -182,16 +186,15 @@ pub fn restore_memory(
                             base_pages: ws.page_offsets(),
                             rerecord_above: options.rerecord_threshold,
                         };
-                        let recorder = Recorder::spawn(uffd, file, regions, target, stop)?;
+                        let recorder = Recorder::spawn(uffd, mem, regions, target, stop, exit)?;
                         return Ok(ReapMemory {
                             report,
                             live: recorder.clone(),
                             recorder: Some(recorder),
                         });
                     }
-                    let on_demand = FileSource::new(file);
-                    let stats = on_demand.stats();
-                    FaultLoop::new(uffd, regions, stop, on_demand).spawn("fc_uffd")?;
+                    let stats = mem.stats();
+                    FaultLoop::new(uffd, regions, stop, exit, mem).spawn("fc_uffd")?;
                     stats
                 };
                 return Ok(ReapMemory {
@@ -213,7 +216,7 @@ pub fn restore_memory(
         base_pages: Vec::new(),
         rerecord_above: None,
     };
-    let recorder = Recorder::spawn(uffd, file, regions, target, stop)?;
+    let recorder = Recorder::spawn(uffd, mem, regions, target, stop, exit)?;
     Ok(ReapMemory {
         report,
         live: recorder.clone(),

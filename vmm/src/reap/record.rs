@@ -17,8 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ReapError;
 use crate::metrics::FaultSource;
 use crate::uffd::{
-    FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault, PageSource, UffdRegions,
+    FaultError, FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault, PageSource,
+    UffdRegions,
 };
+use crate::vcpu::ExitSignal;
 
 /// Where a recording stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,12 +70,12 @@ impl Recorder {
     /// Starts serving faults from `file` on a thread of its own, recording each page.
     pub fn spawn(
         uffd: Arc<Uffd>,
-        file: Arc<File>,
+        pages: FileSource,
         regions: Arc<UffdRegions>,
         target: WsTarget,
         handler_stop: Arc<HandlerStop>,
+        exit: Option<Arc<ExitSignal>>,
     ) -> Result<Arc<Self>, ReapError> {
-        let pages = FileSource::new(file);
         let recorder = Arc::new(Self {
             recording: AtomicBool::new(true),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(ReapError::EventFd)?,
@@ -88,7 +90,7 @@ impl Recorder {
             touched: Vec::new(),
             target: Some(target),
         };
-        FaultLoop::new(uffd, regions, handler_stop, source).spawn("fc_uffd_rec")?;
+        FaultLoop::new(uffd, regions, handler_stop, exit, source).spawn("fc_uffd_rec")?;
         Ok(recorder)
     }
 
@@ -146,7 +148,7 @@ struct RecordingSource {
 }
 
 impl PageSource for RecordingSource {
-    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed {
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError> {
         // Faults after stop() (a snapshot copying memory, the guest after its answer) are
         // served, not recorded. The page is counted before it is installed: once installed,
         // the faulting thread runs on and may stop the recording or read the count.
@@ -156,7 +158,7 @@ impl PageSource for RecordingSource {
         }
         let installed = self.pages.serve(uffd, fault);
         if record {
-            if installed == Installed::Now {
+            if matches!(installed, Ok(Installed::Now)) {
                 self.touched.push(Touch {
                     file_offset: fault.offset,
                     write: fault.write,

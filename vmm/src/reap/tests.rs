@@ -124,12 +124,13 @@ fn restore_as(
         ReapSetup {
             uffd: Arc::new(uffd),
             regions: Arc::new(regions),
-            file: scratch.mem_file(),
+            mem: FileSource::new(scratch.mem_file(), scratch.0.join("mem")),
             ws_path: scratch.ws_path(),
             options,
             identity,
             layout: ws_layout(&layout()),
             stop: handlers.0.clone(),
+            exit: None,
         },
         fetched,
         MemoryRestoreReport::default(),
@@ -143,12 +144,13 @@ fn on_demand_fills_each_page_once_from_the_memory_file() {
     let scratch = Scratch::new("on-demand");
     let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
     let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
-    let source = FileSource::new(scratch.mem_file());
+    let source = FileSource::new(scratch.mem_file(), scratch.0.join("mem"));
     let stats = source.stats();
     FaultLoop::new(
         Arc::new(uffd),
         Arc::new(regions),
         handlers.0.clone(),
+        None,
         source,
     )
     .spawn("test_uffd")

@@ -16,6 +16,7 @@ use crate::metrics::{self, FaultSource, MemoryRestoreReport};
 use crate::persist::{MemoryRegionState, MicrovmState};
 use crate::reap::{self, FetchedWs, ReapError, Recorder};
 use crate::uffd::{self, FaultLoop, FileSource, HandlerStop, StopHandlersOnDrop, UffdError};
+use crate::vcpu::ExitSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryRestoreError {
@@ -75,6 +76,7 @@ pub fn guest_memory(
     backend: &MemoryBackend,
     state: &MicrovmState,
     context: MemoryRestoreContext,
+    exit: &Arc<ExitSignal>,
 ) -> Result<RestoredMemory, MemoryRestoreError> {
     let mem_file = match backend.mem_path() {
         Some(path) => Some(open_memory_file(path, state.memory_file_len())?),
@@ -103,12 +105,19 @@ pub fn guest_memory(
             let mem = map_memory_file(&file, backend_path, &state.memory)?;
             Ok(restored(mem, report, Some(live), None))
         }
-        (MemoryBackend::OnDemand { .. }, Some(file)) => {
+        (MemoryBackend::OnDemand { backend_path }, Some(file)) => {
             report.mode = "on-demand".into();
             let (mem, uffd, regions) = uffd::register(&state.memory)?;
-            let source = FileSource::new(Arc::new(file));
+            let source = FileSource::new(Arc::new(file), backend_path.clone());
             let live: Arc<dyn FaultSource> = source.stats();
-            FaultLoop::new(Arc::new(uffd), Arc::new(regions), stop, source).spawn("fc_uffd")?;
+            FaultLoop::new(
+                Arc::new(uffd),
+                Arc::new(regions),
+                stop,
+                Some(exit.clone()),
+                source,
+            )
+            .spawn("fc_uffd")?;
             Ok(restored(mem, report, Some(live), None))
         }
         (MemoryBackend::Uffd { backend_path }, _) => {
@@ -118,7 +127,7 @@ pub fn guest_memory(
             // The external handler alone knows what it served.
             Ok(restored(mem, report, None, None))
         }
-        (MemoryBackend::Reap { .. }, Some(file)) => {
+        (MemoryBackend::Reap { backend_path, .. }, Some(file)) => {
             report.mode = "record".into();
             let (ws_path, options) = backend.reap().expect("a Reap backend");
             let (mem, uffd, regions) = uffd::register(&state.memory)?;
@@ -136,12 +145,13 @@ pub fn guest_memory(
                 reap::ReapSetup {
                     uffd: Arc::new(uffd),
                     regions: Arc::new(regions),
-                    file: Arc::new(file),
+                    mem: FileSource::new(Arc::new(file), backend_path.clone()),
                     ws_path,
                     options,
                     identity,
                     layout: reap::ws_layout(&state.memory),
                     stop,
+                    exit: Some(exit.clone()),
                 },
                 fetched,
                 report,

@@ -137,7 +137,9 @@ pub fn restore_vm(
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     check_cpu(&kvm, state)?;
     let vm = Vm::new(&kvm).map_err(BuildError::from)?;
-    let memory = memory::guest_memory(&params.mem_backend, state, context)?;
+    // Before memory: a fault loop that cannot serve a page stops the VM through it.
+    let exit = builder::exit_signal()?;
+    let memory = memory::guest_memory(&params.mem_backend, state, context, &exit)?;
     vm.register_memory(
         &memory.guest_memory,
         config.machine_config.track_dirty_pages,
@@ -199,6 +201,7 @@ pub fn restore_vm(
         config.clone(),
         opts.console_in,
         control,
+        exit,
     )?;
     microvm.ws_recorder = memory.recorder;
     microvm.memory_handlers = Some(memory.handlers);

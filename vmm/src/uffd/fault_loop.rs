@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use snapshot::PAGE_SIZE;
 use userfaultfd::{Event, ReadWrite, Uffd};
 
 use super::{HandlerStop, UffdError, UffdRegions};
+use crate::vcpu::{ExitSignal, VmExitReason};
 
 /// A fault on a page of guest memory, as a source sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,43 +36,83 @@ pub enum Installed {
     /// Someone else (another fault, an installer thread) put it in first; its waiters were
     /// woken.
     AlreadyThere,
-    /// The kernel refused the page (logged).
-    Failed,
 }
 
+/// A page that could not be served: the VM must stop rather than run on without it (or
+/// with a page that is not the snapshot's).
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error("cannot read the page at offset {offset:#x} of memory file {path} ({attempts} attempts): {source}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        attempts: u32,
+        source: std::io::Error,
+    },
+    #[error(
+        "the kernel refused the page at {host_addr:#x} (memory file offset {offset:#x}): {source}"
+    )]
+    Install {
+        host_addr: u64,
+        offset: u64,
+        source: userfaultfd::Error,
+    },
+}
+
+/// Reads of a page that fail are tried this many times in all (a transient I/O error on
+/// the snapshot's disk should not stop the VM; a truncated file does after these).
+const READ_ATTEMPTS: u32 = 3;
+
 /// Installs one page at `host` (from `src`, or zeroes) and wakes whoever waits on it.
-pub fn install_page(uffd: &Uffd, host: u64, src: Option<&[u8]>) -> Installed {
+/// `offset` (the page's place in the memory file) is for the error.
+pub fn install_page(
+    uffd: &Uffd,
+    host: u64,
+    offset: u64,
+    src: Option<&[u8]>,
+) -> Result<Installed, FaultError> {
     let dst = host as *mut libc::c_void;
-    let result = match src {
-        Some(bytes) => {
-            assert_eq!(bytes.len(), PAGE_SIZE, "install_page takes one page");
-            // SAFETY: `host` is a page of registered guest memory that stays mapped for the
-            // life of the process (the fault loop only hands out such pages); `bytes` holds
-            // one page.
-            unsafe { uffd.copy(bytes.as_ptr().cast(), dst, PAGE_SIZE, true) }
-        }
-        // SAFETY: as above, without a source buffer.
-        None => unsafe { uffd.zeropage(dst, PAGE_SIZE, true) },
-    };
-    match result {
-        Ok(_) => Installed::Now,
-        Err(userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno))
-            if errno as i32 == libc::EEXIST =>
-        {
-            let _ = uffd.wake(dst, PAGE_SIZE);
-            Installed::AlreadyThere
-        }
-        Err(e) => {
-            log::error!("installing the page at {host:#x} failed: {e}");
-            Installed::Failed
-        }
+    let mut again = true;
+    loop {
+        let result = match src {
+            Some(bytes) => {
+                assert_eq!(bytes.len(), PAGE_SIZE, "install_page takes one page");
+                // SAFETY: `host` is a page of registered guest memory that stays mapped for
+                // the life of the process (the fault loop only hands out such pages); `bytes`
+                // holds one page.
+                unsafe { uffd.copy(bytes.as_ptr().cast(), dst, PAGE_SIZE, true) }
+            }
+            // SAFETY: as above, without a source buffer.
+            None => unsafe { uffd.zeropage(dst, PAGE_SIZE, true) },
+        };
+        return match result {
+            Ok(_) => Ok(Installed::Now),
+            Err(
+                userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno),
+            ) if errno as i32 == libc::EEXIST => {
+                let _ = uffd.wake(dst, PAGE_SIZE);
+                Ok(Installed::AlreadyThere)
+            }
+            // The address space changed under the copy: once more.
+            Err(
+                userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno),
+            ) if errno as i32 == libc::EAGAIN && again => {
+                again = false;
+                continue;
+            }
+            Err(source) => Err(FaultError::Install {
+                host_addr: host,
+                offset,
+                source,
+            }),
+        };
     }
 }
 
 /// What fills faulting pages.
 pub trait PageSource: Send + 'static {
-    /// Puts the faulting page in.
-    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed;
+    /// Puts the faulting page in; an error stops the VM.
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError>;
 
     /// An event of the source's own that the loop also waits on (None: nothing to wait for).
     fn wake_fd(&self) -> Option<RawFd> {
@@ -106,16 +148,45 @@ impl crate::metrics::FaultSource for FaultStats {
 /// Fills each faulting page from the memory file.
 pub struct FileSource {
     file: Arc<File>,
+    path: PathBuf,
     stats: Arc<FaultStats>,
     page: Vec<u8>,
 }
 
 impl FileSource {
-    pub fn new(file: Arc<File>) -> Self {
+    /// `path` is `file`'s, for errors.
+    pub fn new(file: Arc<File>, path: PathBuf) -> Self {
         Self {
             file,
+            path,
             stats: Arc::new(FaultStats::default()),
             page: vec![0u8; PAGE_SIZE],
+        }
+    }
+
+    /// Reads the page at `offset` into the page buffer, trying again a few times.
+    fn read(&mut self, offset: u64) -> Result<(), FaultError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.file.read_exact_at(&mut self.page, offset) {
+                Ok(()) => return Ok(()),
+                Err(source) if attempts >= READ_ATTEMPTS => {
+                    return Err(FaultError::Read {
+                        path: self.path.clone(),
+                        offset,
+                        attempts,
+                        source,
+                    })
+                }
+                Err(e) => {
+                    log::warn!(
+                        "reading the page at offset {offset:#x} of {} failed ({e}); trying again",
+                        self.path.display()
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10 * u64::from(attempts)));
+                }
+            }
         }
     }
 
@@ -129,43 +200,73 @@ impl FileSource {
 }
 
 impl PageSource for FileSource {
-    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Installed {
-        if let Err(e) = self.file.read_exact_at(&mut self.page, fault.offset) {
-            log::error!(
-                "cannot read page at offset {:#x} of the memory file: {e}",
-                fault.offset
-            );
-            self.page.fill(0);
-        }
+    fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError> {
+        self.read(fault.offset)?;
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
             .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-        install_page(uffd, fault.host_addr, Some(&self.page))
+        install_page(uffd, fault.host_addr, fault.offset, Some(&self.page))
     }
 }
 
 /// Serves the page faults of one userfaultfd from one source, on a thread of its own, until
-/// the restore's stop event fires.
+/// the restore's stop event fires. A page it cannot serve, or its own failure, stops the VM
+/// through `exit` (the guest never runs on without the page, or with another one).
 pub struct FaultLoop<S: PageSource> {
     uffd: Arc<Uffd>,
     regions: Arc<UffdRegions>,
     stop: Arc<HandlerStop>,
+    exit: Option<Arc<ExitSignal>>,
+    /// The VM was told to stop (once is enough).
+    stopping: bool,
     source: S,
 }
 
+/// How long the VMM may take to stop after a page could not be served before this process
+/// exits by itself: a VMM thread (not a vCPU) waiting on that page cannot be kicked out.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl<S: PageSource> FaultLoop<S> {
+    /// `exit` is the VM's (None where there is no VM, as in unit tests: then only logged).
     pub fn new(
         uffd: Arc<Uffd>,
         regions: Arc<UffdRegions>,
         stop: Arc<HandlerStop>,
+        exit: Option<Arc<ExitSignal>>,
         source: S,
     ) -> Self {
         Self {
             uffd,
             regions,
             stop,
+            exit,
+            stopping: false,
             source,
+        }
+    }
+
+    /// Stops the VM for `why`; if the VMM has not exited after STOP_GRACE, exits it.
+    fn stop_vm(&mut self, why: String) {
+        log::error!("stopping the VM: {why}");
+        let Some(exit) = &self.exit else {
+            return;
+        };
+        if std::mem::replace(&mut self.stopping, true) {
+            return;
+        }
+        exit.report(VmExitReason::GuestMemory(why.clone()));
+        let spawned = std::thread::Builder::new()
+            .name("fc_uffd_stop".into())
+            .spawn(move || {
+                std::thread::sleep(STOP_GRACE);
+                log::error!("the VMM did not stop within {STOP_GRACE:?} of: {why}; exiting");
+                crate::metrics::flush_if_configured();
+                eprintln!("reapvm: error: the VM stopped: guest memory: {why}");
+                std::process::exit(1);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the stop watchdog: {e}");
         }
     }
 
@@ -181,6 +282,7 @@ impl<S: PageSource> FaultLoop<S> {
     fn run(mut self) {
         if let Err(why) = self.serve_until_stopped() {
             self.source.on_loop_failed(&why);
+            self.stop_vm(format!("the page fault handler stopped: {why}"));
         }
     }
 
@@ -238,7 +340,11 @@ impl<S: PageSource> FaultLoop<S> {
                         offset,
                         write: matches!(rw, ReadWrite::Write),
                     };
-                    self.source.serve(&self.uffd, fault);
+                    if let Err(e) = self.source.serve(&self.uffd, fault) {
+                        // The page stays missing: whoever waits on it waits until the VM
+                        // stops (vCPUs are kicked out; the watchdog ends the rest).
+                        self.stop_vm(e.to_string());
+                    }
                 }
                 // Registered without fork/remap/remove events: none of those arrive.
                 Ok(Some(_)) => {}

@@ -6,7 +6,7 @@
 mod fault_loop;
 
 pub use fault_loop::{
-    install_page, FaultLoop, FaultStats, FileSource, Installed, PageFault, PageSource,
+    install_page, FaultError, FaultLoop, FaultStats, FileSource, Installed, PageFault, PageSource,
 };
 
 use std::os::fd::AsRawFd;
