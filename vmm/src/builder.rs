@@ -28,6 +28,8 @@ use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 
 use crate::microvm::{MicroVm, Subscriber};
+use crate::reap::Recorder;
+use crate::uffd::StopHandlersOnDrop;
 use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
 use crate::vm::{Vm, VmError};
 
@@ -227,6 +229,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     let mut msrs_to_save = None;
     for index in 0..vcpu_count {
         let mut vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;
+        vcpu.set_reset_line(legacy.reset_line()?);
         let topology = Topology {
             cpu_index: index,
             vcpu_count,
@@ -254,6 +257,7 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         opts.console_in,
         RunControl::new(),
         exit_signal()?,
+        None,
     )?;
     log::info!(
         "started: {} vCPU(s), {} MiB, kernel {} entry {:#x}",
@@ -275,6 +279,18 @@ pub(crate) struct LegacyDevices {
     pub reset_evt: EventFd,
     /// The replay guest's control page (an MMIO device; see `vcpu_mmio_bus`).
     pub replay: Arc<Mutex<ReplayControl>>,
+}
+
+impl LegacyDevices {
+    /// A handle on the i8042's reset line, for a vCPU.
+    pub(crate) fn reset_line(&self) -> Result<EventFd, BuildError> {
+        self.reset_evt
+            .try_clone()
+            .map_err(|source| BuildError::EventFd {
+                what: "the i8042 reset line",
+                source,
+            })
+    }
 }
 
 /// The MMIO bus the vCPUs get: the virtio devices', and the replay control page when the
@@ -411,7 +427,12 @@ pub(crate) fn assemble(
     console_in: bool,
     control: RunControl,
     exit: Arc<ExitSignal>,
+    restored: Option<(StopHandlersOnDrop, Option<Arc<Recorder>>)>,
 ) -> Result<MicroVm, BuildError> {
+    let (memory_handlers, ws_recorder) = match restored {
+        Some((handlers, recorder)) => (Some(handlers), recorder),
+        None => (None, None),
+    };
     let control = Arc::new(control);
     let mut subscribers: Vec<Subscriber> = mmio.take_subscribers();
     if console_in {
@@ -436,8 +457,8 @@ pub(crate) fn assemble(
         cpu_vendor,
         vm: Arc::new(vm),
         guest_memory,
-        ws_recorder: None,
-        memory_handlers: None,
+        ws_recorder,
+        _memory_handlers: memory_handlers,
         _kvm: kvm,
     };
     for vcpu in vcpus {

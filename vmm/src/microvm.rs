@@ -120,6 +120,9 @@ pub struct MicroVm {
     // Field order is drop order: vCPU threads are joined in `run` before KVM state and guest
     // memory go away.
     pub(crate) vcpus: Arc<VcpuGroup>,
+    /// A restore's userfaultfd handler threads, ended and joined with the VM: after the
+    /// vCPUs (which may wait on them), before the guest memory (which they write into).
+    pub(crate) _memory_handlers: Option<crate::uffd::StopHandlersOnDrop>,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) reset_evt: EventFd,
     pub(crate) i8042: Arc<Mutex<I8042Device>>,
@@ -133,8 +136,6 @@ pub struct MicroVm {
     pub(crate) guest_memory: GuestMemoryMmap,
     /// A REAP restore recording its working set.
     pub(crate) ws_recorder: Option<Arc<Recorder>>,
-    /// A restore's userfaultfd handler threads, told to end with the VM.
-    pub(crate) memory_handlers: Option<crate::uffd::StopHandlersOnDrop>,
     pub(crate) _kvm: Kvm,
 }
 
@@ -197,16 +198,22 @@ impl MicroVm {
             }
         };
         self.stop_vcpus();
+        let reason = self.exit.reason().unwrap_or(VmExitReason::Error(
+            "the VM stopped without a reason".into(),
+        ));
         if let Some(recorder) = &self.ws_recorder {
-            match recorder.finish("the VM stopped", WS_WRITE_TIMEOUT) {
-                RecordingState::Written { .. } | RecordingState::Failed(_) => {}
-                other => log::warn!("REAP: the WS file was not written in time ({other:?})"),
+            if reason == VmExitReason::GuestReset {
+                match recorder.finish("the VM stopped", WS_WRITE_TIMEOUT) {
+                    RecordingState::Written { .. } | RecordingState::Failed(_) => {}
+                    other => log::warn!("REAP: the WS file was not written in time ({other:?})"),
+                }
+            } else {
+                // A run cut short by a fault is not the invocation's working set.
+                recorder.abandon(&format!("the VM stopped: {reason}"));
             }
         }
         result?;
-        Ok(self.exit.reason().unwrap_or(VmExitReason::Error(
-            "the VM stopped without a reason".into(),
-        )))
+        Ok(reason)
     }
 
     fn stop_vcpus(&mut self) {

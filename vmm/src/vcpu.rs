@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::legacy::{I8042_PORT, I8042_PORT_LEN};
 use devices::Bus;
 use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_run, CpuId};
@@ -155,6 +156,10 @@ pub struct Vcpu {
     fd: VcpuFd,
     pio_bus: Bus,
     mmio_bus: Bus,
+    /// The i8042's CPU reset line (an event fd the controller raises): a vCPU that raised
+    /// it stops at once, as a reset CPU would, instead of running on into the guest's
+    /// fallbacks (with `reboot=k` Linux tries a triple fault next, which is no fault).
+    reset_line: Option<EventFd>,
     /// The MSRs a saved state of this vCPU carries.
     msrs_to_save: Arc<Vec<u32>>,
 }
@@ -169,8 +174,30 @@ impl Vcpu {
             fd,
             pio_bus,
             mmio_bus,
+            reset_line: None,
             msrs_to_save: Arc::new(Vec::new()),
         })
+    }
+
+    /// Gives the vCPU the i8042's reset line (see `reset_line`).
+    pub fn set_reset_line(&mut self, line: EventFd) {
+        self.reset_line = Some(line);
+    }
+
+    /// Whether the reset line has been raised (looked at without consuming it: the event
+    /// loop reads it to end the VM).
+    fn reset_raised(&self) -> bool {
+        let Some(line) = &self.reset_line else {
+            return false;
+        };
+        let mut fd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(line),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an event fd this vCPU owns; a zero timeout.
+        let rc = unsafe { libc::poll(&mut fd, 1, 0) };
+        rc > 0 && fd.revents & libc::POLLIN != 0
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -275,6 +302,10 @@ impl Vcpu {
             Ok(VcpuExit::IoOut(port, data)) => {
                 counts.exit_io_out.inc();
                 self.pio_bus.write(u64::from(port), data);
+                let i8042 = I8042_PORT..I8042_PORT + I8042_PORT_LEN;
+                if i8042.contains(&u64::from(port)) && self.reset_raised() {
+                    return Ok(Some(VmExitReason::GuestReset));
+                }
                 Ok(None)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -761,6 +792,44 @@ mod kvm_tests {
             }
             other => panic!("expected the guest's OUT to 0x3f8, got {other:?}"),
         }
+    }
+
+    /// A guest that pulses the i8042's reset line stops its vCPU at once with a reset, as
+    /// a reset CPU would: the triple fault after it (what `reboot=k` Linux tries next) is
+    /// never reached, so a reboot is not counted as a guest shutdown.
+    #[test]
+    fn the_i8042_reset_line_stops_the_vcpu_with_a_reset() {
+        let code = [
+            0xb0, 0xfe, // mov al, 0xfe (pulse the CPU reset line)
+            0xe6, 0x64, // out 0x64, al
+            0x0f, 0x0b, // ud2: a triple fault, if the vCPU ran on
+        ];
+        let (_kvm, _vm, _mem, mut vcpu) = boot_vcpu(&code);
+        let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let i8042 = devices::legacy::I8042Device::new(
+            devices::EventFdTrigger::new(line.try_clone().unwrap()),
+            devices::EventFdTrigger::new(irq),
+        );
+        vcpu.pio_bus
+            .insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_PORT_LEN)
+            .unwrap();
+        vcpu.set_reset_line(line.try_clone().unwrap());
+        let reason = loop {
+            match vcpu.run_once() {
+                Ok(None) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(reason, Ok(Some(VmExitReason::GuestReset))),
+            "{reason:?}"
+        );
+        assert_eq!(
+            line.read().unwrap(),
+            1,
+            "the event loop still sees the reset"
+        );
     }
 
     /// A triple fault (an exception with no IDT to deliver it through) ends the VM with a

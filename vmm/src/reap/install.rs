@@ -204,18 +204,24 @@ pub fn spawn_chunked_install(
     let ws = Arc::new(ws);
     {
         let (uffd, ws, regions, stats) = (uffd.clone(), ws.clone(), regions.clone(), stats.clone());
-        std::thread::Builder::new()
+        let installer_stop = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("fc_ws_install".into())
             .spawn(move || {
                 let started = Instant::now();
                 for &(offset, pages, data) in &ws.runs {
+                    // A failed restore, or the VM gone: the memory may go next.
+                    if installer_stop.is_stopped() {
+                        return;
+                    }
                     let Some(host) = regions.host_addr_of(offset) else {
                         continue;
                     };
                     let len = pages as usize * ws.page_size;
                     let src = data.map(|d| ws.fetched.bytes[d..].as_ptr());
                     // SAFETY: decode() checked the run lies in one region of this layout,
-                    // registered and alive for the process; `src` has `len` bytes.
+                    // registered; the memory outlives this thread (the HandlerStop that
+                    // joins it is dropped before the guest memory); `src` has `len` bytes.
                     let n = unsafe { install_range(&uffd, host, src, len) };
                     stats.installed.fetch_add(n, Ordering::Relaxed);
                 }
@@ -225,6 +231,7 @@ pub fn spawn_chunked_install(
                 );
             })
             .map_err(ReapError::Thread)?;
+        stop.track(thread);
     }
     let source = WsThenFile {
         ws: Some(ws),

@@ -38,6 +38,8 @@ pub enum RecordingState {
 /// Records the pages a restored guest touches and writes them as a WS file when told to.
 pub struct Recorder {
     recording: AtomicBool,
+    /// Set by `abandon`: no WS is written.
+    abandoned: AtomicBool,
     stop_evt: EventFd,
     state: Mutex<RecordingState>,
     changed: Condvar,
@@ -78,6 +80,7 @@ impl Recorder {
     ) -> Result<Arc<Self>, ReapError> {
         let recorder = Arc::new(Self {
             recording: AtomicBool::new(true),
+            abandoned: AtomicBool::new(false),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(ReapError::EventFd)?,
             state: Mutex::new(RecordingState::Recording),
             changed: Condvar::new(),
@@ -131,6 +134,21 @@ impl Recorder {
         state.clone()
     }
 
+    /// Ends the recording without writing a WS (a run cut short by a fault is not the
+    /// invocation's working set); a WS already written stays.
+    pub fn abandon(&self, why: &str) {
+        self.abandoned.store(true, Ordering::Release);
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if *state == RecordingState::Recording {
+                log::warn!("REAP: recording abandoned, no WS written: {why}");
+                *state = RecordingState::Failed(format!("abandoned: {why}"));
+            }
+        }
+        self.changed.notify_all();
+        self.stop(why);
+    }
+
     fn set_state(&self, state: RecordingState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
         self.changed.notify_all();
@@ -157,6 +175,9 @@ impl PageSource for RecordingSource {
             self.recorder.recorded_pages.fetch_add(1, Ordering::AcqRel);
         }
         let installed = self.pages.serve(uffd, fault);
+        if installed.is_err() {
+            self.recorder.abandon("a page could not be served");
+        }
         if record {
             if matches!(installed, Ok(Installed::Now)) {
                 self.touched.push(Touch {
@@ -183,6 +204,9 @@ impl PageSource for RecordingSource {
         let Some(target) = self.target.take() else {
             return;
         };
+        if self.recorder.abandoned.load(Ordering::Acquire) {
+            return;
+        }
         self.recorder.set_state(RecordingState::Writing);
         let pages = std::mem::take(&mut self.touched);
         let writer = self.recorder.clone();

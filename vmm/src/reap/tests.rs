@@ -251,3 +251,96 @@ fn a_ws_of_another_snapshot_is_refused_and_recorded_anew() {
     assert!(reap.recorder.is_some());
     check_page(&mem, 2);
 }
+
+#[test]
+fn an_abandoned_recording_writes_no_ws() {
+    let scratch = Scratch::new("abandoned");
+    let (mem, reap, _handlers) = restore(&scratch, ReapOptions::default());
+    let recorder = reap.recorder.expect("no WS: a recording");
+    check_page(&mem, 3);
+    recorder.abandon("the test says so");
+    // Stopping after an abandon changes nothing: no WS is written.
+    let state = recorder.finish("the VM stopped", Duration::from_millis(300));
+    assert!(
+        matches!(&state, RecordingState::Failed(why) if why.contains("abandoned")),
+        "{state:?}"
+    );
+    assert!(
+        !scratch.ws_path().exists(),
+        "an abandoned recording wrote a WS"
+    );
+    assert!(!touch_log::path_for(&scratch.ws_path()).exists());
+}
+
+/// Dropping a restore's handlers (a failed restore, the VM gone) ends and joins its
+/// threads, the chunked installer included, before the guest memory can go: none is left
+/// writing into memory that may be mapped again for another VM.
+#[test]
+fn dropping_the_handlers_joins_every_handler_thread() {
+    // A WS of every other page of a 64 MiB region: 8192 runs, one copy each.
+    const REGION_PAGES: u64 = 16384;
+    let dir = std::env::temp_dir().join(format!("reapvm-join-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mem_path = dir.join("mem");
+    std::fs::write(&mem_path, vec![0x5au8; (REGION_PAGES as usize) * PAGE_SIZE]).unwrap();
+    let layout = vec![MemoryRegionState {
+        guest_addr: 0,
+        size: REGION_PAGES * PAGE_SIZE as u64,
+        file_offset: 0,
+    }];
+    let identity = SnapshotIdentity {
+        vmstate_checksum: 7,
+        memory_len: REGION_PAGES * PAGE_SIZE as u64,
+    };
+    let ws_path = dir.join("mem.ws");
+    let pages: Vec<(u64, snapshot::ws::RunKind)> = (0..REGION_PAGES)
+        .step_by(2)
+        .map(|p| (p * PAGE_SIZE as u64, snapshot::ws::RunKind::Data))
+        .collect();
+    let runs = snapshot::ws::coalesce(&pages, PAGE_SIZE as u32);
+    let data = vec![0x5au8; pages.len() * PAGE_SIZE];
+    let bytes = snapshot::ws::encode(
+        identity,
+        PAGE_SIZE as u32,
+        &ws_layout(&layout),
+        &runs,
+        &data,
+    );
+    snapshot::ws::write(&ws_path, &bytes).unwrap();
+    for _ in 0..3 {
+        let (_mem, uffd, regions) = uffd::register(&layout).unwrap();
+        let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
+        let reap = restore_memory(
+            ReapSetup {
+                uffd: Arc::new(uffd),
+                regions: Arc::new(regions),
+                mem: FileSource::new(Arc::new(File::open(&mem_path).unwrap()), mem_path.clone()),
+                ws_path: ws_path.clone(),
+                options: ReapOptions {
+                    chunked_install: true,
+                    ..Default::default()
+                },
+                identity,
+                layout: ws_layout(&layout),
+                stop: handlers.0.clone(),
+                exit: None,
+            },
+            fetch(&ws_path, false),
+            MemoryRestoreReport::default(),
+        )
+        .unwrap();
+        assert_eq!(reap.report.mode, "prefetch");
+        drop(handlers);
+        // Joined: the installer puts nothing in any more (it was mid-way: 8192 copies).
+        let installed = || reap.live.prefetch_progress().expect("a chunked install").0;
+        let at_drop = installed();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            installed(),
+            at_drop,
+            "the installer ran on after its handlers were dropped"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -61,14 +61,15 @@ pub struct MemoryRestoreContext {
 
 /// A restored VM's memory and what serves its faults.
 pub struct RestoredMemory {
+    /// Ends and joins the fault loop threads when dropped (with the VM, or on a failed
+    /// restore): first, as fields drop in order, so before the memory they write into.
+    pub handlers: StopHandlersOnDrop,
     pub guest_memory: GuestMemoryMmap,
     pub report: MemoryRestoreReport,
     /// Where the metrics read live fault counts (None: an external handler has them).
     pub live_faults: Option<Arc<dyn FaultSource>>,
     /// Set when this restore records a REAP working set.
     pub recorder: Option<Arc<Recorder>>,
-    /// Ends the fault loop threads when dropped: with the VM, or on a failed restore.
-    pub handlers: StopHandlersOnDrop,
 }
 
 /// Sets up the restored VM's memory with `backend`.

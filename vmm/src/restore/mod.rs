@@ -169,6 +169,7 @@ pub fn restore_vm(
     for (index, vcpu_state) in state.vcpus.iter().enumerate() {
         let mut vcpu = Vcpu::new(vm.fd(), index as u8, legacy.bus.clone(), mmio_bus.clone())
             .map_err(BuildError::from)?;
+        vcpu.set_reset_line(legacy.reset_line()?);
         vcpu.restore_state(vcpu_state)
             .map_err(|source| RestoreError::VcpuState { index, source })?;
         builder::give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
@@ -191,7 +192,7 @@ pub fn restore_vm(
     metrics::metrics()
         .memory_restore
         .set(memory.report, memory.live_faults);
-    let mut microvm = builder::assemble(
+    let microvm = builder::assemble(
         kvm,
         vm,
         memory.guest_memory,
@@ -202,9 +203,8 @@ pub fn restore_vm(
         opts.console_in,
         control,
         exit,
+        Some((memory.handlers, memory.recorder)),
     )?;
-    microvm.ws_recorder = memory.recorder;
-    microvm.memory_handlers = Some(memory.handlers);
     log::info!(
         "restored from a snapshot: {} vCPU(s), {} MiB, memory backend {:?} ({})",
         state.vcpus.len(),

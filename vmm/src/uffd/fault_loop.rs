@@ -93,10 +93,15 @@ pub fn install_page(
                 let _ = uffd.wake(dst, PAGE_SIZE);
                 Ok(Installed::AlreadyThere)
             }
-            // The address space changed under the copy: once more.
+            // The address space changed under the copy: once more. (The userfaultfd crate
+            // reports a copy's EAGAIN as a partial copy of the negative count.)
             Err(
                 userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno),
             ) if errno as i32 == libc::EAGAIN && again => {
+                again = false;
+                continue;
+            }
+            Err(userfaultfd::Error::PartiallyCopied(_)) if again => {
                 again = false;
                 continue;
             }
@@ -256,10 +261,18 @@ impl<S: PageSource> FaultLoop<S> {
             return;
         }
         exit.report(VmExitReason::GuestMemory(why.clone()));
+        let stop = self.stop.clone();
         let spawned = std::thread::Builder::new()
             .name("fc_uffd_stop".into())
             .spawn(move || {
-                std::thread::sleep(STOP_GRACE);
+                // The VM stopping drops the handlers, which says the VMM is on its way out.
+                let deadline = std::time::Instant::now() + STOP_GRACE;
+                while std::time::Instant::now() < deadline {
+                    if stop.is_stopped() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
                 log::error!("the VMM did not stop within {STOP_GRACE:?} of: {why}; exiting");
                 crate::metrics::flush_if_configured();
                 eprintln!("reapvm: error: the VM stopped: guest memory: {why}");
@@ -270,13 +283,15 @@ impl<S: PageSource> FaultLoop<S> {
         }
     }
 
-    /// Runs the loop on a thread named `name`.
+    /// Runs the loop on a thread named `name`, joined when its `HandlerStop` is dropped.
     pub fn spawn(self, name: &'static str) -> Result<(), UffdError> {
-        std::thread::Builder::new()
+        let stop = self.stop.clone();
+        let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || self.run())
-            .map(|_| ())
-            .map_err(|source| UffdError::Thread { name, source })
+            .map_err(|source| UffdError::Thread { name, source })?;
+        stop.track(thread);
+        Ok(())
     }
 
     fn run(mut self) {
@@ -332,7 +347,8 @@ impl<S: PageSource> FaultLoop<S> {
                 Ok(Some(Event::Pagefault { addr, rw, .. })) => {
                     let host = addr as u64;
                     let Some(offset) = self.regions.offset_of(host) else {
-                        log::error!("page fault at {host:#x} outside guest memory");
+                        // Nothing can serve it: whoever faulted would wait forever.
+                        self.stop_vm(format!("a page fault at {host:#x}, outside guest memory"));
                         continue;
                     };
                     let fault = PageFault {

@@ -12,7 +12,9 @@ pub use fault_loop::{
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use devices::GuestMemoryMmap;
 use serde::Serialize;
@@ -130,32 +132,65 @@ pub fn register(
     Ok((mem, uffd, UffdRegions::new(mappings)))
 }
 
-/// Tells a restore's page fault handler threads to end (a failed restore must not leave
-/// them, with their userfaultfd and memory file, in a VMM that stays up).
-pub struct HandlerStop(vmm_sys_util::eventfd::EventFd);
+/// Tells a restore's page fault handler threads (fault loops, the chunked WS installer) to
+/// end, and keeps them to be joined: a failed restore must not leave them, with their
+/// userfaultfd and memory file, in a VMM that stays up, and none may outlive the guest
+/// memory it writes into.
+pub struct HandlerStop {
+    evt: vmm_sys_util::eventfd::EventFd,
+    stopped: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
 
 impl HandlerStop {
     pub fn new() -> Result<Arc<Self>, UffdError> {
-        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-            .map(|fd| Arc::new(Self(fd)))
-            .map_err(UffdError::StopEvent)
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(UffdError::StopEvent)?;
+        Ok(Arc::new(Self {
+            evt,
+            stopped: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        }))
     }
 
     pub fn stop(&self) {
-        let _ = self.0.write(1);
+        self.stopped.store(true, Ordering::Release);
+        let _ = self.evt.write(1);
     }
 
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Readable once stopped (for poll).
     pub fn fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
+        self.evt.as_raw_fd()
+    }
+
+    /// A thread to join once stopped.
+    pub fn track(&self, thread: JoinHandle<()>) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(thread);
+    }
+
+    fn join_all(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
     }
 }
 
-/// Ends the handlers when dropped: on a restore's error paths, and with the VM.
+/// Ends the handlers and waits for them when dropped: on a restore's error paths, and with
+/// the VM. Whatever holds it must drop it before the guest memory the handlers write to.
 pub struct StopHandlersOnDrop(pub Arc<HandlerStop>);
 
 impl Drop for StopHandlersOnDrop {
     fn drop(&mut self) {
         self.0.stop();
+        self.0.join_all();
     }
 }
 
