@@ -157,7 +157,6 @@ fn main() -> ExitCode {
                 )
             })
             .collect();
-        trials.extend(suite_bench::logic_trials());
         trials.push(Trial::test(
             "benchmark_runs_end_to_end_on_helloworld",
             || benchmark_end_to_end().map_err(Failed::from),

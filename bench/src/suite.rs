@@ -18,7 +18,7 @@ use report::Sample;
 
 use snapshot::touch_log;
 
-use test_support::{detect_place, GuestArtifacts, Place, Trial};
+use test_support::{detect_place, GuestArtifacts, Place};
 
 pub const RESULTS_CSV: &str = "runs.csv";
 pub const RESULTS_MD: &str = "results.md";
@@ -303,47 +303,4 @@ pub fn run(
         ));
     }
     Ok(SuiteRun { samples, retried })
-}
-
-/// The checks of the benchmark's own logic (command line, tables, chart), as trials.
-pub fn logic_trials() -> Vec<Trial> {
-    let checks: [(&str, fn()); 7] = [
-        (
-            "suite_bench::functions::every_suite_function_has_a_folder_and_a_paper_row",
-            functions::tests::every_suite_function_has_a_folder_and_a_paper_row,
-        ),
-        (
-            "suite_bench::options::defaults_are_the_whole_suite_ten_runs_cold",
-            options::tests::defaults_are_the_whole_suite_ten_runs_cold,
-        ),
-        (
-            "suite_bench::options::selects_one_cell",
-            options::tests::selects_one_cell,
-        ),
-        (
-            "suite_bench::options::refuses_bad_input_with_the_reason",
-            options::tests::refuses_bad_input_with_the_reason,
-        ),
-        (
-            "suite_bench::report::spread_and_geomean",
-            report::tests::spread_and_geomean,
-        ),
-        (
-            "suite_bench::report::table_has_speedups_faults_and_the_paper",
-            report::tests::table_has_speedups_faults_and_the_paper,
-        ),
-        (
-            "suite_bench::plot::draws_one_bar_per_function_and_kind",
-            plot::tests::draws_one_bar_per_function_and_kind,
-        ),
-    ];
-    checks
-        .into_iter()
-        .map(|(name, check)| {
-            Trial::test(name, move || {
-                check();
-                Ok(())
-            })
-        })
-        .collect()
 }

@@ -62,11 +62,12 @@ pub fn paper(name: &str) -> Option<(f64, f64, f64, f64)> {
     })
 }
 
-/// Checks of this module's logic, run as trials of the suite test (tests/suite.rs).
-pub mod tests {
+#[cfg(test)]
+mod tests {
     use super::*;
 
-    pub fn every_suite_function_has_a_folder_and_a_paper_row() {
+    #[test]
+    fn every_suite_function_has_a_folder_and_a_paper_row() {
         let root = test_support::repo_root().join("resources/functions");
         for f in SUITE {
             assert!(root.join(f.name).join("handler.py").is_file(), "{}", f.name);

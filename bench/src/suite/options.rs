@@ -136,22 +136,24 @@ impl Options {
     }
 }
 
-/// Checks of this module's logic, run as trials of the suite test (tests/suite.rs).
-pub mod tests {
+#[cfg(test)]
+mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Options, String> {
         Options::parse(args.iter().map(|s| s.to_string()), PathBuf::from("out"))
     }
 
-    pub fn defaults_are_the_whole_suite_ten_runs_cold() {
+    #[test]
+    fn defaults_are_the_whole_suite_ten_runs_cold() {
         let o = parse(&[]).unwrap();
         assert_eq!(o.functions.len(), 10);
         assert_eq!(o.modes, Mode::ALL.to_vec());
         assert_eq!((o.runs, o.hot), (10, false));
     }
 
-    pub fn selects_one_cell() {
+    #[test]
+    fn selects_one_cell() {
         let o = parse(&[
             "--functions",
             "pyaes",
@@ -168,7 +170,8 @@ pub mod tests {
         assert_eq!((o.runs, o.hot), (2, true));
     }
 
-    pub fn refuses_bad_input_with_the_reason() {
+    #[test]
+    fn refuses_bad_input_with_the_reason() {
         assert!(parse(&["--functions", "nope"])
             .unwrap_err()
             .contains("nope"));

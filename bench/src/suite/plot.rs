@@ -96,11 +96,12 @@ pub fn latency_chart(
     Ok(())
 }
 
-/// Checks of this module's logic, run as trials of the suite test (tests/suite.rs).
-pub mod tests {
+#[cfg(test)]
+mod tests {
     use super::*;
 
-    pub fn draws_one_bar_per_function_and_kind() {
+    #[test]
+    fn draws_one_bar_per_function_and_kind() {
         let s = |function: &str, kind: &str, latency_ms: f64| Sample {
             function: function.into(),
             kind: kind.into(),

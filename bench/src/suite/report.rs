@@ -267,8 +267,8 @@ pub fn markdown(
     out
 }
 
-/// Checks of this module's logic, run as trials of the suite test (tests/suite.rs).
-pub mod tests {
+#[cfg(test)]
+mod tests {
     use super::*;
 
     fn sample(function: &str, kind: &str, latency_ms: f64, faults: u64) -> Sample {
@@ -287,7 +287,8 @@ pub mod tests {
         }
     }
 
-    pub fn spread_and_geomean() {
+    #[test]
+    fn spread_and_geomean() {
         assert_eq!(
             spread(&[3.0, 1.0, 2.0]),
             Some(Spread {
@@ -302,7 +303,8 @@ pub mod tests {
         assert_eq!(geomean(&[2.0, 0.0]), None);
     }
 
-    pub fn table_has_speedups_faults_and_the_paper() {
+    #[test]
+    fn table_has_speedups_faults_and_the_paper() {
         let samples = vec![
             sample("helloworld", "warm", 2.0, 0),
             sample("helloworld", "File", 400.0, 100),
