@@ -120,14 +120,7 @@ impl ReplayVmm {
 
     /// Waits up to `timeout` for reapvm to exit by itself; its exit status, if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        test_support::wait_for_exit(&mut self.child, timeout)
     }
 
     pub fn log_tail(&self) -> String {

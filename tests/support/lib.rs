@@ -360,15 +360,20 @@ pub fn guest_shut_down(metrics_path: &Path) -> bool {
         .any(|m| m["vcpu"]["exit_shutdown"].as_u64().unwrap_or(0) > 0)
 }
 
-/// Waits up to `deadline` for `child` to exit (its last metrics flush is then written).
-pub fn wait_for_exit(child: &mut std::process::Child, deadline: Duration) {
+/// Waits up to `deadline` for `child` to exit (its last metrics flush is then written);
+/// its exit status, if it did.
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> Option<std::process::ExitStatus> {
     let start = std::time::Instant::now();
     while start.elapsed() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+    None
 }
 
 pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
