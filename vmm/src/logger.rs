@@ -1,11 +1,18 @@
 //! The VMM's log, in Firecracker's line format:
 //! `2026-11-27T14:56:23.123456789 [instance-id:thread:LEVEL] message`.
+//!
+//! A guest makes the VMM log (a bad request, a register write out of order) as often as it
+//! likes, and a slow reader can stop a blocking write: so each place in the code writes at
+//! most `LINES_PER_SITE` lines a second (the rest are counted and the count reported), and
+//! the log file is written without blocking (a full pipe loses lines, counted too).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -34,15 +41,84 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, LoggerError> {
     }
 }
 
+/// Lines one place in the code may write per `SITE_WINDOW`.
+const LINES_PER_SITE: u32 = 10;
+const SITE_WINDOW: Duration = Duration::from_secs(1);
+
 enum Sink {
     Stderr,
     File(File),
+}
+
+impl Sink {
+    /// Writes one line; false when it was lost (a full pipe, a full disk).
+    fn write_line(&mut self, line: &[u8]) -> bool {
+        match self {
+            Sink::Stderr => std::io::stderr().write_all(line).is_ok(),
+            // One write: a line shorter than PIPE_BUF reaches a FIFO whole or not at all.
+            Sink::File(f) => matches!(f.write(line), Ok(n) if n == line.len()),
+        }
+    }
+}
+
+/// The lines one place in the code wrote in its current window.
+struct SiteWindow {
+    start: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
+/// What the rate limit lets a line do.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Write it, saying how many lines from its place the previous window suppressed.
+    Write {
+        suppressed_before: u64,
+    },
+    /// Write it, the window's last: the next ones from its place are suppressed.
+    WriteLast,
+    Suppress,
+}
+
+impl SiteWindow {
+    fn new(now: Instant) -> Self {
+        Self {
+            start: now,
+            written: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Admit {
+        if now.duration_since(self.start) >= SITE_WINDOW {
+            let suppressed_before = std::mem::take(&mut self.suppressed);
+            self.start = now;
+            self.written = 1;
+            return Admit::Write { suppressed_before };
+        }
+        if self.written >= LINES_PER_SITE {
+            self.suppressed += 1;
+            return Admit::Suppress;
+        }
+        self.written += 1;
+        if self.written == LINES_PER_SITE {
+            Admit::WriteLast
+        } else {
+            Admit::Write {
+                suppressed_before: 0,
+            }
+        }
+    }
 }
 
 struct Options {
     show_level: bool,
     show_origin: bool,
     sink: Sink,
+    /// Keyed by source file and line.
+    sites: HashMap<(&'static str, u32), SiteWindow>,
+    /// Lines the sink could not take since the last one it took.
+    lost: u64,
 }
 
 struct Logger {
@@ -56,8 +132,12 @@ fn open_sink(path: Option<&Path>) -> Result<Sink, LoggerError> {
     Ok(match path {
         Some(path) => Sink::File(
             OpenOptions::new()
+                // Read too: a FIFO opened for writing alone waits (or, non-blocking, fails)
+                // until someone reads it, and vHive opens its reader after starting us.
+                .read(true)
                 .create(true)
                 .append(true)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(path)
                 .map_err(|source| LoggerError::Open {
                     path: path.to_path_buf(),
@@ -83,6 +163,8 @@ pub fn init(
             show_level,
             show_origin,
             sink,
+            sites: HashMap::new(),
+            lost: 0,
         }),
     });
     log::set_logger(logger).map_err(|_| LoggerError::AlreadySet)?;
@@ -163,8 +245,21 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let thread = std::thread::current();
         let mut options = self.options.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let site = (
+            record.file_static().unwrap_or("?"),
+            record.line().unwrap_or(0),
+        );
+        let admit = options
+            .sites
+            .entry(site)
+            .or_insert_with(|| SiteWindow::new(now))
+            .admit(now);
+        if admit == Admit::Suppress {
+            return;
+        }
+        let thread = std::thread::current();
         let mut line = format!(
             "{} [{}:{}",
             timestamp(SystemTime::now()),
@@ -182,12 +277,32 @@ impl Log for Logger {
                 record.line().unwrap_or(0)
             ));
         }
-        line.push_str(&format!("] {}\n", record.args()));
+        line.push_str(&format!("] {}", record.args()));
+        match admit {
+            Admit::Write {
+                suppressed_before: n @ 1..,
+            } => line.push_str(&format!(
+                " ({n} more lines from this place were suppressed before this one)"
+            )),
+            Admit::WriteLast => line.push_str(&format!(
+                " (further lines from this place are suppressed for up to {}s)",
+                SITE_WINDOW.as_secs()
+            )),
+            _ => {}
+        }
+        if options.lost > 0 {
+            line.push_str(&format!(
+                " ({} earlier lines lost: the log could not take them)",
+                options.lost
+            ));
+        }
+        line.push('\n');
         // Logging must never stop the VMM: a full pipe or disk loses the line.
-        let _ = match &mut options.sink {
-            Sink::Stderr => std::io::stderr().write_all(line.as_bytes()),
-            Sink::File(f) => f.write_all(line.as_bytes()),
-        };
+        if options.sink.write_line(line.as_bytes()) {
+            options.lost = 0;
+        } else {
+            options.lost += 1;
+        }
     }
 
     fn flush(&self) {
@@ -208,6 +323,111 @@ mod tests {
         assert_eq!(parse_level("debug").unwrap(), LevelFilter::Debug);
         assert_eq!(parse_level("Off").unwrap(), LevelFilter::Off);
         assert!(matches!(parse_level("loud"), Err(LoggerError::Level(_))));
+    }
+
+    #[test]
+    fn each_place_writes_a_bounded_number_of_lines_a_window() {
+        let t0 = Instant::now();
+        let mut site = SiteWindow::new(t0);
+        for _ in 0..LINES_PER_SITE - 1 {
+            assert_eq!(
+                site.admit(t0),
+                Admit::Write {
+                    suppressed_before: 0
+                }
+            );
+        }
+        assert_eq!(site.admit(t0), Admit::WriteLast);
+        for _ in 0..1000 {
+            assert_eq!(site.admit(t0 + Duration::from_millis(999)), Admit::Suppress);
+        }
+        assert_eq!(
+            site.admit(t0 + SITE_WINDOW),
+            Admit::Write {
+                suppressed_before: 1000
+            }
+        );
+    }
+
+    fn test_logger(sink: Sink) -> Logger {
+        log::set_max_level(LevelFilter::Trace);
+        Logger {
+            instance_id: "test".into(),
+            options: Mutex::new(Options {
+                show_level: true,
+                show_origin: false,
+                sink,
+                sites: HashMap::new(),
+                lost: 0,
+            }),
+        }
+    }
+
+    fn log_from(logger: &Logger, file: &'static str, message: &str) {
+        logger.log(
+            &Record::builder()
+                .level(Level::Warn)
+                .file_static(Some(file))
+                .line(Some(1))
+                .args(format_args!("{message}"))
+                .build(),
+        );
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("reapvm-logger-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_flood_from_one_place_stays_a_few_lines() {
+        let path = scratch("flood").join("log");
+        let logger = test_logger(open_sink(Some(&path)).unwrap());
+        for i in 0..100_000 {
+            log_from(&logger, "flood.rs", &format!("bad register write {i}"));
+        }
+        log_from(&logger, "other.rs", "another place still logs");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), LINES_PER_SITE as usize + 1, "{text}");
+        assert!(lines[LINES_PER_SITE as usize - 1]
+            .contains("further lines from this place are suppressed"));
+        assert!(lines.last().unwrap().contains("another place still logs"));
+    }
+
+    /// Runs `f` on a thread; a call that blocks fails the test instead of hanging it.
+    fn within(seconds: u64, f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(seconds))
+            .expect("the logger blocked");
+    }
+
+    #[test]
+    fn a_fifo_nobody_reads_neither_blocks_the_open_nor_the_writes() {
+        let path = scratch("fifo").join("log.fifo");
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        within(5, move || {
+            let logger = test_logger(open_sink(Some(&path)).unwrap());
+            // Far more than a pipe holds (64 KiB), from many places so the rate limit
+            // lets them through.
+            let long = "x".repeat(2000);
+            let sites: Vec<&'static str> = (0..200)
+                .map(|i| &*Box::leak(format!("site{i}.rs").into_boxed_str()))
+                .collect();
+            for site in &sites {
+                log_from(&logger, site, &long);
+            }
+            let lost = logger.options.lock().unwrap().lost;
+            assert!(lost > 100, "the full pipe lost {lost} lines");
+        });
     }
 
     #[test]

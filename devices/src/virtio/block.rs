@@ -17,7 +17,7 @@ type GuestSliceBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicB
 use crate::{GuestMemoryMmap, Persist};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK};
+use super::{serve_available, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -126,6 +126,8 @@ struct Active {
     queue: Queue,
     queue_evt: EventFd,
     registered: bool,
+    /// The driver broke the queue: nothing is served until it resets the device.
+    broken: bool,
 }
 
 pub struct Block {
@@ -198,45 +200,34 @@ impl Block {
 
     /// Serves every available request; returns whether the driver must be interrupted.
     fn process_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
             return false;
         };
         let mem = active.mem.clone();
-        let mut used_any = false;
-        loop {
-            if let Err(e) = active.queue.disable_notification(&mem) {
-                log::error!("virtio-block {}: queue unusable: {e}", self.id);
-                return used_any;
-            }
-            while let Some(chain) = active.queue.pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                let len = serve_request(
-                    &self.file,
-                    self.read_only,
-                    self.capacity_sectors,
-                    &self.id,
-                    &mut self.buffer,
-                    &mem,
-                    chain,
+        let served = serve_available(&mut active.queue, &mem, |chain| {
+            serve_request(
+                &self.file,
+                self.read_only,
+                self.capacity_sectors,
+                &self.id,
+                &mut self.buffer,
+                &mem,
+                chain,
+            )
+        });
+        match served {
+            Ok(used) => used && active.queue.needs_notification(&mem).unwrap_or(true),
+            Err(e) => {
+                log::error!(
+                    "virtio-block {}: {e}; the device stops until the driver resets it",
+                    self.id
                 );
-                if let Err(e) = active.queue.add_used(&mem, head, len) {
-                    log::error!(
-                        "virtio-block {}: cannot return descriptor {head}: {e}",
-                        self.id
-                    );
-                }
-                used_any = true;
-            }
-            match active.queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::error!("virtio-block {}: queue unusable: {e}", self.id);
-                    break;
-                }
+                active.broken = true;
+                active.interrupt.device_needs_reset();
+                // Chains used before the error are returned too.
+                true
             }
         }
-        used_any && active.queue.needs_notification(&mem).unwrap_or(true)
     }
 }
 
@@ -423,6 +414,7 @@ impl VirtioDevice for Block {
             queue: ctx.queues.remove(0),
             queue_evt: ctx.queue_evts.remove(0),
             registered: false,
+            broken: false,
         });
         // The event loop owns epoll: it picks the queue up when this fires.
         self.activate_evt.write(1).map_err(ActivateError::Event)

@@ -133,7 +133,7 @@ impl Persist for MmioTransport {
             .map(QueueSnapshot::from)
             .collect();
         MmioTransportState {
-            device_status: self.device_status,
+            device_status: self.device_status(),
             driver_features: self.driver_features,
             queue_select: self.queue_select,
             device_features_select: self.device_features_select,
@@ -251,8 +251,15 @@ impl MmioTransport {
         &self.interrupt
     }
 
+    /// The status the driver reads: its own bits, and DEVICE_NEEDS_RESET once the device
+    /// stopped serving.
     pub fn device_status(&self) -> u32 {
-        self.device_status
+        let needs_reset = if self.interrupt.needs_reset() {
+            status::DEVICE_NEEDS_RESET
+        } else {
+            0
+        };
+        self.device_status | needs_reset
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -287,7 +294,7 @@ impl MmioTransport {
             0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status(),
-            0x70 => self.device_status,
+            0x70 => self.device_status(),
             0xfc => self.config_generation,
             _ => {
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
@@ -347,7 +354,7 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        let current = self.device_status;
+        let current = self.device_status();
         if value & FAILED != 0 {
             self.device_status |= FAILED;
             return;
@@ -390,15 +397,17 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        // Every queue the device has must be ready and lie in guest memory: a device
+        // serving a queue the driver never set up would read whatever its registers held.
         let mem = &self.mem;
         if let Some((i, _)) = self
             .queues
             .iter()
             .enumerate()
-            .find(|(_, q)| q.ready() && !q.is_valid(mem))
+            .find(|(_, q)| !q.is_valid(mem))
         {
             log::error!(
-                "virtio-mmio: queue {i} is not valid (addresses or size); device needs reset"
+                "virtio-mmio: queue {i} is not ready or not valid (size or addresses); device needs reset"
             );
             self.device_status |= status::DEVICE_NEEDS_RESET;
             return;
@@ -453,7 +462,8 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.device_features_select = 0;
         self.queue_select = 0;
-        self.interrupt.ack(u32::MAX);
+        // After the device's own reset: it cannot flag the queues it no longer serves.
+        self.interrupt.clear();
     }
 }
 
@@ -744,6 +754,49 @@ mod tests {
         w(&mut t, 0x70, 0xf);
         assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(dev.lock().unwrap().activated, None);
+    }
+
+    #[test]
+    fn a_queue_not_ready_at_driver_ok_needs_reset() {
+        let (mut t, dev) = transport();
+        for s in [1, 3] {
+            w(&mut t, 0x70, s);
+        }
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(&mut t, 0x70, 0xb);
+        // Queue 1 is never set up.
+        setup_queue(&mut t, 0, 0x1000);
+        w(&mut t, 0x70, 0xf);
+        assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(dev.lock().unwrap().activated, None);
+    }
+
+    #[test]
+    fn a_device_that_stopped_reports_needs_reset_until_the_driver_resets_it() {
+        let (mut t, dev) = activated();
+        t.interrupt.device_needs_reset();
+        assert_eq!(r(&mut t, 0x70), 0xf | status::DEVICE_NEEDS_RESET);
+        assert_ne!(r(&mut t, 0x60) & super::super::INT_CONFIG_CHANGE, 0);
+        // A snapshot keeps the flag, and the restored device is not served again.
+        let saved = t.save();
+        assert_ne!(saved.device_status & status::DEVICE_NEEDS_RESET, 0);
+        let restored_dev = Arc::new(Mutex::new(Dummy::default()));
+        let args = MmioTransportArgs {
+            device: restored_dev.clone(),
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        };
+        let mut restored = MmioTransport::restore(args, &saved).unwrap();
+        assert_eq!(restored_dev.lock().unwrap().activated, None);
+        assert_ne!(r(&mut restored, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        // Only a reset clears it; the driver may then start over.
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&mut t, 0x70), 0);
+        assert_eq!(r(&mut t, 0x60), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        w(&mut t, 0x70, status::ACKNOWLEDGE);
+        assert_eq!(r(&mut t, 0x70), status::ACKNOWLEDGE);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_NET};
+use super::{
+    pop_checked, serve_available, ActivateContext, ActivateError, Interrupt, QueueError,
+    VirtioDevice, TYPE_NET,
+};
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
@@ -58,6 +61,19 @@ struct Active {
     queues: [Queue; 2],
     queue_evts: [EventFd; 2],
     registered: bool,
+    /// The driver broke a queue: nothing is served until it resets the device.
+    broken: bool,
+}
+
+impl Active {
+    /// Stops serving both queues after the driver broke `queue`'s rules.
+    fn stop(&mut self, id: &str, queue: &str, e: &QueueError) {
+        log::error!(
+            "virtio-net {id}: {queue} queue: {e}; the device stops until the driver resets it"
+        );
+        self.broken = true;
+        self.interrupt.device_needs_reset();
+    }
 }
 
 /// A network interface in a snapshot: what its guest saw of it. The tap comes from the
@@ -149,8 +165,10 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return (false, false);
         };
+        if active.broken {
+            return (false, true);
+        }
         let mem = active.mem.clone();
-        let queue = &mut active.queues[RX];
         let mut used = false;
         loop {
             let len = match self.pending_rx.take() {
@@ -167,9 +185,16 @@ impl Net {
             if len < VNET_HDR_LEN {
                 continue;
             }
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
-                self.pending_rx = Some(len);
-                return (used, true);
+            let chain = match pop_checked(&mut active.queues[RX], &mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    self.pending_rx = Some(len);
+                    return (used, true);
+                }
+                Err(e) => {
+                    active.stop(&self.id, "receive", &e);
+                    return (true, true);
+                }
             };
             let head = chain.head_index();
             // Without mergeable buffers there is exactly one buffer per frame.
@@ -195,7 +220,7 @@ impl Net {
                     0
                 }
             };
-            if let Err(e) = queue.add_used(&mem, head, written as u32) {
+            if let Err(e) = active.queues[RX].add_used(&mem, head, written as u32) {
                 log::error!(
                     "virtio-net {}: cannot return receive buffer {head}: {e}",
                     self.id
@@ -203,55 +228,43 @@ impl Net {
             }
             used = true;
         }
-        let notify = used && queue.needs_notification(&mem).unwrap_or(true);
+        let notify = used && active.queues[RX].needs_notification(&mem).unwrap_or(true);
         (notify, false)
     }
 
     /// Sends every frame the guest queued. Returns whether the guest must be interrupted.
     fn process_tx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
             return false;
         };
         let mem = active.mem.clone();
-        let queue = &mut active.queues[TX];
-        let mut used = false;
-        loop {
-            if queue.disable_notification(&mem).is_err() {
-                break;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                match Reader::new(&mem, chain) {
-                    Ok(mut r) => {
-                        let len = r.available_bytes();
-                        if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-                            log::warn!(
-                                "virtio-net {}: dropping a {len}-byte frame from the guest",
-                                self.id
-                            );
-                        } else if r.read_exact(&mut self.tx_buf[..len]).is_ok() {
-                            if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
-                                // The host side is down or full: the frame is lost, as on a wire.
-                                log::debug!("virtio-net {}: tap write failed: {e}", self.id);
-                            }
+        let sent = serve_available(&mut active.queues[TX], &mem, |chain| {
+            match Reader::new(&mem, chain) {
+                Ok(mut r) => {
+                    let len = r.available_bytes();
+                    if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+                        log::warn!(
+                            "virtio-net {}: dropping a {len}-byte frame from the guest",
+                            self.id
+                        );
+                    } else if r.read_exact(&mut self.tx_buf[..len]).is_ok() {
+                        if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
+                            // The host side is down or full: the frame is lost, as on a wire.
+                            log::debug!("virtio-net {}: tap write failed: {e}", self.id);
                         }
                     }
-                    Err(e) => log::warn!("virtio-net {}: bad transmit buffer: {e}", self.id),
                 }
-                if let Err(e) = queue.add_used(&mem, head, 0) {
-                    log::error!(
-                        "virtio-net {}: cannot return transmit buffer {head}: {e}",
-                        self.id
-                    );
-                }
-                used = true;
+                Err(e) => log::warn!("virtio-net {}: bad transmit buffer: {e}", self.id),
             }
-            match queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                _ => break,
+            0
+        });
+        match sent {
+            Ok(used) => used && active.queues[TX].needs_notification(&mem).unwrap_or(true),
+            Err(e) => {
+                active.stop(&self.id, "transmit", &e);
+                true
             }
         }
-        used && queue.needs_notification(&mem).unwrap_or(true)
     }
 
     fn signal(&self) {
@@ -354,6 +367,7 @@ impl VirtioDevice for Net {
             queues,
             queue_evts,
             registered: false,
+            broken: false,
         });
         self.activate_evt.write(1).map_err(ActivateError::Event)
     }
