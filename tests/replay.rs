@@ -169,11 +169,6 @@ fn a_trace_outside_guest_memory_is_refused() -> Result<(), String> {
     }
 }
 
-/// The disk's byte at `offset`, as guest/replay/src/virtio_check.rs expects it.
-fn disk_word(word: u64) -> [u8; 8] {
-    (word.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03).to_le_bytes()
-}
-
 /// reapvm's virtio-blk, driven by the replay guest's DMA check at real speed on this host's
 /// KVM: 70,000 reads (past the 16-bit ring index wrap) into scattered buffers split over
 /// up to three descriptors, descriptors recycled shuffled; every byte read and every guard
@@ -182,8 +177,7 @@ fn virtio_block_dma_lands_only_in_its_buffers() -> Result<(), String> {
     const REQUESTS: u32 = 70_000;
     let scratch = Scratch::new("virtio-check");
     let disk = scratch.path("disk.img");
-    let bytes: Vec<u8> = (0..(16u64 << 20) / 8).flat_map(disk_word).collect();
-    std::fs::write(&disk, bytes).map_err(|e| format!("{}: {e}", disk.display()))?;
+    replay_vm::write_pattern_disk(&disk, 16)?;
     let config = scratch.path("vm.json");
     let body = serde_json::json!({
         "boot-source": {

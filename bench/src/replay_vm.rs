@@ -23,6 +23,17 @@ pub fn replay_guest() -> Result<PathBuf, String> {
     }
 }
 
+/// Writes a disk of `mib` MiB holding the pattern the replay guest's virtio checks expect
+/// (guest/replay/src/virtio.rs, `disk_byte`).
+pub fn write_pattern_disk(path: &Path, mib: u64) -> Result<(), String> {
+    let bytes: Vec<u8> = (0..(mib << 20) / 8)
+        .flat_map(|word: u64| {
+            (word.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03).to_le_bytes()
+        })
+        .collect();
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A reapvm process with its API socket and metrics file in `dir`, killed when dropped.
 pub struct ReplayVmm {
     child: Child,
@@ -121,6 +132,11 @@ impl ReplayVmm {
     /// Waits up to `timeout` for reapvm to exit by itself; its exit status, if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         test_support::wait_for_exit(&mut self.child, timeout)
+    }
+
+    /// Everything reapvm logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {

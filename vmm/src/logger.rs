@@ -2,9 +2,11 @@
 //! `2026-11-27T14:56:23.123456789 [instance-id:thread:LEVEL] message`.
 //!
 //! A guest makes the VMM log (a bad request, a register write out of order) as often as it
-//! likes, and a slow reader can stop a blocking write: so each place in the code writes at
-//! most `LINES_PER_SITE` lines a second (the rest are counted and the count reported), and
-//! the log file is written without blocking (a full pipe loses lines, counted too).
+//! likes, and a slow reader can stop a blocking write: so each place in the code writes a
+//! burst of `SITE_BURST` lines and then one every `SITE_REFILL` (the rest are counted and
+//! the count reported with the next line that gets through), and the log file is written
+//! without blocking (a full pipe loses lines, counted too). Debug and Trace lines, which a
+//! user asks for to see everything, are not limited.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -41,9 +43,9 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, LoggerError> {
     }
 }
 
-/// Lines one place in the code may write per `SITE_WINDOW`.
-const LINES_PER_SITE: u32 = 10;
-const SITE_WINDOW: Duration = Duration::from_secs(1);
+/// Lines one place in the code may write at once, and how often it earns another.
+const SITE_BURST: u32 = 10;
+const SITE_REFILL: Duration = Duration::from_secs(6);
 
 enum Sink {
     Stderr,
@@ -61,52 +63,56 @@ impl Sink {
     }
 }
 
-/// The lines one place in the code wrote in its current window.
-struct SiteWindow {
-    start: Instant,
-    written: u32,
+/// How many lines one place in the code may still write: a token bucket.
+struct SiteBudget {
+    tokens: u32,
+    /// When the bucket last earned a token (or was last found full).
+    refilled: Instant,
     suppressed: u64,
 }
 
 /// What the rate limit lets a line do.
 #[derive(Debug, PartialEq, Eq)]
 enum Admit {
-    /// Write it, saying how many lines from its place the previous window suppressed.
+    /// Write it, saying how many lines from its place were suppressed since the last one.
     Write {
         suppressed_before: u64,
     },
-    /// Write it, the window's last: the next ones from its place are suppressed.
+    /// Write it, the last before its place is limited to one line every `SITE_REFILL`.
     WriteLast,
     Suppress,
 }
 
-impl SiteWindow {
+impl SiteBudget {
     fn new(now: Instant) -> Self {
         Self {
-            start: now,
-            written: 0,
+            tokens: SITE_BURST,
+            refilled: now,
             suppressed: 0,
         }
     }
 
     fn admit(&mut self, now: Instant) -> Admit {
-        if now.duration_since(self.start) >= SITE_WINDOW {
-            let suppressed_before = std::mem::take(&mut self.suppressed);
-            self.start = now;
-            self.written = 1;
-            return Admit::Write { suppressed_before };
+        let earned = now.duration_since(self.refilled).as_nanos() / SITE_REFILL.as_nanos();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(SITE_BURST);
+            self.refilled = if self.tokens == SITE_BURST {
+                now
+            } else {
+                self.refilled + SITE_REFILL * earned
+            };
         }
-        if self.written >= LINES_PER_SITE {
+        if self.tokens == 0 {
             self.suppressed += 1;
             return Admit::Suppress;
         }
-        self.written += 1;
-        if self.written == LINES_PER_SITE {
+        self.tokens -= 1;
+        let suppressed_before = std::mem::take(&mut self.suppressed);
+        if self.tokens == 0 && suppressed_before == 0 {
             Admit::WriteLast
         } else {
-            Admit::Write {
-                suppressed_before: 0,
-            }
+            Admit::Write { suppressed_before }
         }
     }
 }
@@ -116,7 +122,7 @@ struct Options {
     show_origin: bool,
     sink: Sink,
     /// Keyed by source file and line.
-    sites: HashMap<(&'static str, u32), SiteWindow>,
+    sites: HashMap<(&'static str, u32), SiteBudget>,
     /// Lines the sink could not take since the last one it took.
     lost: u64,
 }
@@ -251,11 +257,17 @@ impl Log for Logger {
             record.file_static().unwrap_or("?"),
             record.line().unwrap_or(0),
         );
-        let admit = options
-            .sites
-            .entry(site)
-            .or_insert_with(|| SiteWindow::new(now))
-            .admit(now);
+        let admit = if record.level() <= Level::Info {
+            options
+                .sites
+                .entry(site)
+                .or_insert_with(|| SiteBudget::new(now))
+                .admit(now)
+        } else {
+            Admit::Write {
+                suppressed_before: 0,
+            }
+        };
         if admit == Admit::Suppress {
             return;
         }
@@ -285,8 +297,8 @@ impl Log for Logger {
                 " ({n} more lines from this place were suppressed before this one)"
             )),
             Admit::WriteLast => line.push_str(&format!(
-                " (further lines from this place are suppressed for up to {}s)",
-                SITE_WINDOW.as_secs()
+                " (further lines from this place are suppressed: one every {}s gets through)",
+                SITE_REFILL.as_secs()
             )),
             _ => {}
         }
@@ -326,10 +338,10 @@ mod tests {
     }
 
     #[test]
-    fn each_place_writes_a_bounded_number_of_lines_a_window() {
+    fn each_place_writes_a_burst_then_one_line_per_refill() {
         let t0 = Instant::now();
-        let mut site = SiteWindow::new(t0);
-        for _ in 0..LINES_PER_SITE - 1 {
+        let mut site = SiteBudget::new(t0);
+        for _ in 0..SITE_BURST - 1 {
             assert_eq!(
                 site.admit(t0),
                 Admit::Write {
@@ -338,15 +350,35 @@ mod tests {
             );
         }
         assert_eq!(site.admit(t0), Admit::WriteLast);
+        let almost = t0 + SITE_REFILL - Duration::from_millis(1);
         for _ in 0..1000 {
-            assert_eq!(site.admit(t0 + Duration::from_millis(999)), Admit::Suppress);
+            assert_eq!(site.admit(almost), Admit::Suppress);
         }
         assert_eq!(
-            site.admit(t0 + SITE_WINDOW),
+            site.admit(t0 + SITE_REFILL),
             Admit::Write {
                 suppressed_before: 1000
             }
         );
+        assert_eq!(site.admit(t0 + SITE_REFILL), Admit::Suppress);
+        // A quiet place earns its whole burst back, no more.
+        let later = t0 + SITE_REFILL * 100;
+        assert_eq!(
+            site.admit(later),
+            Admit::Write {
+                suppressed_before: 1
+            }
+        );
+        for _ in 0..SITE_BURST - 2 {
+            assert_eq!(
+                site.admit(later),
+                Admit::Write {
+                    suppressed_before: 0
+                }
+            );
+        }
+        assert_eq!(site.admit(later), Admit::WriteLast);
+        assert_eq!(site.admit(later), Admit::Suppress);
     }
 
     fn test_logger(sink: Sink) -> Logger {
@@ -391,9 +423,10 @@ mod tests {
         log_from(&logger, "other.rs", "another place still logs");
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), LINES_PER_SITE as usize + 1, "{text}");
-        assert!(lines[LINES_PER_SITE as usize - 1]
-            .contains("further lines from this place are suppressed"));
+        assert_eq!(lines.len(), SITE_BURST as usize + 1, "{text}");
+        assert!(
+            lines[SITE_BURST as usize - 1].contains("further lines from this place are suppressed")
+        );
         assert!(lines.last().unwrap().contains("another place still logs"));
     }
 

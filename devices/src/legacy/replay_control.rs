@@ -75,6 +75,10 @@ pub fn describe_error(code: u32, detail: u32) -> String {
         18 => format!("virtio check: the used ring returned descriptor {detail}, which is not in flight"),
         19 => format!("virtio check: the disk has only {detail} sectors"),
         20 => format!("virtio check: guest memory ends at page {detail}: too small, or beyond the first GiB"),
+        21 => "hostile case: no case, or an unknown one, after reapvm-hostile=".into(),
+        22 => "hostile case: the device never returned the abused chain".into(),
+        23 => "hostile case: the good read after the reset never completed".into(),
+        24 => format!("hostile case: the good read after the reset failed (status or byte {detail:#x})"),
         other => format!("replay guest error {other} (detail {detail})"),
     }
 }

@@ -8,18 +8,20 @@
 mod boot;
 mod control;
 mod entry;
+mod hostile;
 mod replay;
+mod virtio;
 mod virtio_check;
 
 /// The first user-mode code; `zero_page` is the boot parameters' address.
 pub extern "C" fn user_main(zero_page: u64) -> ! {
     let info = boot::read_boot_info(zero_page);
     let cmdline = boot::cmdline(zero_page);
-    if cmdline
-        .windows(VIRTIO_CHECK.len())
-        .any(|w| w == VIRTIO_CHECK)
-    {
+    let has = |arg: &[u8]| cmdline.windows(arg.len()).any(|w| w == arg);
+    if has(VIRTIO_CHECK) {
         virtio_check::run(&info, cmdline)
+    } else if has(HOSTILE) {
+        hostile::run(cmdline)
     } else {
         replay::run(&info)
     }
@@ -27,6 +29,8 @@ pub extern "C" fn user_main(zero_page: u64) -> ! {
 
 /// The boot argument that selects the virtio-blk DMA check instead of a replay.
 const VIRTIO_CHECK: &[u8] = b"reapvm-virtio-check";
+/// The boot argument that selects a hostile-driver case (`reapvm-hostile=CASE`).
+const HOSTILE: &[u8] = b"reapvm-hostile=";
 
 /// The prebuilt libcore is compiled for unwinding and some of its functions name the
 /// personality routine; this guest aborts on panic and never unwinds, so it is never called.

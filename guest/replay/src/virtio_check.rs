@@ -9,40 +9,11 @@
 
 use crate::boot::BootInfo;
 use crate::control;
+use crate::virtio::*;
 
-const PAGE: u64 = 4096;
-const SECTOR: u64 = 512;
-/// The boot page tables map the first GiB only.
-const MAPPED_END: u64 = 1 << 30;
-
-/// The virtio-mmio windows the VMM places devices in (vmm/src/device_manager.rs).
-const FIRST_DEVICE: u64 = 0xc000_1000;
-const DEVICE_STRIDE: u64 = 0x1000;
-const MAX_DEVICES: u64 = 8;
-
-const MAGIC: u32 = 0x7472_6976;
-const TYPE_BLOCK: u32 = 2;
-const STATUS_ACK: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-/// VIRTIO_F_VERSION_1, in the high word of the features.
-const VERSION_1_HIGH: u32 = 1;
-
-const QUEUE_SIZE: u16 = 64;
 /// Chains in flight at most (each takes up to five descriptors).
 const IN_FLIGHT: usize = 12;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-const REQ_IN: u32 = 0;
 
-/// Where the check keeps its rings, request headers and buffers (above the guest's own
-/// first 2 MiB).
-const DESC_TABLE: u64 = 0x40_0000;
-const AVAIL_RING: u64 = 0x40_1000;
-const USED_RING: u64 = 0x40_2000;
-const HEADERS: u64 = 0x40_4000;
-const STATUS_BYTES: u64 = 0x40_5000;
 /// One buffer region per in-flight slot, every 2 MiB from 8 MiB: a guard page, up to
 /// `MAX_SECTORS` of data at an offset inside the next page, and guard bytes to a page after.
 const REGIONS: u64 = 0x80_0000;
@@ -52,14 +23,11 @@ const REGION_LEN: u64 = PAGE + PAGE + MAX_SECTORS * SECTOR + PAGE;
 /// The guest's own first 2 MiB end here; what the check does not use of the rest of RAM
 /// (all but the rings, headers and status bytes) holds guard bytes, checked at the end.
 const OWN_END: u64 = 0x20_0000;
-const RINGS_END: u64 = STATUS_BYTES + PAGE;
 /// Enough RAM for every buffer region.
 const RAM_NEEDED: u64 = REGIONS + IN_FLIGHT as u64 * REGION_STRIDE;
 const GUARD: u8 = 0xa5;
 
 /// Error codes of the control page (devices/src/legacy/replay_control.rs).
-const ERR_NO_BLOCK_DEVICE: u32 = 10;
-const ERR_FEATURES: u32 = 11;
 const ERR_DATA: u32 = 12;
 const ERR_GUARD: u32 = 13;
 const ERR_STATUS: u32 = 14;
@@ -67,97 +35,7 @@ const ERR_USED_LEN: u32 = 15;
 const ERR_TIMEOUT: u32 = 16;
 const ERR_STRAY_WRITE: u32 = 17;
 const ERR_USED_ID: u32 = 18;
-const ERR_SMALL_DISK: u32 = 19;
 const ERR_MEMORY: u32 = 20;
-
-fn stop(code: u32, detail: u64) -> ! {
-    control::write(control::DETAIL, detail as u32);
-    control::write(control::ERROR, code);
-    loop {
-        core::hint::spin_loop();
-    }
-}
-
-fn rd32(addr: u64) -> u32 {
-    // SAFETY: device registers (mapped uncached by entry.rs) or RAM below 1 GiB, identity
-    // mapped for user mode.
-    unsafe { core::ptr::read_volatile(addr as *const u32) }
-}
-
-fn wr32(addr: u64, value: u32) {
-    // SAFETY: as in `rd32`.
-    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
-}
-
-fn rd16(addr: u64) -> u16 {
-    // SAFETY: RAM below 1 GiB, identity mapped for user mode.
-    unsafe { core::ptr::read_volatile(addr as *const u16) }
-}
-
-fn wr16(addr: u64, value: u16) {
-    // SAFETY: as in `rd16`.
-    unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
-}
-
-fn wr64(addr: u64, value: u64) {
-    // SAFETY: as in `rd16`.
-    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
-}
-
-fn rd8(addr: u64) -> u8 {
-    // SAFETY: as in `rd16`.
-    unsafe { core::ptr::read_volatile(addr as *const u8) }
-}
-
-fn wr8(addr: u64, value: u8) {
-    // SAFETY: as in `rd16`.
-    unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
-}
-
-/// Writes `byte` over `[from, to)` (volatile: no call to a memset this guest lacks).
-fn fill(from: u64, to: u64, byte: u8) {
-    let word = u64::from_ne_bytes([byte; 8]);
-    let mut a = from;
-    while a < to && !a.is_multiple_of(8) {
-        wr8(a, byte);
-        a += 1;
-    }
-    while a + 8 <= to {
-        wr64(a, word);
-        a += 8;
-    }
-    while a < to {
-        wr8(a, byte);
-        a += 1;
-    }
-}
-
-/// The first address in `[from, to)` that does not hold `byte` (eight bytes at a time where
-/// aligned: this runs over tens of MiB).
-fn first_not(from: u64, to: u64, byte: u8) -> Option<u64> {
-    let word = u64::from_ne_bytes([byte; 8]);
-    let mut a = from;
-    while a < to && !a.is_multiple_of(8) {
-        if rd8(a) != byte {
-            return Some(a);
-        }
-        a += 1;
-    }
-    while a + 8 <= to {
-        // SAFETY: RAM below 1 GiB, identity mapped for user mode; `a` is 8-aligned.
-        if unsafe { core::ptr::read_volatile(a as *const u64) } != word {
-            return (a..a + 8).find(|&b| rd8(b) != byte);
-        }
-        a += 8;
-    }
-    (a..to).find(|&b| rd8(b) != byte)
-}
-
-/// The disk's byte at `offset`: the host writes the same pattern (tests/replay.rs).
-pub fn disk_byte(offset: u64) -> u8 {
-    let word = (offset / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
-    (word >> ((offset % 8) * 8)) as u8
-}
 
 /// xorshift64: the check's only source of variety, the same on every run.
 struct Rng(u64);
@@ -188,80 +66,6 @@ struct Request {
     pieces: [(u64, u64); 3],
     pieces_used: usize,
     slot: usize,
-}
-
-struct Device {
-    base: u64,
-}
-
-impl Device {
-    fn reg(&self, offset: u64) -> u64 {
-        self.base + offset
-    }
-
-    fn find() -> Device {
-        for i in 0..MAX_DEVICES {
-            let base = FIRST_DEVICE + i * DEVICE_STRIDE;
-            if rd32(base) == MAGIC && rd32(base + 0x08) == TYPE_BLOCK {
-                return Device { base };
-            }
-        }
-        stop(ERR_NO_BLOCK_DEVICE, 0)
-    }
-
-    /// Resets the device, negotiates VERSION_1 only, sets queue 0 up and says DRIVER_OK;
-    /// returns the disk's capacity in sectors.
-    fn start(&self) -> u64 {
-        wr32(self.reg(0x70), 0);
-        wr32(self.reg(0x70), STATUS_ACK);
-        wr32(self.reg(0x70), STATUS_ACK | STATUS_DRIVER);
-        wr32(self.reg(0x14), 1);
-        if rd32(self.reg(0x10)) & VERSION_1_HIGH == 0 {
-            stop(ERR_FEATURES, 1);
-        }
-        wr32(self.reg(0x24), 0);
-        wr32(self.reg(0x20), 0);
-        wr32(self.reg(0x24), 1);
-        wr32(self.reg(0x20), VERSION_1_HIGH);
-        wr32(
-            self.reg(0x70),
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
-        if rd32(self.reg(0x70)) & STATUS_FEATURES_OK == 0 {
-            stop(ERR_FEATURES, 2);
-        }
-        wr32(self.reg(0x30), 0);
-        if rd32(self.reg(0x34)) < u32::from(QUEUE_SIZE) {
-            stop(ERR_FEATURES, 3);
-        }
-        wr32(self.reg(0x38), u32::from(QUEUE_SIZE));
-        for (low, addr) in [(0x80, DESC_TABLE), (0x90, AVAIL_RING), (0xa0, USED_RING)] {
-            wr32(self.reg(low), addr as u32);
-            wr32(self.reg(low + 4), (addr >> 32) as u32);
-        }
-        wr32(self.reg(0x44), 1);
-        wr32(
-            self.reg(0x70),
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
-        let capacity = u64::from(rd32(self.reg(0x100))) | (u64::from(rd32(self.reg(0x104))) << 32);
-        if capacity < 4 * MAX_SECTORS {
-            stop(ERR_SMALL_DISK, capacity);
-        }
-        capacity
-    }
-
-    fn notify(&self) {
-        wr32(self.reg(0x50), 0);
-    }
-}
-
-fn set_descriptor(index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let at = DESC_TABLE + u64::from(index) * 16;
-    wr64(at, addr);
-    wr32(at + 8, len);
-    wr16(at + 12, flags);
-    wr16(at + 14, next);
 }
 
 /// The descriptors not in use: a ring taken from the front and given back at a random
@@ -329,9 +133,8 @@ pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
     }
     let device = Device::find();
     fill(OWN_END, DESC_TABLE, GUARD);
-    fill(DESC_TABLE, RINGS_END, 0);
     fill(RINGS_END, info.ram_end, GUARD);
-    let capacity = device.start();
+    let capacity = device.start(4 * MAX_SECTORS);
     control::console(b"virtio check: device ready\n");
 
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -391,10 +194,7 @@ pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
             }
             let head = request.descriptors[0];
             request.head = head;
-            let header = HEADERS + u64::from(head) * 16;
-            wr32(header, REQ_IN);
-            wr32(header + 4, 0);
-            wr64(header + 8, sector);
+            let header = read_header(head, sector);
             let status = STATUS_BYTES + u64::from(head);
             wr8(status, 0xff);
             set_descriptor(head, header, 16, DESC_F_NEXT, request.descriptors[1]);
@@ -416,7 +216,7 @@ pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
             );
             wr16(AVAIL_RING + 4 + u64::from(avail_idx % QUEUE_SIZE) * 2, head);
             avail_idx = avail_idx.wrapping_add(1);
-            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+            fence();
             wr16(AVAIL_RING + 2, avail_idx);
             slots_free[slot] = false;
             flight[slot] = Some(request);
@@ -424,7 +224,7 @@ pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
             batch += 1;
         }
         if batch > 0 {
-            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+            fence();
             device.notify();
         }
         // Wait for at least one completion, then check every one there is.
@@ -436,7 +236,7 @@ pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
             }
             core::hint::spin_loop();
         }
-        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        fence();
         let used_now = rd16(USED_RING + 2);
         while used_seen != used_now {
             let elem = USED_RING + 4 + u64::from(used_seen % QUEUE_SIZE) * 8;
