@@ -241,9 +241,61 @@ fn an_unreadable_memory_file_stops_the_vm() -> Result<(), String> {
     Ok(())
 }
 
+/// A snapshot that runs out of space (a small tmpfs) fails naming the file, leaves no
+/// temporary file, and leaves the previous snapshot in the same paths whole: it loads and
+/// replays to the right checksum.
+fn a_snapshot_that_runs_out_of_space_leaves_the_previous_one() -> Result<(), String> {
+    let scratch = Scratch::new("replay-enospc");
+    let trace = synthetic_trace();
+    let trace_path = write_trace(&scratch.dir, &trace)?;
+    // Room for one snapshot of the 64 MiB guest, not for a second beside it.
+    let small = scratch.path("small");
+    let _mount = support::TmpfsMount::new(&small, MEM_MIB + MEM_MIB / 2)?;
+    let snap = boot_and_snapshot(&small, &trace_path, MEM_MIB)?;
+    let before = std::fs::read(&snap.vmstate).map_err(|e| e.to_string())?;
+
+    let vmm = ReplayVmm::start(&small, "again", Some(&small.join("replay-vm.json")))?;
+    vmm.wait_for("ready", std::time::Duration::from_secs(60))?;
+    vmm.api("PATCH", "/vm", serde_json::json!({"state": "Paused"}))?;
+    let body = serde_json::json!({"snapshot_type": "Full", "snapshot_path": snap.vmstate, "mem_file_path": snap.memory});
+    let (status, answer) =
+        support::http::unix_request(&vmm.socket, "PUT", "/snapshot/create", &body.to_string())?;
+    if status != 400 || !answer.contains("No space left") {
+        return Err(format!(
+            "a snapshot into a full tmpfs answered {status} {answer}, expected 400 naming ENOSPC"
+        ));
+    }
+    drop(vmm);
+    let temps: Vec<String> = std::fs::read_dir(&small)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.contains("reapvm-tmp"))
+        .collect();
+    if !temps.is_empty() {
+        return Err(format!("temporary files left: {temps:?}"));
+    }
+    if std::fs::read(&snap.vmstate).map_err(|e| e.to_string())? != before {
+        return Err("the previous vmstate changed".into());
+    }
+    let backend = serde_json::json!({"backend_type": "File", "backend_path": snap.memory});
+    let run = restore_and_replay(&small, &snap, backend, false)?;
+    if run.checksum != trace.expected_checksum() {
+        return Err(format!(
+            "the previous snapshot replayed to checksum {:#x}, expected {:#x}",
+            run.checksum,
+            trace.expected_checksum()
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = vec![
+        Trial::test(
+            "a_snapshot_that_runs_out_of_space_leaves_the_previous_one",
+            || a_snapshot_that_runs_out_of_space_leaves_the_previous_one().map_err(Failed::from),
+        ),
         Trial::test("an_unreadable_memory_file_stops_the_vm", || {
             an_unreadable_memory_file_stops_the_vm().map_err(Failed::from)
         }),

@@ -1,8 +1,5 @@
 //! The envelope: `magic[8] | version u32 LE | payload_len u64 LE | payload | crc64 u64 LE`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
 use crc::{Crc, Table, CRC_64_XZ};
 
 // Slice-by-16 tables: working-set files are tens of MB and are checked on the restore path.
@@ -88,36 +85,6 @@ pub fn decode<'a>(
     Ok(&bytes[HEADER_LEN..body_end])
 }
 
-/// Writes `bytes` to `path` so that a crash at any point leaves either the old file or the
-/// complete new one: a temporary file beside it, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{} names no file", path.display()),
-        )
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp: PathBuf = dir.join(tmp_name);
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,18 +140,5 @@ mod tests {
             decode(MAGIC, 1, &corrupt),
             Err(EnvelopeError::Checksum { .. })
         ));
-    }
-
-    #[test]
-    fn atomic_write_replaces_whole_files() {
-        let dir = std::env::temp_dir().join(format!("reapvm-envelope-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vmstate");
-        write_atomic(&path, b"first").unwrap();
-        write_atomic(&path, b"second").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"second");
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -122,7 +122,7 @@ impl TouchLog {
 
 /// Writes a touch log atomically, as WS files are written.
 pub fn write(path: &Path, log: &TouchLog) -> std::io::Result<()> {
-    envelope::write_atomic(path, &log.encode())
+    crate::atomic::write_atomic(path, &log.encode())
 }
 
 #[cfg(test)]

@@ -291,7 +291,7 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
 /// Writes a WS file atomically (temporary file, fsync, rename): readers see a complete file
 /// or none, whoever else records at the same time.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    envelope::write_atomic(path, bytes)
+    crate::atomic::write_atomic(path, bytes)
 }
 
 #[cfg(test)]

@@ -389,3 +389,39 @@ pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A tmpfs of a fixed size mounted on a folder (to run a writer out of space), unmounted
+/// when dropped. Needs root, as the KVM suites do.
+pub struct TmpfsMount {
+    at: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn new(at: &Path, size_mib: u64) -> Result<Self, String> {
+        std::fs::create_dir_all(at).map_err(|e| format!("{}: {e}", at.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_mib}m,mode=0700"))
+            .arg("reapvm-test")
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mounting a {size_mib} MiB tmpfs on {} failed (root needed): {}",
+                at.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self {
+            at: at.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        // Lazy: a process still holding a file there cannot keep the mount alive.
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}

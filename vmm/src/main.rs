@@ -111,11 +111,13 @@ fn main() -> ExitCode {
             Err(code) => return code,
         }
     } else {
-        let (inbox, _api_thread) =
-            match api::server::start(&cli.api_sock, cli.http_api_max_payload_size) {
-                Ok(api) => api,
-                Err(e) => return fail(exit_code::GENERIC_ERROR, e),
-            };
+        let (inbox, _api_thread) = match api::server::start(
+            &cli.api_sock,
+            api::server::ApiLimits::new(cli.http_api_max_payload_size),
+        ) {
+            Ok(api) => api,
+            Err(e) => return fail(exit_code::GENERIC_ERROR, e),
+        };
         _socket = Some(SocketFile(cli.api_sock.clone()));
         metrics::metrics().api_server.process_startup_time_us.set(
             devices::legacy::start_time_now()

@@ -31,11 +31,8 @@ pub enum SnapshotError {
     NotTracking,
     #[error("a previous snapshot failed after reading the dirty log: take a Full snapshot before the next Diff")]
     DirtyLogLost,
-    #[error("cannot remove the previous vmstate {path}: {source}")]
-    RemoveStale {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot draw the snapshot's random id: {0}")]
+    Id(std::io::Error),
 }
 
 /// What a snapshot's memory file holds.
@@ -64,9 +61,11 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// Writes a snapshot of the paused VM. A vmstate already at `vmstate_path` is removed
-    /// first, then the memory file and last the vmstate are each renamed into place once
-    /// complete: a VMM killed at any point leaves no vmstate that pairs with the wrong memory.
+    /// Writes a snapshot of the paused VM. Both files are written beside their targets and
+    /// renamed into place only once both are complete, the memory file first: a failure
+    /// (a full disk, say) leaves the previous snapshot as it was, and a crash between the
+    /// two renames leaves a vmstate whose memory file names another snapshot, which the
+    /// loader refuses (`snapshot::memory_file`).
     pub fn create(
         &self,
         kind: SnapshotKind,
@@ -104,6 +103,7 @@ impl SnapshotSource {
             })
             .collect();
         let memory = super::memory_layout(&self.mem);
+        let id = snapshot::memory_file::SnapshotId::random().map_err(SnapshotError::Id)?;
         let state = MicrovmState {
             config: self.config.clone(),
             cpu_vendor: self.cpu_vendor.clone(),
@@ -113,17 +113,8 @@ impl SnapshotSource {
             serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
             i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).save(),
             devices,
+            memory_id: Some(id),
         };
-        match std::fs::remove_file(vmstate_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(SnapshotError::RemoveStale {
-                    path: vmstate_path.to_path_buf(),
-                    source,
-                })
-            }
-        }
         // Taking the log also clears it: the next Diff starts from this snapshot.
         let kvm_dirty = if self.vm.tracks_dirty_pages() {
             Some(self.vm.take_dirty_log(&self.mem)?)
@@ -134,8 +125,12 @@ impl SnapshotSource {
             (SnapshotKind::Diff, Some(log)) => super::MemoryContent::Dirty(log),
             _ => super::MemoryContent::Full,
         };
-        let written = super::write_memory_file(&self.mem, &memory, content, mem_path)
-            .and_then(|()| super::write_vmstate(&state, vmstate_path));
+        let written = super::write_memory_file(&self.mem, &memory, content, id, mem_path).and_then(
+            |memory_file| {
+                let vmstate = super::write_vmstate(&state, vmstate_path)?;
+                super::commit_snapshot(memory_file, mem_path, vmstate, vmstate_path)
+            },
+        );
         if kvm_dirty.is_some() {
             match written {
                 Ok(()) => {

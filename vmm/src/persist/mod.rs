@@ -1,6 +1,7 @@
 //! A whole microVM in files: the vmstate file (every piece of KVM and device state, in the
-//! snapshot crate's checked envelope) and the memory file (guest RAM, region after region).
-//! `create` writes them from a paused VM; `crate::restore` reads them back.
+//! snapshot crate's checked envelope) and the memory file (guest RAM, region after region,
+//! then a trailer page naming the snapshot, `snapshot::memory_file`). `create` writes them
+//! from a paused VM; `crate::restore` reads them back.
 
 mod create;
 
@@ -14,6 +15,8 @@ use devices::virtio::mmio::MmioTransportState;
 use devices::virtio::VirtioDeviceState;
 use devices::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
+use snapshot::memory_file::SnapshotId;
+use snapshot::PendingFile;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
@@ -86,10 +89,14 @@ pub struct MicrovmState {
     pub serial: SerialSnapshot,
     pub i8042: I8042State,
     pub devices: Vec<DeviceState>,
+    /// The id in the memory file's trailer (None in vmstates written before memory files
+    /// had one: their memory file is then not checked).
+    #[serde(default)]
+    pub memory_id: Option<SnapshotId>,
 }
 
 impl MicrovmState {
-    /// Total size the memory file must have.
+    /// Where guest RAM ends in the memory file (its trailer follows).
     pub fn memory_file_len(&self) -> u64 {
         self.memory
             .iter()
@@ -113,13 +120,6 @@ pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
             region
         })
         .collect()
-}
-
-fn temp_beside(path: &Path) -> PathBuf {
-    let mut name = std::ffi::OsString::from(".");
-    name.push(path.file_name().unwrap_or_default());
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
 }
 
 /// Which pages of guest memory a memory file holds.
@@ -174,17 +174,18 @@ pub fn reset_vmm_dirty_bitmap(mem: &GuestMemoryMmap) {
     }
 }
 
-/// Writes guest memory to `path` (atomically: a temporary file renamed at the end). A
-/// `Dirty` file has the full size with only the dirty pages written: apply it onto the base
-/// memory file with `rebase-snap` before loading.
+/// Writes guest memory and the trailer naming `id` for `path`, into a temporary file that
+/// replaces `path` on commit. A `Dirty` file has the full size with only the dirty pages
+/// (and the trailer) written: apply it onto the base memory file with `rebase-snap`
+/// before loading.
 pub fn write_memory_file(
     mem: &GuestMemoryMmap,
     layout: &[MemoryRegionState],
     content: MemoryContent<'_>,
+    id: SnapshotId,
     path: &Path,
-) -> Result<(), PersistError> {
-    use std::io::{Seek, SeekFrom};
-    let tmp = temp_beside(path);
+) -> Result<PendingFile, PersistError> {
+    use std::io::{Seek, SeekFrom, Write};
     let write_err = |source| PersistError::Write {
         path: path.to_path_buf(),
         source,
@@ -196,44 +197,64 @@ pub fn write_memory_file(
                 source,
             })
     };
-    let result = (|| {
-        let mut file = File::create(&tmp).map_err(write_err)?;
-        match content {
-            MemoryContent::Full => {
-                for region in layout {
-                    copy(&mut file, region.guest_addr, region.size as usize)?;
-                }
+    let ram_end = layout.iter().map(|r| r.file_offset + r.size).max();
+    let ram_end = ram_end.unwrap_or(0);
+    let mut pending = PendingFile::beside(path).map_err(write_err)?;
+    let file = pending.file();
+    match content {
+        MemoryContent::Full => {
+            for region in layout {
+                copy(file, region.guest_addr, region.size as usize)?;
             }
-            MemoryContent::Dirty(kvm_logs) => {
-                let total = layout.iter().map(|r| r.file_offset + r.size).max();
-                file.set_len(total.unwrap_or(0)).map_err(write_err)?;
-                for (index, (saved, region)) in layout.iter().zip(mem.iter()).enumerate() {
-                    let log = kvm_logs.get(index).map(Vec::as_slice).unwrap_or(&[]);
-                    for (first, count) in dirty_runs(region, log) {
-                        let offset = (first * PAGE_SIZE) as u64;
-                        file.seek(SeekFrom::Start(saved.file_offset + offset))
-                            .map_err(write_err)?;
-                        copy(&mut file, saved.guest_addr + offset, count * PAGE_SIZE)?;
-                    }
+        }
+        MemoryContent::Dirty(kvm_logs) => {
+            file.set_len(ram_end).map_err(write_err)?;
+            for (index, (saved, region)) in layout.iter().zip(mem.iter()).enumerate() {
+                let log = kvm_logs.get(index).map(Vec::as_slice).unwrap_or(&[]);
+                for (first, count) in dirty_runs(region, log) {
+                    let offset = (first * PAGE_SIZE) as u64;
+                    file.seek(SeekFrom::Start(saved.file_offset + offset))
+                        .map_err(write_err)?;
+                    copy(file, saved.guest_addr + offset, count * PAGE_SIZE)?;
                 }
             }
         }
-        file.sync_all().map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+    file.seek(SeekFrom::Start(ram_end)).map_err(write_err)?;
+    file.write_all(&snapshot::memory_file::trailer(id))
+        .map_err(write_err)?;
+    Ok(pending)
 }
 
-pub fn write_vmstate(state: &MicrovmState, path: &Path) -> Result<(), PersistError> {
+/// Writes the vmstate for `path` into a temporary file that replaces `path` on commit.
+pub fn write_vmstate(state: &MicrovmState, path: &Path) -> Result<PendingFile, PersistError> {
+    use std::io::Write;
     let payload = serde_json::to_vec(state).map_err(PersistError::Encode)?;
     let bytes = snapshot::encode(VMSTATE_MAGIC, VMSTATE_VERSION, &payload);
-    snapshot::write_atomic(path, &bytes).map_err(|source| PersistError::Write {
+    let write_err = |source| PersistError::Write {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let mut pending = PendingFile::beside(path).map_err(write_err)?;
+    pending.file().write_all(&bytes).map_err(write_err)?;
+    Ok(pending)
+}
+
+/// Replaces the targets of a snapshot's pending files: the memory file first, the vmstate
+/// last, so a vmstate never names memory that is not in place yet.
+pub fn commit_snapshot(
+    memory: PendingFile,
+    memory_path: &Path,
+    vmstate: PendingFile,
+    vmstate_path: &Path,
+) -> Result<(), PersistError> {
+    for (pending, path) in [(memory, memory_path), (vmstate, vmstate_path)] {
+        pending.commit().map_err(|source| PersistError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The state in the vmstate file at `path`, and the file's checksum (which identifies the
@@ -280,9 +301,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("reapvm-persist-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("diff.mem");
-        write_memory_file(&mem, &layout, MemoryContent::Dirty(&kvm_log), &path).unwrap();
+        let id = SnapshotId::random().unwrap();
+        write_memory_file(&mem, &layout, MemoryContent::Dirty(&kvm_log), id, &path)
+            .unwrap()
+            .commit()
+            .unwrap();
         let file = File::open(&path).unwrap();
-        assert_eq!(file.metadata().unwrap().len(), 24 * PAGE_SIZE as u64);
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            24 * PAGE_SIZE as u64 + snapshot::memory_file::TRAILER_LEN
+        );
+        assert_eq!(
+            snapshot::memory_file::read_trailer(&file, 24 * PAGE_SIZE as u64).unwrap(),
+            snapshot::memory_file::TrailerRead::Id(id)
+        );
         let extents = snapshot::diff::data_extents(&file, &path, 24 * PAGE_SIZE as u64).unwrap();
         let data: u64 = extents.iter().map(|(_, len)| len).sum();
         assert!(
@@ -295,7 +327,10 @@ mod tests {
 
         reset_vmm_dirty_bitmap(&mem);
         let none = vec![vec![0u64], vec![0u64]];
-        write_memory_file(&mem, &layout, MemoryContent::Dirty(&none), &path).unwrap();
+        write_memory_file(&mem, &layout, MemoryContent::Dirty(&none), id, &path)
+            .unwrap()
+            .commit()
+            .unwrap();
         let file = File::open(&path).unwrap();
         let extents = snapshot::diff::data_extents(&file, &path, 24 * PAGE_SIZE as u64).unwrap();
         assert!(

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::GuestMemoryMmap;
+use snapshot::memory_file::{SnapshotId, TrailerRead};
 use snapshot::PAGE_SIZE;
 
 use super::backend::MemoryBackend;
@@ -27,6 +28,17 @@ pub enum MemoryRestoreError {
     },
     #[error("memory file {path} is {have} bytes; the snapshot needs {want} (truncated?)")]
     Short { path: PathBuf, have: u64, want: u64 },
+    #[error("memory file {path} belongs to snapshot {found}, not to this vmstate's snapshot {want}: give the memory file written with the vmstate")]
+    OtherSnapshot {
+        path: PathBuf,
+        found: String,
+        want: SnapshotId,
+    },
+    #[error("cannot read the trailer of memory file {path}: {source}")]
+    Trailer {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot map memory file {path}: {source}")]
     Map {
         path: PathBuf,
@@ -80,7 +92,11 @@ pub fn guest_memory(
     exit: &Arc<ExitSignal>,
 ) -> Result<RestoredMemory, MemoryRestoreError> {
     let mem_file = match backend.mem_path() {
-        Some(path) => Some(open_memory_file(path, state.memory_file_len())?),
+        Some(path) => Some(open_memory_file(
+            path,
+            state.memory_file_len(),
+            state.memory_id,
+        )?),
         None => None,
     };
     let mut report = MemoryRestoreReport {
@@ -181,7 +197,13 @@ impl FaultSource for MajorFaultsSince {
     }
 }
 
-fn open_memory_file(path: &Path, want: u64) -> Result<File, MemoryRestoreError> {
+/// Opens the memory file, checking it holds all `want` bytes of guest RAM and, when the
+/// vmstate names its snapshot (`id`), that the file's trailer names the same one.
+fn open_memory_file(
+    path: &Path,
+    want: u64,
+    id: Option<SnapshotId>,
+) -> Result<File, MemoryRestoreError> {
     let file = File::open(path).map_err(|source| MemoryRestoreError::Open {
         path: path.to_path_buf(),
         source,
@@ -192,6 +214,24 @@ fn open_memory_file(path: &Path, want: u64) -> Result<File, MemoryRestoreError> 
             path: path.to_path_buf(),
             have,
             want,
+        });
+    }
+    if let Some(id) = id {
+        let found = match snapshot::memory_file::read_trailer(&file, want) {
+            Ok(TrailerRead::Id(found)) if found == id => return Ok(file),
+            Ok(TrailerRead::Id(found)) => found.to_string(),
+            Ok(TrailerRead::Missing) => "none (it has no reapvm trailer after guest RAM)".into(),
+            Err(source) => {
+                return Err(MemoryRestoreError::Trailer {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        return Err(MemoryRestoreError::OtherSnapshot {
+            path: path.to_path_buf(),
+            found,
+            want: id,
         });
     }
     Ok(file)
@@ -245,7 +285,7 @@ mod tests {
         content[PAGE_SIZE + 7] = 0x5a;
         content[2 * PAGE_SIZE] = 0xa5;
         std::fs::write(&path, &content).unwrap();
-        let file = open_memory_file(&path, content.len() as u64).unwrap();
+        let file = open_memory_file(&path, content.len() as u64, None).unwrap();
         let layout = [
             MemoryRegionState {
                 guest_addr: 0,
@@ -268,8 +308,42 @@ mod tests {
         // Writes stay in this process: the snapshot's file is never changed.
         mem.write_obj(0xffu8, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), content);
-        let short = open_memory_file(&path, 4 * PAGE_SIZE as u64).unwrap_err();
+        let short = open_memory_file(&path, 4 * PAGE_SIZE as u64, None).unwrap_err();
         assert!(short.to_string().contains("truncated"), "{short}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_memory_file_of_another_snapshot_is_refused() {
+        use snapshot::memory_file::trailer;
+        let dir = std::env::temp_dir().join(format!("reapvm-trailer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ram = 2 * PAGE_SIZE as u64;
+        let ours = SnapshotId::random().unwrap();
+        let theirs = SnapshotId::random().unwrap();
+        let write = |name: &str, id: Option<SnapshotId>| {
+            let path = dir.join(name);
+            let mut bytes = vec![0x11u8; ram as usize];
+            if let Some(id) = id {
+                bytes.extend(trailer(id));
+            }
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let good = write("ours", Some(ours));
+        open_memory_file(&good, ram, Some(ours)).unwrap();
+        let other = write("theirs", Some(theirs));
+        let e = open_memory_file(&other, ram, Some(ours)).unwrap_err();
+        assert!(
+            e.to_string().contains(&theirs.to_string())
+                && e.to_string().contains(&ours.to_string()),
+            "{e}"
+        );
+        let bare = write("bare", None);
+        let e = open_memory_file(&bare, ram, Some(ours)).unwrap_err();
+        assert!(e.to_string().contains("no reapvm trailer"), "{e}");
+        // A vmstate from before trailers names no snapshot: any memory file of the size loads.
+        open_memory_file(&bare, ram, None).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
