@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use replay_vm::{boot_and_snapshot, restore_and_replay, ReplayVmm};
-use snapshot::replay_trace::{Touch, Trace, TraceError, GUEST_RESERVED_PAGES};
+use snapshot::replay_trace::{Touch, Trace, TraceError};
 use support::{Arguments, Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
@@ -19,36 +19,11 @@ const TRACE_PAGES: u64 = 56 * 256;
 
 /// A function-like trace: data in most pages, 3000 touches in a seeded order, some writes.
 fn synthetic_trace() -> Trace {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let fills = (GUEST_RESERVED_PAGES..TRACE_PAGES)
-        .step_by(64)
-        .map(|first| (first, 40))
-        .collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut touches = Vec::new();
-    while touches.len() < 3000 {
-        let page = GUEST_RESERVED_PAGES + next() % (TRACE_PAGES - GUEST_RESERVED_PAGES);
-        if seen.insert(page) {
-            touches.push(Touch {
-                page: page as u32,
-                write: next() % 4 == 0,
-                gap: 2000,
-            });
-        }
-    }
-    Trace { fills, touches }
+    replay_vm::synthetic_trace(TRACE_PAGES, 3000)
 }
 
 fn write_trace(dir: &Path, trace: &Trace) -> Result<std::path::PathBuf, String> {
-    let path = dir.join("trace.bin");
-    std::fs::write(&path, trace.encode()).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
+    replay_vm::write_trace(dir, trace)
 }
 
 fn every_backend_replays_the_trace() -> Result<(), String> {
@@ -289,9 +264,79 @@ fn a_snapshot_that_runs_out_of_space_leaves_the_previous_one() -> Result<(), Str
     Ok(())
 }
 
+/// What a forgery is called, what it does to the vmstate, and what the refusal must say.
+type Forgery = (&'static str, fn(&mut serde_json::Value), &'static str);
+
+/// A vmstate is untrusted: one whose configuration is not valid, or whose memory regions
+/// are not those its configuration gives, is refused with the reason (its checksum made
+/// right, as a forger would), and the VMM stays up for a good one.
+fn a_forged_vmstate_is_refused() -> Result<(), String> {
+    let scratch = Scratch::new("replay-forged");
+    let trace = synthetic_trace();
+    let snap = boot_and_snapshot(&scratch.dir, &write_trace(&scratch.dir, &trace)?, MEM_MIB)?;
+    let bytes = std::fs::read(&snap.vmstate).map_err(|e| e.to_string())?;
+    let payload = snapshot::decode(b"REAPVMST", 1, &bytes).map_err(|e| e.to_string())?;
+    let good: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let forgeries: [Forgery; 3] = [
+        (
+            "no vCPU",
+            |s| s["config"]["machine-config"]["vcpu_count"] = 0.into(),
+            "configuration is not valid",
+        ),
+        (
+            "a region one page larger",
+            |s| {
+                let size = s["memory"][0]["size"].as_u64().unwrap_or(0);
+                s["memory"][0]["size"] = (size + 4096).into();
+            },
+            "memory regions",
+        ),
+        (
+            "twice the memory in the configuration",
+            |s| s["config"]["machine-config"]["mem_size_mib"] = (2 * MEM_MIB).into(),
+            "memory regions",
+        ),
+    ];
+    let vmm = ReplayVmm::start(&scratch.dir, "forged", None)?;
+    for (what, forge, reason) in forgeries {
+        let mut state = good.clone();
+        forge(&mut state);
+        let path = scratch.path("forged.vmstate");
+        let encoded = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+        std::fs::write(&path, snapshot::encode(b"REAPVMST", 1, &encoded))
+            .map_err(|e| e.to_string())?;
+        let body = serde_json::json!({
+            "snapshot_path": path,
+            "mem_backend": {"backend_type": "File", "backend_path": snap.memory},
+        });
+        let (status, answer) =
+            support::http::unix_request(&vmm.socket, "PUT", "/snapshot/load", &body.to_string())?;
+        if status != 400 || !answer.contains(reason) {
+            return Err(format!(
+                "{what}: expected 400 saying {reason:?}, got {status} {answer}"
+            ));
+        }
+    }
+    let body = serde_json::json!({
+        "snapshot_path": snap.vmstate,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.memory},
+        "resume_vm": true,
+    });
+    vmm.api("PUT", "/snapshot/load", body)?;
+    let m = vmm.wait_for("done", std::time::Duration::from_secs(60))?;
+    let checksum = m["replay"]["checksum"].as_u64().unwrap_or(0) as u32;
+    if checksum != trace.expected_checksum() {
+        return Err(format!("the good snapshot replayed to {checksum:#x}"));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = vec![
+        Trial::test("a_forged_vmstate_is_refused", || {
+            a_forged_vmstate_is_refused().map_err(Failed::from)
+        }),
         Trial::test(
             "a_snapshot_that_runs_out_of_space_leaves_the_previous_one",
             || a_snapshot_that_runs_out_of_space_leaves_the_previous_one().map_err(Failed::from),

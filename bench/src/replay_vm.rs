@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use snapshot::replay_trace::{Touch, Trace, GUEST_RESERVED_PAGES};
 use test_support::http::unix_request;
 use test_support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket};
 
@@ -21,6 +22,45 @@ pub fn replay_guest() -> Result<PathBuf, String> {
             path.display()
         ))
     }
+}
+
+/// A function-like trace over pages below `trace_pages`: data in most pages, `touches`
+/// distinct pages touched in a seeded order, one in four a write.
+pub fn synthetic_trace(trace_pages: u64, touches: usize) -> Trace {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let fills = (GUEST_RESERVED_PAGES..trace_pages)
+        .step_by(64)
+        .map(|first| (first, 40))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut list = Vec::new();
+    while list.len() < touches {
+        let page = GUEST_RESERVED_PAGES + next() % (trace_pages - GUEST_RESERVED_PAGES);
+        if seen.insert(page) {
+            list.push(Touch {
+                page: page as u32,
+                write: next() % 4 == 0,
+                gap: 2000,
+            });
+        }
+    }
+    Trace {
+        fills,
+        touches: list,
+    }
+}
+
+/// Writes `trace` to `dir/trace.bin` (the replay guest's initrd).
+pub fn write_trace(dir: &Path, trace: &Trace) -> Result<PathBuf, String> {
+    let path = dir.join("trace.bin");
+    std::fs::write(&path, trace.encode()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
 }
 
 /// Writes a disk of `mib` MiB holding the pattern the replay guest's virtio checks expect

@@ -6,6 +6,8 @@ use crc::{Crc, Table, CRC_64_XZ};
 const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 const HEADER_LEN: usize = 8 + 4 + 8;
 const TRAILER_LEN: usize = 8;
+/// Bytes an envelope adds to its payload.
+pub const OVERHEAD: usize = HEADER_LEN + TRAILER_LEN;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {

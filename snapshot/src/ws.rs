@@ -105,6 +105,18 @@ impl WorkingSet<'_> {
     }
 }
 
+/// The largest WS file a snapshot with `memory_len` bytes of memory file can have: every
+/// page in a run of its own with its data, and 64 regions (reapvm lays out two at most). A
+/// reader refuses a larger file before it reads (or allocates) anything.
+pub fn max_file_len(memory_len: u64) -> u64 {
+    let pages = memory_len.div_ceil(PAGE_SIZE as u64);
+    let fixed = (envelope::OVERHEAD + IDENTITY_LEN + COUNTS_LEN + 64 * REGION_LEN) as u64;
+    pages
+        .saturating_mul(RUN_LEN as u64)
+        .saturating_add(memory_len)
+        .saturating_add(fixed)
+}
+
 /// Groups pages (memory-file offsets, in first-touch order) into runs: consecutive entries
 /// that continue each other in the file and are of the same kind join one run.
 pub fn coalesce(pages: &[(u64, RunKind)], page_size: u32) -> Vec<WsRun> {
@@ -253,10 +265,12 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
         };
         let len = u64::from(pages) * u64::from(page_size);
         let inside = regions.iter().any(|r| {
+            let region_end = r.file_offset.checked_add(r.size);
             file_offset >= r.file_offset
                 && file_offset
                     .checked_add(len)
-                    .is_some_and(|end| end <= r.file_offset + r.size)
+                    .zip(region_end)
+                    .is_some_and(|(end, region_end)| end <= region_end)
         });
         if pages == 0 || file_offset % u64::from(page_size) != 0 || !inside {
             return Err(WsError::Malformed(format!(
@@ -272,9 +286,9 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
             kind,
         });
     }
-    let data_len = data_pages * u64::from(page_size);
+    let data_len = data_pages.checked_mul(u64::from(page_size));
     let rest = (payload.len() - c.at) as u64;
-    if rest != data_len {
+    if data_len != Some(rest) {
         return Err(WsError::Malformed(format!(
             "{rest} bytes of page data for {data_pages} data pages"
         )));
@@ -407,5 +421,39 @@ mod tests {
             decode(&short, ID, &LAYOUT),
             Err(WsError::Malformed(_))
         ));
+        // A region whose end overflows, with a run "inside" it past the wrap: refused,
+        // without an overflow (a panic in a debug build).
+        let wrapping = [WsRegion {
+            guest_addr: 0,
+            size: u64::MAX,
+            file_offset: 4096,
+        }];
+        let runs = [WsRun {
+            file_offset: 8192,
+            pages: 1,
+            kind: RunKind::Zero,
+        }];
+        let bad = encode(ID, 4096, &wrapping, &runs, &[]);
+        assert!(matches!(decode_any(&bad), Err(WsError::Malformed(_))));
+    }
+
+    #[test]
+    fn the_largest_possible_ws_fits_the_bound() {
+        // Every page of the memory in a run of its own, all with data, in reverse order.
+        let memory_len = ID.memory_len;
+        let runs: Vec<WsRun> = (0..memory_len / 4096)
+            .rev()
+            .map(|p| WsRun {
+                file_offset: p * 4096,
+                pages: 1,
+                kind: RunKind::Data,
+            })
+            .collect();
+        let data = vec![7u8; memory_len as usize];
+        let bytes = encode(ID, 4096, &LAYOUT, &runs, &data);
+        decode(&bytes, ID, &LAYOUT).unwrap();
+        assert!(bytes.len() as u64 <= max_file_len(memory_len));
+        assert!(max_file_len(memory_len) < 2 * memory_len);
+        assert_eq!(max_file_len(u64::MAX), u64::MAX, "saturates");
     }
 }

@@ -58,10 +58,11 @@ pub struct Cli {
     /// CPU time the jailer spent before exec, in microseconds.
     #[arg(long, value_name = "US")]
     pub parent_cpu_time_us: Option<u64>,
-    /// Seccomp filter file (reapvm does not install seccomp filters yet).
-    #[arg(long, value_name = "PATH")]
+    /// Seccomp filters in seccompiler's JSON format, one per kind of thread (vmm, api, vcpu,
+    /// uffd), instead of the built-in ones (docs/security.md).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
     pub seccomp_filter: Option<PathBuf>,
-    /// Disable seccomp (reapvm does not install seccomp filters yet).
+    /// Install no seccomp filters.
     #[arg(long)]
     pub no_seccomp: bool,
     /// Largest API request body, in bytes.

@@ -16,6 +16,7 @@ pub mod microvm;
 pub mod persist;
 pub mod reap;
 pub mod restore;
+pub mod seccomp;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;

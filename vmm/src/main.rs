@@ -65,8 +65,8 @@ fn main() -> ExitCode {
     if let Err(e) = logger::init(&cli.id, level, log_path.as_deref(), show_level, show_origin) {
         return fail(exit_code::ARG_PARSING, e);
     }
-    if cli.seccomp_filter.is_some() {
-        log::warn!("--seccomp-filter given, but reapvm does not install seccomp filters yet");
+    if let Err(e) = vmm::seccomp::init(cli.no_seccomp, cli.seccomp_filter.as_deref()) {
+        return fail(exit_code::BAD_CONFIGURATION, e);
     }
     let metrics_path = config
         .as_ref()

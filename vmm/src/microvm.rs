@@ -85,6 +85,8 @@ pub enum RunError {
     Loop(event_manager::Error),
     #[error("cannot duplicate the reset event: {0}")]
     CloneEventFd(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Turns the i8042 reset line and the vCPUs' exit reports into the end of the event loop.
@@ -188,6 +190,8 @@ impl MicroVm {
         for subscriber in self.subscribers.drain(..) {
             event_manager.add_subscriber(subscriber);
         }
+        // The VM is built and its threads run: from here on the VMM thread only serves.
+        crate::seccomp::apply(crate::seccomp::ThreadKind::Vmm)?;
 
         let result = loop {
             if done.load(Ordering::Acquire) {

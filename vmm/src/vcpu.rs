@@ -269,6 +269,10 @@ impl Vcpu {
     }
 
     fn run(mut self, control: &RunControl, exit: &ExitSignal) {
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+            exit.report(VmExitReason::Error(format!("vCPU {}: {e}", self.index)));
+            return;
+        }
         KVM_RUN.with(|ptr| ptr.set(self.fd.get_kvm_run() as *mut kvm_run));
         while control.wait_until_runnable(&mut self) {
             match self.run_once() {

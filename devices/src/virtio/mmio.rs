@@ -32,6 +32,10 @@ pub enum MmioError {
     BadQueue { queue: usize, reason: String },
     #[error("the device refused its saved queues: {0}")]
     Activate(String),
+    #[error(
+        "saved driver features {acked:#x} include some the device never offers ({offered:#x})"
+    )]
+    Features { acked: u64, offered: u64 },
 }
 
 /// A queue in a snapshot (virtio-queue's QueueState, which has no serde of its own).
@@ -153,6 +157,13 @@ impl Persist for MmioTransport {
             interrupt,
         } = args;
         let mut transport = Self::new(device, mem, interrupt)?;
+        let offered = lock(&transport.device).offered_features() | VIRTIO_F_VERSION_1;
+        if state.driver_features & !offered != 0 {
+            return Err(MmioError::Features {
+                acked: state.driver_features,
+                offered,
+            });
+        }
         if state.queues.len() != transport.queues.len() {
             return Err(MmioError::QueueCount {
                 saved: state.queues.len(),
@@ -698,6 +709,12 @@ mod tests {
         let mut bad = t.save();
         bad.queues[1].used_ring = 0xffff_0000;
         assert!(MmioTransport::restore(args(), &bad).is_err());
+        let mut bad = t.save();
+        bad.driver_features |= 1 << 7;
+        assert!(matches!(
+            MmioTransport::restore(args(), &bad),
+            Err(MmioError::Features { .. })
+        ));
         let mut bad = t.save();
         bad.queues.pop();
         assert!(matches!(

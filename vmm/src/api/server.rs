@@ -37,6 +37,10 @@ pub enum ServerError {
     },
     #[error("cannot start the API thread's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("the API thread ended before it could serve")]
+    Gone,
     #[error("cannot start the API thread: {0}")]
     Spawn(std::io::Error),
     #[error("cannot duplicate the API wake-up event: {0}")]
@@ -275,9 +279,16 @@ pub fn start(path: &Path, limits: ApiLimits) -> Result<(ApiInbox, JoinHandle<()>
         to_vmm,
         wake: wake.try_clone().map_err(ServerError::EventFd)?,
     });
+    let (ready, filtered) = channel();
     let handle = std::thread::Builder::new()
         .name("fc_api".into())
         .spawn(move || {
+            let applied = crate::seccomp::apply(crate::seccomp::ThreadKind::Api);
+            let ok = applied.is_ok();
+            let _ = ready.send(applied);
+            if !ok {
+                return;
+            }
             runtime.block_on(async move {
                 match tokio::net::UnixListener::from_std(listener) {
                     Ok(listener) => serve(listener, shared).await,
@@ -286,6 +297,7 @@ pub fn start(path: &Path, limits: ApiLimits) -> Result<(ApiInbox, JoinHandle<()>
             })
         })
         .map_err(ServerError::Spawn)?;
+    filtered.recv().map_err(|_| ServerError::Gone)??;
     Ok((ApiInbox { requests, wake }, handle))
 }
 

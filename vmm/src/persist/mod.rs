@@ -108,15 +108,20 @@ impl MicrovmState {
 
 /// The regions of `mem`, laid out one after the other in the memory file.
 pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
+    layout_of(mem.iter().map(|r| (r.start_addr().0, r.len())))
+}
+
+/// Guest ranges (address, size) laid out one after the other in the memory file.
+pub fn layout_of(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<MemoryRegionState> {
     let mut offset = 0;
-    mem.iter()
-        .map(|r| {
+    ranges
+        .map(|(guest_addr, size)| {
             let region = MemoryRegionState {
-                guest_addr: r.start_addr().0,
-                size: r.len(),
+                guest_addr,
+                size,
                 file_offset: offset,
             };
-            offset += r.len();
+            offset += size;
             region
         })
         .collect()

@@ -71,10 +71,19 @@ pub struct FetchedWs {
     pub took: Duration,
 }
 
+/// The largest WS file a snapshot whose memory file is at `memory_path` can have (0 when
+/// the memory file cannot be read: the restore then fails on it anyway).
+pub fn ws_size_limit(memory_path: &Path) -> u64 {
+    std::fs::metadata(memory_path)
+        .map(|m| snapshot::ws::max_file_len(m.len()))
+        .unwrap_or(0)
+}
+
 /// Reads the whole WS file at `path` in as few reads as the kernel allows; None if there is
-/// no file there (the restore then records one).
-pub fn fetch(path: &Path, o_direct: bool) -> Result<Option<FetchedWs>, ReapError> {
-    match fetch_with(path, o_direct) {
+/// no file there (the restore then records one). A file larger than `max_len` is refused
+/// before anything is allocated for it.
+pub fn fetch(path: &Path, o_direct: bool, max_len: u64) -> Result<Option<FetchedWs>, ReapError> {
+    match fetch_with(path, o_direct, max_len) {
         // Some filesystems take an O_DIRECT open and then refuse the read.
         Err(ReapError::Read { source, .. })
             if o_direct && source.raw_os_error() == Some(libc::EINVAL) =>
@@ -83,13 +92,13 @@ pub fn fetch(path: &Path, o_direct: bool) -> Result<Option<FetchedWs>, ReapError
                 "{}: O_DIRECT read refused here; reading it buffered",
                 path.display()
             );
-            fetch_with(path, false)
+            fetch_with(path, false, max_len)
         }
         other => other,
     }
 }
 
-fn fetch_with(path: &Path, o_direct: bool) -> Result<Option<FetchedWs>, ReapError> {
+fn fetch_with(path: &Path, o_direct: bool, max_len: u64) -> Result<Option<FetchedWs>, ReapError> {
     let started = Instant::now();
     let read_err = |source| ReapError::Read {
         path: path.to_path_buf(),
@@ -114,7 +123,15 @@ fn fetch_with(path: &Path, o_direct: bool) -> Result<Option<FetchedWs>, ReapErro
         }
         Err(e) => return Err(read_err(e)),
     };
-    let len = file.metadata().map_err(read_err)?.len() as usize;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len > max_len {
+        return Err(ReapError::WsTooLarge {
+            path: path.to_path_buf(),
+            len,
+            max: max_len,
+        });
+    }
+    let len = len as usize;
     let mut buf = AlignedBuf::zeroed(len.div_ceil(PAGE_SIZE) * PAGE_SIZE);
     loop {
         let at = buf.len as u64;
@@ -148,14 +165,24 @@ mod tests {
     fn fetch_reads_whole_files_and_reports_missing_ones() {
         let dir = std::env::temp_dir().join(format!("reapvm-reap-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(fetch(&dir.join("none"), false).unwrap().is_none());
+        assert!(fetch(&dir.join("none"), false, u64::MAX).unwrap().is_none());
         let path = dir.join("ws");
         let content: Vec<u8> = (0..3 * PAGE_SIZE + 123).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &content).unwrap();
         for direct in [false, true] {
-            let got = fetch(&path, direct).unwrap().unwrap();
+            let got = fetch(&path, direct, u64::MAX).unwrap().unwrap();
             assert_eq!(&got.bytes[..], &content[..], "o_direct {direct}");
         }
+        // A file larger than the limit (sparse: nothing to read) is refused unread.
+        let huge = dir.join("huge");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert!(matches!(
+            fetch(&huge, false, 1 << 20),
+            Err(ReapError::WsTooLarge { len, max, .. }) if len == 1 << 40 && max == 1 << 20
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

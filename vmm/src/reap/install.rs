@@ -208,6 +208,11 @@ pub fn spawn_chunked_install(
         let thread = std::thread::Builder::new()
             .name("fc_ws_install".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd) {
+                    // The fault loop serves every page from the memory file instead.
+                    log::error!("REAP: {e}; the WS is not installed ahead");
+                    return;
+                }
                 let started = Instant::now();
                 for &(offset, pages, data) in &ws.runs {
                     // A failed restore, or the VM gone: the memory may go next.

@@ -11,7 +11,7 @@ mod record;
 #[cfg(test)]
 mod tests;
 
-pub use fetch::{fetch, AlignedBuf, FetchedWs};
+pub use fetch::{fetch, ws_size_limit, AlignedBuf, FetchedWs};
 pub use install::{install_all, spawn_chunked_install, ChunkedInstallStats, WsPages};
 pub use record::{Recorder, RecordingState, WsTarget};
 
@@ -29,6 +29,8 @@ use crate::vcpu::ExitSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReapError {
+    #[error("a REAP thread cannot start: {0}")]
+    Seccomp(String),
     #[error("cannot read the WS file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -36,6 +38,8 @@ pub enum ReapError {
     },
     #[error("cannot start the REAP thread: {0}")]
     Thread(std::io::Error),
+    #[error("the WS file {path} is {len} bytes, more than any WS of this snapshot's memory can be ({max}): not read")]
+    WsTooLarge { path: PathBuf, len: u64, max: u64 },
     #[error("cannot create the recording stop event: {0}")]
     EventFd(std::io::Error),
     #[error(transparent)]

@@ -214,7 +214,9 @@ impl PageSource for RecordingSource {
         let spawned = std::thread::Builder::new()
             .name("fc_ws_writer".into())
             .spawn(move || {
-                let result = finish_ws(&file, &pages, &target);
+                let result = crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| finish_ws(&file, &pages, &target));
                 writer.set_state(match result {
                     Ok(pages) => RecordingState::Written {
                         pages,

@@ -119,7 +119,7 @@ fn restore_as(
 ) -> (GuestMemoryMmap, ReapMemory, StopHandlersOnDrop) {
     let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
     let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
-    let fetched = fetch(&scratch.ws_path(), false);
+    let fetched = fetch(&scratch.ws_path(), false, u64::MAX);
     let reap = restore_memory(
         ReapSetup {
             uffd: Arc::new(uffd),
@@ -326,7 +326,7 @@ fn dropping_the_handlers_joins_every_handler_thread() {
                 stop: handlers.0.clone(),
                 exit: None,
             },
-            fetch(&ws_path, false),
+            fetch(&ws_path, false, u64::MAX),
             MemoryRestoreReport::default(),
         )
         .unwrap();

@@ -156,7 +156,11 @@ pub fn guest_memory(
                 Some(pending) => pending
                     .join()
                     .map_err(|_| MemoryRestoreError::WsReaderPanicked)?,
-                None => reap::fetch(&ws_path, options.o_direct),
+                None => reap::fetch(
+                    &ws_path,
+                    options.o_direct,
+                    reap::ws_size_limit(backend_path),
+                ),
             };
             let reap = reap::restore_memory(
                 reap::ReapSetup {

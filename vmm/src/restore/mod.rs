@@ -20,7 +20,7 @@ use kvm_ioctls::{Cap, Kvm};
 
 use crate::arch::cpuid::Topology;
 use crate::builder::{self, BuildError, StartOptions};
-use crate::config::VmConfig;
+use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{MmioDeviceManager, MmioSlot};
 use crate::metrics;
 use crate::microvm::MicroVm;
@@ -40,6 +40,14 @@ pub enum RestoreError {
     Memory(#[from] MemoryRestoreError),
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error("the snapshot's configuration is not valid: {0}")]
+    Config(ConfigError),
+    #[error("the snapshot's memory regions {saved} are not those of its {mem_size_mib} MiB configuration ({expected})")]
+    MemoryLayout {
+        saved: String,
+        expected: String,
+        mem_size_mib: u64,
+    },
     #[error("network_overrides names {iface_id}, which the snapshot does not have")]
     UnknownOverride { iface_id: String },
     #[error("the snapshot holds {saved} vCPU states for {configured} vCPUs")]
@@ -88,12 +96,19 @@ pub fn load_snapshot(
     let started = Instant::now();
     // Beyond the paper: the WS file is read while the vmstate, KVM and devices are restored.
     let ws_prefetch = match params.mem_backend.reap() {
-        Some((ws_path, options)) if options.fetch_in_parallel => Some(
-            std::thread::Builder::new()
-                .name("fc_ws_fetch".into())
-                .spawn(move || reap::fetch(&ws_path, options.o_direct))
-                .map_err(RestoreError::WsReader)?,
-        ),
+        Some((ws_path, options)) if options.fetch_in_parallel => {
+            let ws_limit = params.mem_backend.mem_path().map_or(0, reap::ws_size_limit);
+            Some(
+                std::thread::Builder::new()
+                    .name("fc_ws_fetch".into())
+                    .spawn(move || {
+                        crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd)
+                            .map_err(|e| reap::ReapError::Seccomp(e.to_string()))?;
+                        reap::fetch(&ws_path, options.o_direct, ws_limit)
+                    })
+                    .map_err(RestoreError::WsReader)?,
+            )
+        }
         _ => None,
     };
     let (state, vmstate_checksum) = persist::read_vmstate(&params.snapshot_path)?;
@@ -224,6 +239,13 @@ fn restored_config(
     state: &MicrovmState,
     params: &LoadSnapshotParams,
 ) -> Result<VmConfig, RestoreError> {
+    // A vmstate is untrusted input: its configuration is checked as a new one would be,
+    // and its memory must be laid out as that configuration lays it out.
+    state
+        .config
+        .validate(crate::memory::host_ram_bytes())
+        .map_err(RestoreError::Config)?;
+    check_memory_layout(&state.config, &state.memory)?;
     let mut config = state.config.clone();
     config.machine_config.track_dirty_pages = params.track_dirty_pages;
     for o in &params.network_overrides {
@@ -237,6 +259,23 @@ fn restored_config(
         iface.host_dev_name = o.host_dev_name.clone();
     }
     Ok(config)
+}
+
+/// The saved memory regions must be those the builder gives the saved configuration.
+fn check_memory_layout(
+    config: &VmConfig,
+    saved: &[persist::MemoryRegionState],
+) -> Result<(), RestoreError> {
+    let ranges = crate::memory::ram_ranges(config.mem_size_bytes());
+    let expected = persist::layout_of(ranges.iter().map(|(a, len)| (a.0, *len as u64)));
+    if saved != expected.as_slice() {
+        return Err(RestoreError::MemoryLayout {
+            saved: format!("{saved:?}"),
+            expected: format!("{expected:?}"),
+            mem_size_mib: config.machine_config.mem_size_mib,
+        });
+    }
+    Ok(())
 }
 
 /// The saved vCPUs' vendor and CPU features must be this host's.
@@ -399,4 +438,65 @@ fn check_slot(slot: &MmioSlot, saved: &DeviceState) -> Result<(), RestoreError> 
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::layout::{MMIO_GAP_START, RAM_ABOVE_GAP_START};
+    use persist::MemoryRegionState;
+
+    fn config(mem_size_mib: u64) -> VmConfig {
+        let mut config = VmConfig::default();
+        config.machine_config.mem_size_mib = mem_size_mib;
+        config
+    }
+
+    #[test]
+    fn saved_memory_must_be_laid_out_as_its_configuration_says() {
+        let small = [MemoryRegionState {
+            guest_addr: 0,
+            size: 128 << 20,
+            file_offset: 0,
+        }];
+        check_memory_layout(&config(128), &small).unwrap();
+        // Memory on both sides of the MMIO gap.
+        let above = (4096 << 20) - MMIO_GAP_START;
+        let large = [
+            MemoryRegionState {
+                guest_addr: 0,
+                size: MMIO_GAP_START,
+                file_offset: 0,
+            },
+            MemoryRegionState {
+                guest_addr: RAM_ABOVE_GAP_START,
+                size: above,
+                file_offset: MMIO_GAP_START,
+            },
+        ];
+        check_memory_layout(&config(4096), &large).unwrap();
+        // Forged: a region larger than the configuration, one moved, one shifted in the
+        // file, one more, one fewer.
+        let mut bigger = small;
+        bigger[0].size += 4096;
+        let mut moved = small;
+        moved[0].guest_addr = 0x1000;
+        let mut shifted = large;
+        shifted[1].file_offset += 4096;
+        for (cfg, saved) in [
+            (128, &bigger[..]),
+            (128, &moved[..]),
+            (4096, &shifted[..]),
+            (128, &large[..]),
+            (4096, &large[..1]),
+        ] {
+            assert!(
+                matches!(
+                    check_memory_layout(&config(cfg), saved),
+                    Err(RestoreError::MemoryLayout { .. })
+                ),
+                "{saved:?} accepted for {cfg} MiB"
+            );
+        }
+    }
 }

@@ -295,6 +295,10 @@ impl<S: PageSource> FaultLoop<S> {
     }
 
     fn run(mut self) {
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd) {
+            self.stop_vm(e.to_string());
+            return;
+        }
         if let Err(why) = self.serve_until_stopped() {
             self.source.on_loop_failed(&why);
             self.stop_vm(format!("the page fault handler stopped: {why}"));
