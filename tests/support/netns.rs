@@ -42,6 +42,15 @@ impl NetNs {
 
     /// The same with the tap named `tap`.
     pub fn with_tap_named(tag: &str, tap: &str) -> Result<Self, String> {
+        Self::with_tap_for(tag, tap, None)
+    }
+
+    /// The same with a tap that user `owner` may attach to (a jailed VMM's).
+    pub fn with_tap_owned(tag: &str, owner: u32) -> Result<Self, String> {
+        Self::with_tap_for(tag, TAP, Some(owner))
+    }
+
+    fn with_tap_for(tag: &str, tap: &str, owner: Option<u32>) -> Result<Self, String> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "reapvm-{tag}-{}-{}",
@@ -51,7 +60,15 @@ impl NetNs {
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
         ns.exec_ip(&["link", "set", "lo", "up"])?;
-        ns.exec_ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        match owner {
+            None => ns.exec_ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?,
+            Some(uid) => {
+                let uid = uid.to_string();
+                ns.exec_ip(&[
+                    "tuntap", "add", "dev", tap, "mode", "tap", "user", &uid, "group", &uid,
+                ])?
+            }
+        }
         ns.exec_ip(&["link", "set", tap, "address", HOST_TAP_MAC])?;
         ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap])?;
         ns.exec_ip(&["link", "set", tap, "up"])?;

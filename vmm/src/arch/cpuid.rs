@@ -201,6 +201,22 @@ fn register(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32, reg: usize) -
         .unwrap_or(0)
 }
 
+/// The feature leaves a vCPU of this host reports after being given `supported`: on
+/// hardware KVM exactly `supported`, on kvm-pvm hosts the host CPU's own features too. For
+/// where `/sys` is not there to tell kvm-pvm apart (a jail): a throwaway VM and vCPU ask.
+pub fn vcpu_reported_features(
+    kvm: &kvm_ioctls::Kvm,
+    supported: &CpuId,
+) -> Result<Vec<kvm_cpuid_entry2>, kvm_ioctls::Error> {
+    let vm = kvm.create_vm()?;
+    let vcpu = vm.create_vcpu(0)?;
+    vcpu.set_cpuid2(supported)?;
+    Ok(vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?
+        .as_slice()
+        .to_vec())
+}
+
 /// On kvm-pvm hosts, the feature leaves as this CPU's own CPUID instruction reports them: there
 /// the vCPUs report (KVM_GET_CPUID2) features of the host CPU that KVM_GET_SUPPORTED_CPUID
 /// does not list, and guest user code runs on that CPU natively.

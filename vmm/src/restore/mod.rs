@@ -309,11 +309,20 @@ fn check_cpu(kvm: &Kvm, state: &MicrovmState) -> Result<(), RestoreError> {
         topology,
         kvm.check_extension(Cap::TscDeadlineTimer),
     );
-    let missing = crate::arch::cpuid::missing_features(
-        &saved.cpuid,
-        normalized.as_slice(),
-        &crate::arch::cpuid::host_cpu_features(),
-    );
+    let host_features = crate::arch::cpuid::host_cpu_features();
+    let mut missing =
+        crate::arch::cpuid::missing_features(&saved.cpuid, normalized.as_slice(), &host_features);
+    if !missing.is_empty() && host_features.is_empty() {
+        // No /sys to tell a kvm-pvm host (in a jail, say): ask one of this host's vCPUs
+        // what it reports. On hardware KVM that is the supported set again.
+        if let Ok(reported) = crate::arch::cpuid::vcpu_reported_features(kvm, &supported) {
+            missing = crate::arch::cpuid::missing_features(
+                &saved.cpuid,
+                normalized.as_slice(),
+                &reported,
+            );
+        }
+    }
     if missing.is_empty() {
         Ok(())
     } else {

@@ -1,0 +1,251 @@
+//! reapvm-jailer with the replay guest on this host's own KVM (never the lab): reapvm runs
+//! jailed (another user, its own mount and PID namespaces, the jail as its root, a cgroup,
+//! a limit on open files), boots the guest from files inside the jail, snapshots it there,
+//! and a second jail restores that snapshot with the File and then the OnDemand backend
+//! (userfaultfd through the jail's /dev/userfaultfd, unprivileged) to the right replay.
+
+mod common;
+
+use reapvm_bench::replay_vm;
+use test_support as support;
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use common::{api, jail, stock, Jailed, NOBODY};
+use support::http::unix_request;
+use support::{Arguments, Failed, Scratch, Trial};
+
+const MEM_MIB: u64 = 64;
+/// Limits the checks below look for: 512 open files, the pids cgroup (v1, as this host
+/// mounts it).
+const JAILER_ARGS: &[&str] = &[
+    "--resource-limit",
+    "no-file=512",
+    "--cgroup-version",
+    "1",
+    "--cgroup",
+    "pids.max=64",
+];
+
+fn proc_field(pid: u32, file: &str, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// What the jail must have done to the VMM process.
+fn check_confined(j: &Jailed, id: &str) -> Result<(), String> {
+    let uid = proc_field(j.pid, "status", "Uid:");
+    let fields: Vec<&str> = uid.split_whitespace().collect();
+    if fields.len() < 5 || fields[1..].iter().any(|f| *f != NOBODY.to_string()) {
+        return Err(format!("the VMM runs as {uid:?}, not as {NOBODY}"));
+    }
+    for kind in ["mnt", "pid"] {
+        if ns(&j.pid.to_string(), kind) == ns("self", kind) {
+            return Err(format!("the VMM shares this test's {kind} namespace"));
+        }
+    }
+    let limit = proc_field(j.pid, "limits", "Max open files");
+    if limit.split_whitespace().nth(3) != Some("512") {
+        return Err(format!("open files limit: {limit:?}"));
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", j.pid)).unwrap_or_default();
+    if !cgroups
+        .lines()
+        .any(|l| l.ends_with(&format!(":pids:/reapvm/{id}")))
+    {
+        return Err(format!(
+            "the VMM is not in the pids cgroup reapvm/{id}:\n{cgroups}"
+        ));
+    }
+    // Its root is the jail: a file only the jail has is at its root.
+    let seen = std::fs::read_dir(format!("/proc/{}/root", j.pid))
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .any(|e| e.file_name() == "reapvm.pid");
+    if !seen {
+        return Err("the VMM's root is not the jail".into());
+    }
+    Ok(())
+}
+
+/// The replay guest's report, from the jail's metrics file.
+fn replay_state(j: &Jailed) -> Result<serde_json::Value, String> {
+    let socket = j.root.join("api.sock");
+    let (status, answer) = unix_request(
+        &socket,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "FlushMetrics"}"#,
+    )?;
+    if status != 204 {
+        return Err(format!("FlushMetrics: {status} {answer}"));
+    }
+    let text = std::fs::read_to_string(j.root.join("metrics.json")).map_err(|e| e.to_string())?;
+    let last = text.lines().last().ok_or("no metrics")?;
+    let m: serde_json::Value = serde_json::from_str(last).map_err(|e| e.to_string())?;
+    Ok(m["replay"].clone())
+}
+
+fn wait_replay(j: &Jailed, field: &str) -> Result<serde_json::Value, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = replay_state(j)?;
+        if let Some(e) = r["error"].as_str().filter(|e| !e.is_empty()) {
+            return Err(format!("the replay guest stopped: {e}"));
+        }
+        if r[field] == true {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the replay guest was not {field} after 60 s: {r}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn boots_snapshots_and_restores_in_jails() -> Result<(), String> {
+    let scratch = Scratch::new("jailer");
+    let base = scratch.path("jails");
+    let trace = replay_vm::synthetic_trace(56 * 256, 2000);
+    let trace_path = replay_vm::write_trace(&scratch.dir, &trace)?;
+    let guest = replay_vm::replay_guest()?;
+    let config = scratch.path("vm.json");
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": "/replay.elf", "initrd_path": "/trace.bin", "boot_args": "reapvm-replay"},
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
+        "replay-control": true,
+    });
+    std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
+
+    let id = "replay-boot";
+    stock(
+        &base,
+        id,
+        &[
+            (&guest, "replay.elf"),
+            (&trace_path, "trace.bin"),
+            (&config, "vm.json"),
+        ],
+    )?;
+    let booted = jail(&base, id, JAILER_ARGS, &["--config-file", "/vm.json"])?;
+    check_confined(&booted, id)?;
+    wait_replay(&booted, "ready")?;
+    api(
+        &booted,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    )?;
+    api(
+        &booted,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_type": "Full", "snapshot_path": "/vmstate", "mem_file_path": "/memory"}),
+    )?;
+    let (vmstate, memory) = (booted.root.join("vmstate"), booted.root.join("memory"));
+    drop(booted);
+
+    for (n, backend) in ["File", "OnDemand"].iter().enumerate() {
+        let id = format!("replay-restore-{n}");
+        stock(&base, &id, &[(&vmstate, "vmstate"), (&memory, "memory")])?;
+        let restored = jail(&base, &id, JAILER_ARGS, &[])?;
+        check_confined(&restored, &id)?;
+        api(
+            &restored,
+            "PUT",
+            "/snapshot/load",
+            serde_json::json!({
+                "snapshot_path": "/vmstate",
+                "mem_backend": {"backend_type": backend, "backend_path": "/memory"},
+                "resume_vm": true,
+            }),
+        )
+        .map_err(|e| format!("{backend}: {e}"))?;
+        let r = wait_replay(&restored, "done")?;
+        let checksum = r["checksum"].as_u64().unwrap_or(0) as u32;
+        if checksum != trace.expected_checksum() {
+            return Err(format!(
+                "{backend}: the jailed restore replayed to {checksum:#x}, expected {:#x}",
+                trace.expected_checksum()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn bad_arguments_are_refused_before_anything_is_made() -> Result<(), String> {
+    let scratch = Scratch::new("jailer-bad");
+    let base = scratch.path("jails");
+    for (args, says) in [
+        (vec!["--id", "../escape"], "--id \"../escape\""),
+        (
+            vec!["--id", "ok", "--cgroup", "memory"],
+            "--cgroup \"memory\"",
+        ),
+        (
+            vec!["--id", "ok", "--resource-limit", "nofile=1"],
+            "--resource-limit",
+        ),
+        (
+            vec!["--id", "ok", "--cgroup-version", "3"],
+            "--cgroup-version 3",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_reapvm-jailer"))
+            .args(&args)
+            .args(["--exec-file", "/bin/true", "--uid", "1", "--gid", "1"])
+            .arg("--chroot-base-dir")
+            .arg(&base)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains(says) {
+            return Err(format!(
+                "{args:?}: expected a refusal naming {says:?}, got {stderr}"
+            ));
+        }
+        if base.exists() {
+            return Err(format!(
+                "{args:?}: the jail folder was made before the refusal"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let trials = vec![
+        Trial::test("boots_snapshots_and_restores_in_jails", || {
+            boots_snapshots_and_restores_in_jails().map_err(Failed::from)
+        }),
+        Trial::test("bad_arguments_are_refused_before_anything_is_made", || {
+            bad_arguments_are_refused_before_anything_is_made().map_err(Failed::from)
+        }),
+    ];
+    if !args.list {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("jailer suite: /dev/kvm does not exist here");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = replay_vm::replay_guest() {
+            eprintln!("jailer suite: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("jailer suite: running directly on this host's KVM");
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
