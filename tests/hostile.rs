@@ -31,40 +31,41 @@ struct Case {
     name: &'static str,
     /// The device status the guest must see after its abuse.
     status: u64,
-    /// A line the log must hold: reapvm said what the guest did.
-    logged: &'static str,
+    /// A line the log must hold: reapvm said what the guest did (None: a chain that fails
+    /// alone is not worth a line at the default level).
+    logged: Option<&'static str>,
 }
 
 const CASES: &[Case] = &[
     Case {
         name: "avail-ahead",
         status: RUNNING | NEEDS_RESET,
-        logged: "entries ahead of the device's 0, more than the queue's 64",
+        logged: Some("entries ahead of the device's 0, more than the queue's 64"),
     },
     Case {
         name: "not-ready",
         status: RUNNING | NEEDS_RESET,
-        logged: "queue 0 is not ready or not valid",
+        logged: Some("queue 0 is not ready or not valid"),
     },
     Case {
         name: "descriptor-loop",
         status: RUNNING,
-        logged: "",
+        logged: None,
     },
     Case {
         name: "outside-memory",
         status: RUNNING,
-        logged: "descriptors outside guest memory",
+        logged: Some("descriptors outside guest memory"),
     },
     Case {
         name: "huge-length",
         status: RUNNING,
-        logged: "descriptors outside guest memory",
+        logged: Some("descriptors outside guest memory"),
     },
     Case {
         name: "register-flood",
         status: RUNNING,
-        logged: "further lines from this place are suppressed",
+        logged: Some("further lines from this place are suppressed"),
     },
 ];
 
@@ -135,8 +136,8 @@ fn run_case(case: &Case) -> Result<(), String> {
             most_frequent_lines(&log)
         ));
     }
-    if !log.contains(case.logged) {
-        problems.push(format!("the log does not say {:?}", case.logged));
+    if let Some(line) = case.logged.filter(|line| !log.contains(line)) {
+        problems.push(format!("the log does not say {line:?}"));
     }
     if !log.contains("hostile case: device served again after reset") {
         problems.push("the guest's closing line is missing from the log".into());

@@ -18,6 +18,12 @@ pub enum ArgsError {
     ResourceLimit(String),
     #[error("--cgroup-version {0}: 1 or 2")]
     CgroupVersion(u8),
+    #[error(
+        "--parent-cgroup {0:?}: a relative path of names made of letters, digits, '-', '_' and '.'"
+    )]
+    ParentCgroup(String),
+    #[error("--chroot-base-dir {0}: cannot be made absolute")]
+    ChrootBase(PathBuf),
 }
 
 #[derive(Debug, Parser)]
@@ -97,6 +103,23 @@ pub fn check_id(id: &str) -> Result<(), ArgsError> {
     }
 }
 
+pub fn check_parent_cgroup(parent: &str) -> Result<(), ArgsError> {
+    let ok = !parent.is_empty()
+        && parent.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ArgsError::ParentCgroup(parent.to_string()))
+    }
+}
+
 pub fn parse_cgroup(setting: &str) -> Result<CgroupSetting, ArgsError> {
     let bad = || ArgsError::Cgroup(setting.to_string());
     let (file, value) = setting.split_once('=').ok_or_else(bad)?;
@@ -162,6 +185,15 @@ mod tests {
             "a.b=1\n2",
         ] {
             assert!(parse_cgroup(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parent_cgroups_stay_below_the_hierarchy() {
+        assert!(check_parent_cgroup("reapvm").is_ok());
+        assert!(check_parent_cgroup("a/b.c/d_e").is_ok());
+        for bad in ["", "/abs", "a/../b", "..", "a//b", "a/./b", "a b"] {
+            assert!(check_parent_cgroup(bad).is_err(), "{bad}");
         }
     }
 

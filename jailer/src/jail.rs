@@ -4,8 +4,8 @@
 //! namespace, a new session, then the unprivileged user, and exec.
 
 use std::ffi::CString;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
@@ -41,6 +41,8 @@ pub enum JailError {
     Nul(String),
     #[error("cannot list the shared libraries of {path} with ldd: {reason}")]
     Libraries { path: PathBuf, reason: String },
+    #[error("{path} in the jail is a symlink or not a folder: refusing to write through it")]
+    Planted { path: PathBuf },
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
@@ -54,35 +56,69 @@ pub fn root_of(base: &Path, exec_name: &str, id: &str) -> PathBuf {
 }
 
 /// Creates the jail folder (kept if it exists: the user may have put the guest's files
-/// there) and copies the VMM in as /EXEC_NAME, root-owned and not writable by the VMM.
+/// there) and copies the VMM in as /EXEC_NAME, with the shared libraries it links, root-
+/// owned and not writable by the VMM. The jail may hold what a previous, possibly
+/// compromised, VMM left there: nothing is written through a symlink in it.
 pub fn prepare(root: &Path, exec_file: &Path, exec_name: &str) -> Result<(), JailError> {
     std::fs::create_dir_all(root).map_err(|source| JailError::Folder {
         path: root.to_path_buf(),
         source,
     })?;
-    let to = root.join(exec_name);
+    copy_into(root, exec_file, Path::new(exec_name))?;
+    for library in shared_libraries(exec_file)? {
+        let inside = library.strip_prefix("/").unwrap_or(&library).to_path_buf();
+        copy_into(root, &library, &inside)?;
+    }
+    Ok(())
+}
+
+/// Copies `from` to `root/inside`: each folder on the way made or checked to be a real
+/// folder (no symlink), whatever was at the destination unlinked, the copy created anew
+/// (O_EXCL, O_NOFOLLOW) with mode 0755.
+fn copy_into(root: &Path, from: &Path, inside: &Path) -> Result<(), JailError> {
+    let mut at = root.to_path_buf();
+    let parts: Vec<Component> = inside.components().collect();
+    let Some((file_name, folders)) = parts.split_last() else {
+        return Err(JailError::Planted { path: at });
+    };
+    for part in folders {
+        let Component::Normal(part) = part else {
+            return Err(JailError::Planted {
+                path: at.join(part),
+            });
+        };
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => return Err(JailError::Planted { path: at }),
+            Err(_) => std::fs::create_dir(&at).map_err(|source| JailError::Folder {
+                path: at.clone(),
+                source,
+            })?,
+        }
+    }
+    let to = at.join(file_name);
     let copy_err = |source| JailError::Copy {
-        from: exec_file.to_path_buf(),
+        from: from.to_path_buf(),
         to: to.clone(),
         source,
     };
-    std::fs::copy(exec_file, &to).map_err(copy_err)?;
-    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).map_err(copy_err)?;
-    for library in shared_libraries(exec_file)? {
-        let inside = root.join(library.strip_prefix("/").unwrap_or(&library));
-        if let Some(dir) = inside.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| JailError::Folder {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        std::fs::copy(&library, &inside).map_err(|source| JailError::Copy {
-            from: library.clone(),
-            to: inside.clone(),
-            source,
-        })?;
+    match std::fs::symlink_metadata(&to) {
+        Ok(m) if m.file_type().is_dir() => return Err(JailError::Planted { path: to }),
+        Ok(_) => std::fs::remove_file(&to).map_err(copy_err)?,
+        Err(_) => {}
     }
-    Ok(())
+    let mut source = std::fs::File::open(from).map_err(copy_err)?;
+    let mut dest = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o755)
+        .open(&to)
+        .map_err(copy_err)?;
+    std::io::copy(&mut source, &mut dest).map_err(copy_err)?;
+    dest.set_permissions(std::fs::Permissions::from_mode(0o755))
+        .map_err(copy_err)
 }
 
 /// The shared libraries (and the dynamic loader) `exec_file` needs, as ldd lists them;
@@ -149,8 +185,10 @@ pub fn join_netns(path: &Path) -> Result<(), JailError> {
     )))
 }
 
-/// A mount namespace whose root is `root`: the host's mounts stop propagating in, the jail
-/// becomes the root with pivot_root, and the old root is detached.
+/// A mount namespace whose root is `root`: its mounts made slaves (nothing mounted in the
+/// jail reaches the host; the host's later mounts still reach the jail's copy of them,
+/// which is detached below), the jail becomes the root with pivot_root, and the old root
+/// is detached.
 pub fn enter_root(root: &Path) -> Result<(), JailError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(sys("create a mount namespace"))?;
     mount(
@@ -160,7 +198,7 @@ pub fn enter_root(root: &Path) -> Result<(), JailError> {
         MsFlags::MS_SLAVE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(sys("make the mounts private to the jail"))?;
+    .map_err(sys("make the jail's mounts slaves of the host's"))?;
     // pivot_root needs the new root to be a mount point.
     mount(
         Some(root),
@@ -228,13 +266,12 @@ pub fn host_devices() -> Vec<(&'static str, u64, u64)> {
         .collect()
 }
 
-/// A new PID namespace: the jailer forks; the child (PID 1 there) goes on to become the
-/// VMM, the parent writes its host PID to `pid_file` and exits.
-pub fn enter_pid_namespace(pid_file: &Path) -> Result<(), JailError> {
-    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("create a PID namespace"))?;
-    // SAFETY: the jailer is single-threaded here; the child only makes system calls
-    // before it execs.
-    match unsafe { fork() }.map_err(sys("fork into the PID namespace"))? {
+/// Forks: the child goes on to become the VMM, the parent writes the child's host PID to
+/// `pid_file` and exits.
+fn fork_on(pid_file: &Path, what: &str) -> Result<(), JailError> {
+    // SAFETY: the jailer is single-threaded (no thread was ever started), so the child may
+    // allocate and use the standard library until it execs.
+    match unsafe { fork() }.map_err(sys(what))? {
         ForkResult::Child => Ok(()),
         ForkResult::Parent { child } => {
             let written = std::fs::write(pid_file, child.to_string());
@@ -243,8 +280,21 @@ pub fn enter_pid_namespace(pid_file: &Path) -> Result<(), JailError> {
     }
 }
 
-/// A new session, the standard streams on /dev/null (made in the jail for this).
-pub fn daemonize() -> Result<(), JailError> {
+/// A new PID namespace: the jailer forks; the child (PID 1 there) goes on to become the
+/// VMM, the parent writes its host PID to `pid_file` and exits.
+pub fn enter_pid_namespace(pid_file: &Path) -> Result<(), JailError> {
+    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("create a PID namespace"))?;
+    fork_on(pid_file, "fork into the PID namespace")
+}
+
+/// Detaches: unless the jailer already forked into a PID namespace, it forks (the parent
+/// writing the child's PID to `pid_file` and exiting, so whoever started the jailer sees
+/// it end); then a new session (a forked child never leads a process group, so setsid
+/// works), the standard streams on /dev/null (made in the jail for this).
+pub fn daemonize(pid_file: &Path, already_forked: bool) -> Result<(), JailError> {
+    if !already_forked {
+        fork_on(pid_file, "fork to detach")?;
+    }
     setsid().map_err(sys("start a new session"))?;
     let _ = std::fs::remove_file("/dev/null");
     mknod(
@@ -280,7 +330,22 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
     setuid(Uid::from_raw(uid)).map_err(sys(format!("become user {uid}")))
 }
 
-/// Replaces the jailer with the VMM at `program` (a path inside the jail).
+/// Closes every descriptor above the standard three: one the caller left open (a folder,
+/// say) would let the VMM reach outside the jail.
+pub fn close_inherited_descriptors() -> Result<(), JailError> {
+    // SAFETY: close_range(2) takes no pointers; it only closes descriptors 3 and up.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r != 0 {
+        return Err(JailError::Sys {
+            what: "close the inherited descriptors".into(),
+            source: nix::Error::last(),
+        });
+    }
+    Ok(())
+}
+
+/// Replaces the jailer with the VMM at `program` (a path inside the jail), with an empty
+/// environment (nothing of root's reaches it).
 pub fn exec(program: &str, args: &[String]) -> Result<std::convert::Infallible, JailError> {
     let c = |s: &str| CString::new(s).map_err(|_| JailError::Nul(s.to_string()));
     let program = c(program)?;
@@ -288,5 +353,6 @@ pub fn exec(program: &str, args: &[String]) -> Result<std::convert::Infallible, 
     for a in args {
         argv.push(c(a)?);
     }
-    nix::unistd::execv(&program, &argv).map_err(sys("run the VMM"))
+    let env: [CString; 0] = [];
+    nix::unistd::execve(&program, &argv, &env).map_err(sys("run the VMM"))
 }

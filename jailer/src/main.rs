@@ -45,7 +45,11 @@ fn run(args: Args) -> Result<std::convert::Infallible, JailerError> {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default(),
     );
+    jail::close_inherited_descriptors()?;
     check_id(&args.id)?;
+    if let Some(parent) = &args.parent_cgroup {
+        args::check_parent_cgroup(parent)?;
+    }
     if args.cgroup_version != 1 && args.cgroup_version != 2 {
         return Err(ArgsError::CgroupVersion(args.cgroup_version).into());
     }
@@ -66,7 +70,10 @@ fn run(args: Args) -> Result<std::convert::Infallible, JailerError> {
         .map(|s| parse_resource_limit(s))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let root = jail::root_of(&args.chroot_base_dir, &exec_name, &args.id);
+    // Absolute: the jail is entered by changing into it.
+    let base = std::path::absolute(&args.chroot_base_dir)
+        .map_err(|_| ArgsError::ChrootBase(args.chroot_base_dir.clone()))?;
+    let root = jail::root_of(&base, &exec_name, &args.id);
     jail::prepare(&root, &args.exec_file, &exec_name)?;
     let parent = args.parent_cgroup.as_deref().unwrap_or(&exec_name);
     cgroup::enter(args.cgroup_version, parent, &args.id, &settings)?;
@@ -77,12 +84,13 @@ fn run(args: Args) -> Result<std::convert::Infallible, JailerError> {
     let devices = jail::host_devices();
     jail::enter_root(&root)?;
     jail::make_devices(args.uid, args.gid, &devices)?;
+    // Written inside the jail, where the user finds the VMM's other files.
+    let pid_file = std::path::PathBuf::from(format!("/{exec_name}.pid"));
     if args.new_pid_ns {
-        // Written inside the jail, where the user finds the VMM's other files.
-        jail::enter_pid_namespace(std::path::Path::new(&format!("/{exec_name}.pid")))?;
+        jail::enter_pid_namespace(&pid_file)?;
     }
     if args.daemonize {
-        jail::daemonize()?;
+        jail::daemonize(&pid_file, args.new_pid_ns)?;
     }
     jail::drop_privileges(args.uid, args.gid)?;
     let mut vmm_args = vec![

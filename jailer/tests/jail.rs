@@ -19,7 +19,7 @@ use support::{Arguments, Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
 /// Limits the checks below look for: 512 open files, the pids cgroup (v1, as this host
-/// mounts it).
+/// mounts it); the VMM as PID 1 of its own PID namespace, detached.
 const JAILER_ARGS: &[&str] = &[
     "--resource-limit",
     "no-file=512",
@@ -27,6 +27,19 @@ const JAILER_ARGS: &[&str] = &[
     "1",
     "--cgroup",
     "pids.max=64",
+    "--new-pid-ns",
+    "--daemonize",
+];
+/// The same without a PID namespace: --daemonize alone must detach (the jailer, started
+/// from this test, leads its process group and must fork before setsid).
+const JAILER_ARGS_NO_PID_NS: &[&str] = &[
+    "--resource-limit",
+    "no-file=512",
+    "--cgroup-version",
+    "1",
+    "--cgroup",
+    "pids.max=64",
+    "--daemonize",
 ];
 
 fn proc_field(pid: u32, file: &str, key: &str) -> String {
@@ -44,16 +57,20 @@ fn ns(pid: &str, kind: &str) -> String {
         .unwrap_or_default()
 }
 
-/// What the jail must have done to the VMM process.
-fn check_confined(j: &Jailed, id: &str) -> Result<(), String> {
+/// What the jail must have done to the VMM process (`own_pid_ns`: with --new-pid-ns).
+fn check_confined(j: &Jailed, id: &str, own_pid_ns: bool) -> Result<(), String> {
     let uid = proc_field(j.pid, "status", "Uid:");
     let fields: Vec<&str> = uid.split_whitespace().collect();
     if fields.len() < 5 || fields[1..].iter().any(|f| *f != NOBODY.to_string()) {
         return Err(format!("the VMM runs as {uid:?}, not as {NOBODY}"));
     }
     for kind in ["mnt", "pid"] {
-        if ns(&j.pid.to_string(), kind) == ns("self", kind) {
-            return Err(format!("the VMM shares this test's {kind} namespace"));
+        let separate = ns(&j.pid.to_string(), kind) != ns("self", kind);
+        if separate != (kind == "mnt" || own_pid_ns) {
+            return Err(format!(
+                "the VMM's {kind} namespace is {} this test's",
+                if separate { "not" } else { "" }
+            ));
         }
     }
     let limit = proc_field(j.pid, "limits", "Max open files");
@@ -141,7 +158,7 @@ fn boots_snapshots_and_restores_in_jails() -> Result<(), String> {
         ],
     )?;
     let booted = jail(&base, id, JAILER_ARGS, &["--config-file", "/vm.json"])?;
-    check_confined(&booted, id)?;
+    check_confined(&booted, id, true)?;
     wait_replay(&booted, "ready")?;
     api(
         &booted,
@@ -161,8 +178,8 @@ fn boots_snapshots_and_restores_in_jails() -> Result<(), String> {
     for (n, backend) in ["File", "OnDemand"].iter().enumerate() {
         let id = format!("replay-restore-{n}");
         stock(&base, &id, &[(&vmstate, "vmstate"), (&memory, "memory")])?;
-        let restored = jail(&base, &id, JAILER_ARGS, &[])?;
-        check_confined(&restored, &id)?;
+        let restored = jail(&base, &id, JAILER_ARGS_NO_PID_NS, &[])?;
+        check_confined(&restored, &id, false)?;
         api(
             &restored,
             "PUT",
@@ -182,6 +199,46 @@ fn boots_snapshots_and_restores_in_jails() -> Result<(), String> {
                 trace.expected_checksum()
             ));
         }
+    }
+    Ok(())
+}
+
+/// A jail used before may hold what its VMM (perhaps taken over by its guest) planted:
+/// the jailer, as root, never writes through a symlink in it.
+fn a_reused_jail_is_never_written_through_a_symlink() -> Result<(), String> {
+    let scratch = Scratch::new("jailer-planted");
+    let base = scratch.path("jails");
+    let id = "planted";
+    let root = stock(&base, id, &[])?;
+    let victim = scratch.path("victim.txt");
+    std::fs::write(&victim, b"precious").map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink(&victim, root.join("reapvm")).map_err(|e| e.to_string())?;
+    let jailed = jail(&base, id, &["--daemonize"], &[])?;
+    drop(jailed);
+    if std::fs::read(&victim).map_err(|e| e.to_string())? != b"precious" {
+        return Err("the jailer wrote the VMM through a planted symlink".into());
+    }
+    let copied = std::fs::symlink_metadata(root.join("reapvm")).map_err(|e| e.to_string())?;
+    if !copied.file_type().is_file() {
+        return Err("the VMM in the jail is not a plain file".into());
+    }
+    // A planted folder on the way to the shared libraries: refused, nothing written.
+    let victim_dir = scratch.path("victim-dir");
+    std::fs::create_dir_all(&victim_dir).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(root.join("lib"));
+    std::os::unix::fs::symlink(&victim_dir, root.join("lib")).map_err(|e| e.to_string())?;
+    match jail(&base, id, &["--daemonize"], &[]) {
+        Err(e) if e.contains("is a symlink or not a folder") => {}
+        Err(e) => return Err(format!("refused for another reason: {e}")),
+        Ok(_) => return Err("the jailer went through a planted lib symlink".into()),
+    }
+    let written = std::fs::read_dir(&victim_dir)
+        .map_err(|e| e.to_string())?
+        .count();
+    if written != 0 {
+        return Err(format!(
+            "{written} files written through the planted symlink"
+        ));
     }
     Ok(())
 }
@@ -231,6 +288,9 @@ fn main() -> ExitCode {
     let trials = vec![
         Trial::test("boots_snapshots_and_restores_in_jails", || {
             boots_snapshots_and_restores_in_jails().map_err(Failed::from)
+        }),
+        Trial::test("a_reused_jail_is_never_written_through_a_symlink", || {
+            a_reused_jail_is_never_written_through_a_symlink().map_err(Failed::from)
         }),
         Trial::test("bad_arguments_are_refused_before_anything_is_made", || {
             bad_arguments_are_refused_before_anything_is_made().map_err(Failed::from)

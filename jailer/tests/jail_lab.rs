@@ -104,7 +104,7 @@ fn a_function_vm_boots_snapshots_and_restores_jailed() -> Result<(), Failed> {
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
     });
     std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
-    let jailer_args = ["--netns", netns.as_str()];
+    let jailer_args = ["--netns", netns.as_str(), "--new-pid-ns", "--daemonize"];
 
     let id = "fn-boot";
     let _rootfs = stock_function_jail(

@@ -1,13 +1,18 @@
 //! Files that appear whole or not at all. A new file is written to a temporary file beside
 //! its target, created with O_EXCL (so never through a symlink someone planted) under an
-//! unpredictable name, mode 0600; `commit` makes its data durable, renames it over the
-//! target and makes the rename durable. Until then the target (an older snapshot, say) is
-//! untouched, and a temporary file that is dropped is removed. Temporaries that a writer
-//! killed before it could remove them are removed by the next writer of the same target.
+//! unpredictable name, mode 0600, and locked (flock) while it is being written; `commit`
+//! makes its data durable, renames it over the target and makes the rename durable. Until
+//! then the target (an older snapshot, say) is untouched, and a temporary file that is
+//! dropped is removed. Temporaries that a killed writer left are removed by the next writer
+//! of the same target; a live writer's (its lock held) are left alone, so two writers of
+//! one target (two REAP recordings of the same WS) both finish, the last rename winning.
+//! Files that must change together (a snapshot's memory file and vmstate) are committed
+//! together by `commit_all`: every one durable first, then the renames back to back.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Marks a temporary file in the target's folder: `.{target name}.reapvm-tmp-{random}`.
@@ -38,8 +43,14 @@ fn temp_prefix(target: &Path) -> std::io::Result<OsString> {
     Ok(prefix)
 }
 
-/// Removes the temporary files a killed writer of `target` left (best effort: one that
-/// cannot be removed is left, and does no harm).
+/// flock(2) without waiting; whether the lock was taken.
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock on a descriptor `file` owns; it changes no memory.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Removes the temporary files of `target` that no live writer holds (best effort: one
+/// that cannot be removed is left, and does no harm).
 fn remove_stale_temps(folder: &Path, prefix: &OsString) {
     let Ok(entries) = std::fs::read_dir(folder) else {
         return;
@@ -47,15 +58,20 @@ fn remove_stale_temps(folder: &Path, prefix: &OsString) {
     let prefix = prefix.as_encoded_bytes();
     for entry in entries.flatten() {
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if is_file && entry.file_name().as_encoded_bytes().starts_with(prefix) {
+        if !is_file || !entry.file_name().as_encoded_bytes().starts_with(prefix) {
+            continue;
+        }
+        // Its writer holds the lock while it lives; a killed writer's lock died with it.
+        let stale = File::open(entry.path()).is_ok_and(|f| try_lock(&f));
+        if stale {
             let _ = std::fs::remove_file(entry.path());
         }
     }
 }
 
 impl PendingFile {
-    /// An empty temporary file beside `target`, after removing the stale temporaries of
-    /// `target`.
+    /// An empty temporary file beside `target`, locked, after removing the stale
+    /// temporaries of `target`.
     pub fn beside(target: &Path) -> std::io::Result<Self> {
         let folder = folder_of(target);
         let prefix = temp_prefix(target)?;
@@ -64,6 +80,9 @@ impl PendingFile {
             .prefix(&prefix)
             .rand_bytes(12)
             .tempfile_in(folder)?;
+        if !try_lock(temp.as_file()) {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Self {
             temp,
             target: target.to_path_buf(),
@@ -81,11 +100,37 @@ impl PendingFile {
     /// Makes the data durable, renames the file over the target and makes the rename
     /// durable (a crash at any point leaves the old target or the new one, whole).
     pub fn commit(self) -> std::io::Result<()> {
-        self.temp.as_file().sync_all()?;
-        let target = self.target;
-        self.temp.persist(&target).map_err(|e| e.error)?;
-        File::open(folder_of(&target))?.sync_all()
+        commit_all(vec![self]).map_err(|(_, e)| e)
     }
+}
+
+/// Commits files that belong together: all of them durable first (a failure there leaves
+/// every target as it was), then the renames back to back in the given order, then the
+/// folders made durable. On error, the target the error concerns, and the error.
+pub fn commit_all(files: Vec<PendingFile>) -> Result<(), (PathBuf, std::io::Error)> {
+    for f in &files {
+        f.temp
+            .as_file()
+            .sync_all()
+            .map_err(|e| (f.target.clone(), e))?;
+    }
+    let mut folders: Vec<PathBuf> = Vec::new();
+    for f in files {
+        let target = f.target;
+        let folder = folder_of(&target).to_path_buf();
+        f.temp
+            .persist(&target)
+            .map_err(|e| (target.clone(), e.error))?;
+        if !folders.contains(&folder) {
+            folders.push(folder);
+        }
+    }
+    for folder in folders {
+        File::open(&folder)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| (folder.clone(), e))?;
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a [`PendingFile`].
@@ -144,6 +189,36 @@ mod tests {
         drop(pending);
         assert_eq!(names(&dir), ["memory"]);
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_live_writers_temporary_is_left_alone_and_both_writers_finish() {
+        let dir = scratch("live");
+        let target = dir.join("ws");
+        let mut first = PendingFile::beside(&target).unwrap();
+        first.file().write_all(b"first").unwrap();
+        // A second writer of the same target while the first still writes.
+        let mut second = PendingFile::beside(&target).unwrap();
+        assert!(first.temp_path().exists(), "the live temporary was removed");
+        second.file().write_all(b"second").unwrap();
+        first.commit().unwrap();
+        second.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"second");
+        assert_eq!(names(&dir), ["ws"]);
+    }
+
+    #[test]
+    fn files_committed_together_all_land() {
+        let dir = scratch("together");
+        let (a, b) = (dir.join("memory"), dir.join("vmstate"));
+        let mut pa = PendingFile::beside(&a).unwrap();
+        let mut pb = PendingFile::beside(&b).unwrap();
+        pa.file().write_all(b"m").unwrap();
+        pb.file().write_all(b"v").unwrap();
+        commit_all(vec![pa, pb]).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"m");
+        assert_eq!(std::fs::read(&b).unwrap(), b"v");
+        assert_eq!(names(&dir), ["memory", "vmstate"]);
     }
 
     #[test]

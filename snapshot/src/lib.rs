@@ -13,5 +13,5 @@ pub mod ws;
 /// The only page size reapvm's guest memory, snapshots, WS files and traces use.
 pub const PAGE_SIZE: usize = 4096;
 
-pub use atomic::{write_atomic, PendingFile};
+pub use atomic::{commit_all, write_atomic, PendingFile};
 pub use envelope::{decode, encode, EnvelopeError};

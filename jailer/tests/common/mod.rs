@@ -51,9 +51,9 @@ pub fn stock(base: &Path, id: &str, files: &[(&Path, &str)]) -> Result<PathBuf, 
     Ok(root)
 }
 
-/// Runs reapvm-jailer for `id` (as user 65534, a new PID namespace, detached) with
-/// `jailer_args`, the VMM serving /api.sock with /metrics.json and `vmm_args`; waits for
-/// the socket.
+/// Runs reapvm-jailer for `id` (as user 65534) with `jailer_args` (which must detach it:
+/// `--daemonize` or `--new-pid-ns`, for the PID file), the VMM serving /api.sock with
+/// /metrics.json and `vmm_args`; waits for the socket.
 pub fn jail(
     base: &Path,
     id: &str,
@@ -66,7 +66,6 @@ pub fn jail(
         .args(["--uid", &NOBODY.to_string(), "--gid", &NOBODY.to_string()])
         .arg("--chroot-base-dir")
         .arg(base)
-        .args(["--new-pid-ns", "--daemonize"])
         .args(jailer_args)
         .arg("--")
         .args(["--api-sock", "/api.sock", "--metrics-path", "/metrics.json"])

@@ -128,7 +128,7 @@ impl SnapshotSource {
         let written = super::write_memory_file(&self.mem, &memory, content, id, mem_path).and_then(
             |memory_file| {
                 let vmstate = super::write_vmstate(&state, vmstate_path)?;
-                super::commit_snapshot(memory_file, mem_path, vmstate, vmstate_path)
+                super::commit_snapshot(memory_file, vmstate)
             },
         );
         if kvm_dirty.is_some() {

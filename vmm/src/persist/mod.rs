@@ -245,21 +245,12 @@ pub fn write_vmstate(state: &MicrovmState, path: &Path) -> Result<PendingFile, P
     Ok(pending)
 }
 
-/// Replaces the targets of a snapshot's pending files: the memory file first, the vmstate
-/// last, so a vmstate never names memory that is not in place yet.
-pub fn commit_snapshot(
-    memory: PendingFile,
-    memory_path: &Path,
-    vmstate: PendingFile,
-    vmstate_path: &Path,
-) -> Result<(), PersistError> {
-    for (pending, path) in [(memory, memory_path), (vmstate, vmstate_path)] {
-        pending.commit().map_err(|source| PersistError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    }
-    Ok(())
+/// Replaces the targets of a snapshot's pending files: both made durable first (a failure
+/// there leaves the previous snapshot whole), then the memory file renamed, then the
+/// vmstate, so a vmstate never names memory that is not in place yet.
+pub fn commit_snapshot(memory: PendingFile, vmstate: PendingFile) -> Result<(), PersistError> {
+    snapshot::commit_all(vec![memory, vmstate])
+        .map_err(|(path, source)| PersistError::Write { path, source })
 }
 
 /// The state in the vmstate file at `path`, and the file's checksum (which identifies the
