@@ -14,33 +14,31 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use common::{api, jail, stock, Jailed, NOBODY};
-use support::http::unix_request;
+use support::restore::flushed_metrics;
 use support::{Arguments, Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
 /// Limits the checks below look for: 512 open files, the pids cgroup (v1, as this host
-/// mounts it); the VMM as PID 1 of its own PID namespace, detached.
-const JAILER_ARGS: &[&str] = &[
+/// mounts it).
+const LIMITS: [&str; 6] = [
     "--resource-limit",
     "no-file=512",
     "--cgroup-version",
     "1",
     "--cgroup",
     "pids.max=64",
-    "--new-pid-ns",
-    "--daemonize",
 ];
-/// The same without a PID namespace: --daemonize alone must detach (the jailer, started
-/// from this test, leads its process group and must fork before setsid).
-const JAILER_ARGS_NO_PID_NS: &[&str] = &[
-    "--resource-limit",
-    "no-file=512",
-    "--cgroup-version",
-    "1",
-    "--cgroup",
-    "pids.max=64",
-    "--daemonize",
-];
+
+/// The limits, with the VMM as PID 1 of its own PID namespace, or (false) detached by
+/// --daemonize alone (the jailer forks for it, the caller sees the jailer end).
+fn jailer_args(own_pid_ns: bool) -> Vec<&'static str> {
+    let mut args = LIMITS.to_vec();
+    if own_pid_ns {
+        args.push("--new-pid-ns");
+    }
+    args.push("--daemonize");
+    args
+}
 
 fn proc_field(pid: u32, file: &str, key: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/{file}"))
@@ -99,19 +97,7 @@ fn check_confined(j: &Jailed, id: &str, own_pid_ns: bool) -> Result<(), String> 
 
 /// The replay guest's report, from the jail's metrics file.
 fn replay_state(j: &Jailed) -> Result<serde_json::Value, String> {
-    let socket = j.root.join("api.sock");
-    let (status, answer) = unix_request(
-        &socket,
-        "PUT",
-        "/actions",
-        r#"{"action_type": "FlushMetrics"}"#,
-    )?;
-    if status != 204 {
-        return Err(format!("FlushMetrics: {status} {answer}"));
-    }
-    let text = std::fs::read_to_string(j.root.join("metrics.json")).map_err(|e| e.to_string())?;
-    let last = text.lines().last().ok_or("no metrics")?;
-    let m: serde_json::Value = serde_json::from_str(last).map_err(|e| e.to_string())?;
+    let m = flushed_metrics(&j.root.join("api.sock"), &j.root.join("metrics.json"))?;
     Ok(m["replay"].clone())
 }
 
@@ -157,7 +143,12 @@ fn boots_snapshots_and_restores_in_jails() -> Result<(), String> {
             (&config, "vm.json"),
         ],
     )?;
-    let booted = jail(&base, id, JAILER_ARGS, &["--config-file", "/vm.json"])?;
+    let booted = jail(
+        &base,
+        id,
+        &jailer_args(true),
+        &["--config-file", "/vm.json"],
+    )?;
     check_confined(&booted, id, true)?;
     wait_replay(&booted, "ready")?;
     api(
@@ -178,7 +169,7 @@ fn boots_snapshots_and_restores_in_jails() -> Result<(), String> {
     for (n, backend) in ["File", "OnDemand"].iter().enumerate() {
         let id = format!("replay-restore-{n}");
         stock(&base, &id, &[(&vmstate, "vmstate"), (&memory, "memory")])?;
-        let restored = jail(&base, &id, JAILER_ARGS_NO_PID_NS, &[])?;
+        let restored = jail(&base, &id, &jailer_args(false), &[])?;
         check_confined(&restored, &id, false)?;
         api(
             &restored,

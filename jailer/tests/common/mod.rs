@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::http::unix_request;
 use test_support as support;
 
 pub const NOBODY: u32 = 65534;
@@ -95,9 +94,5 @@ pub fn jail(
 }
 
 pub fn api(j: &Jailed, method: &str, path: &str, body: serde_json::Value) -> Result<(), String> {
-    let (status, answer) = unix_request(&j.root.join("api.sock"), method, path, &body.to_string())?;
-    if status != 204 {
-        return Err(format!("{method} {path}: {status} {answer}"));
-    }
-    Ok(())
+    support::restore::api(&j.root.join("api.sock"), method, path, body)
 }
