@@ -29,7 +29,7 @@ scripts/build-replay-guest.sh
 if [ "$tier" = fast ]; then
   place="this host's own KVM only"
   [ -e /dev/kvm ] || { echo "test.sh --fast: no /dev/kvm here; the replay tests need this host's own KVM" >&2; exit 1; }
-  tests=(--lib --bins --test replay --test hostile --test seccomp --test jail)
+  tests=(--lib --bins --test replay --test hostile --test seccomp --test jail --test fuzz_seeds)
 else
   place="$(scripts/kvm-place.sh)"
   if [ "$place" = lab ]; then
@@ -46,12 +46,18 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
 (cd guest/replay && CARGO_TARGET_DIR="$root/target/replay" cargo clippy -q --release -- -D warnings)
+if [ "$tier" = full ]; then
+  # Each fuzz target for a short, fixed time from its seeds (the long runs: docs/fuzzing.md).
+  step "fuzz targets, 20 s each (AddressSanitizer)"
+  scripts/fuzz.sh --time 20
+fi
 step "cargo test, $tier tier (KVM suites run: $place)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 # No doctests in this workspace; every suite's own closing line is summed below.
 set +e
-cargo test --workspace --no-fail-fast "${tests[@]}" 2>&1 | tee "$log"
+# The fuzz targets are run by cargo fuzz above, not by the test harness.
+cargo test --workspace --exclude reapvm-fuzz --no-fail-fast "${tests[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # libtest lines look like "test result: ok. 17 passed; 0 failed; ..." (some with colours).

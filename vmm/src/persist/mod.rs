@@ -260,7 +260,13 @@ pub fn read_vmstate(path: &Path) -> Result<(MicrovmState, u64), PersistError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let payload = snapshot::decode(VMSTATE_MAGIC, VMSTATE_VERSION, &bytes).map_err(|source| {
+    decode_vmstate(&bytes, path)
+}
+
+/// The state in a vmstate file's `bytes` (read from `path`, which errors name), and the
+/// file's checksum. The state is decoded, not yet checked: see `restore::check_saved_state`.
+pub fn decode_vmstate(bytes: &[u8], path: &Path) -> Result<(MicrovmState, u64), PersistError> {
+    let payload = snapshot::decode(VMSTATE_MAGIC, VMSTATE_VERSION, bytes).map_err(|source| {
         PersistError::Envelope {
             path: path.to_path_buf(),
             source,
@@ -272,7 +278,7 @@ pub fn read_vmstate(path: &Path) -> Result<(MicrovmState, u64), PersistError> {
     })?;
     Ok((
         state,
-        snapshot::envelope::stored_checksum(&bytes).unwrap_or(0),
+        snapshot::envelope::stored_checksum(bytes).unwrap_or(0),
     ))
 }
 

@@ -140,12 +140,6 @@ pub fn restore_vm(
     opts: StartOptions,
 ) -> Result<(MicroVm, VmConfig), RestoreError> {
     let config = restored_config(state, params)?;
-    if state.vcpus.len() != usize::from(config.vcpu_count()) {
-        return Err(RestoreError::VcpuCount {
-            saved: state.vcpus.len(),
-            configured: config.vcpu_count(),
-        });
-    }
     // Drives and taps first: a missing file or tap fails before KVM is touched.
     let devices = restore_devices(&config, state)?;
 
@@ -239,13 +233,7 @@ fn restored_config(
     state: &MicrovmState,
     params: &LoadSnapshotParams,
 ) -> Result<VmConfig, RestoreError> {
-    // A vmstate is untrusted input: its configuration is checked as a new one would be,
-    // and its memory must be laid out as that configuration lays it out.
-    state
-        .config
-        .validate(crate::memory::host_ram_bytes())
-        .map_err(RestoreError::Config)?;
-    check_memory_layout(&state.config, &state.memory)?;
+    check_saved_state(state)?;
     let mut config = state.config.clone();
     config.machine_config.track_dirty_pages = params.track_dirty_pages;
     for o in &params.network_overrides {
@@ -259,6 +247,24 @@ fn restored_config(
         iface.host_dev_name = o.host_dev_name.clone();
     }
     Ok(config)
+}
+
+/// A vmstate is untrusted input: its configuration is checked as a new one would be, its
+/// memory must be laid out as that configuration lays it out, and it must hold one state
+/// per configured vCPU. Needs no KVM: the fuzz target `vmstate` runs it.
+pub fn check_saved_state(state: &MicrovmState) -> Result<(), RestoreError> {
+    state
+        .config
+        .validate(crate::memory::host_ram_bytes())
+        .map_err(RestoreError::Config)?;
+    check_memory_layout(&state.config, &state.memory)?;
+    if state.vcpus.len() != usize::from(state.config.vcpu_count()) {
+        return Err(RestoreError::VcpuCount {
+            saved: state.vcpus.len(),
+            configured: state.config.vcpu_count(),
+        });
+    }
+    Ok(())
 }
 
 /// The saved memory regions must be those the builder gives the saved configuration.

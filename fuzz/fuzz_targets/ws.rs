@@ -1,0 +1,71 @@
+//! The REAP working-set file (format version 1, the only one this reapvm reads; any other
+//! version is refused by the envelope): decoded as a restore decodes it, then every run's
+//! data sliced out as the installer slices it.
+//!
+//! Input: a mode byte, then the file. Mode bit 0 set wraps the rest in a valid envelope (so
+//! the fuzzer reaches the WS decoder past the checksum); bit 1 set writes the version the
+//! envelope carries as 2, which must be refused.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use snapshot::ws::{self, RunKind, WS_MAGIC, WS_VERSION};
+use snapshot::PAGE_SIZE;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let version = if mode & 2 == 2 {
+        WS_VERSION + 1
+    } else {
+        WS_VERSION
+    };
+    let file = if mode & 1 == 1 {
+        snapshot::encode(WS_MAGIC, version, rest)
+    } else {
+        rest.to_vec()
+    };
+    let Ok(decoded) = ws::decode_any(&file) else {
+        return;
+    };
+    assert_eq!(version, WS_VERSION, "a WS of another version was accepted");
+    // The restore path's own check against the snapshot it belongs to.
+    let again = ws::decode(&file, decoded.identity, &decoded.regions).expect("same snapshot");
+    assert_eq!(again.runs, decoded.runs);
+    let mut data_bytes = 0usize;
+    let mut pages = 0u64;
+    for (run, bytes) in decoded.runs_with_data() {
+        pages += u64::from(run.pages);
+        let len = run.pages as usize * PAGE_SIZE;
+        match (run.kind, bytes) {
+            (RunKind::Data, Some(b)) => {
+                assert_eq!(b.len(), len);
+                data_bytes += len;
+            }
+            (RunKind::Zero, None) => {}
+            other => panic!("run kind and data disagree: {other:?}"),
+        }
+        let end = run.file_offset + len as u64;
+        assert!(
+            decoded
+                .regions
+                .iter()
+                .any(|r| run.file_offset >= r.file_offset && end <= r.file_offset + r.size),
+            "run {run:?} is not inside one region"
+        );
+    }
+    assert_eq!(data_bytes, decoded.data.len());
+    assert_eq!(pages, decoded.pages());
+    // What a recorder would write for the same WS decodes to it.
+    let encoded = ws::encode(
+        decoded.identity,
+        decoded.page_size,
+        &decoded.regions,
+        &decoded.runs,
+        decoded.data,
+    );
+    let round = ws::decode_any(&encoded).expect("a re-encoded WS decodes");
+    assert_eq!(round.runs, decoded.runs);
+    assert_eq!(round.regions, decoded.regions);
+    assert_eq!(round.data, decoded.data);
+});

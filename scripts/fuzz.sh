@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs reapvm's cargo-fuzz targets (docs/fuzzing.md) with AddressSanitizer, each from its
+# seeds (fuzz/seeds/TARGET) and the corpus earlier runs grew (fuzz/corpus/TARGET).
+#
+#   scripts/fuzz.sh --time SECONDS [TARGET...]   each target for a fixed time (CI's smoke run)
+#   scripts/fuzz.sh --runs N [TARGET...]          each target for N executions (the long runs)
+#
+# Prints one line per target: executions, seconds, executions per second. A crash, a leak,
+# a hang (one input running over 10 s) or an out-of-memory stops the run and fails it;
+# libFuzzer leaves the input in fuzz/artifacts/TARGET/ to reproduce with
+# `cargo +nightly fuzz run TARGET fuzz/artifacts/TARGET/FILE`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+all=(vmstate ws touch_log replay_trace api_request mmio_block)
+usage() { echo "usage: scripts/fuzz.sh --time SECONDS | --runs N [TARGET...] (targets: ${all[*]})" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+case "$1" in
+  --time) limit=(-max_total_time="$2") ;;
+  --runs) limit=(-runs="$2") ;;
+  *) usage ;;
+esac
+shift 2
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
+
+# cargo-fuzz needs a nightly toolchain for -Zsanitizer=address; reapvm itself builds with
+# the pinned stable one (rust-toolchain.toml). scripts/setup-host.sh installs both tools.
+if ! cargo +nightly --version >/dev/null 2>&1 || ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz.sh: needs a nightly Rust toolchain and cargo-fuzz: run scripts/setup-host.sh" >&2
+  exit 1
+fi
+# Instrumented dependencies are kept between checkouts (cargo rebuilds what changed).
+target_dir="${REAPVM_CACHE:-$HOME/.cache/reapvm}/fuzz-target"
+echo "[fuzz] building ${targets[*]} (AddressSanitizer; objects in $target_dir)" >&2
+cargo +nightly fuzz build --target-dir "$target_dir" >&2
+status=0
+for t in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+  log="$(mktemp)"
+  start=$(date +%s.%N)
+  set +e
+  cargo +nightly fuzz run --target-dir "$target_dir" "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+    "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
+  rc=$?
+  set -e
+  secs=$(echo "$(date +%s.%N) - $start" | bc)
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | cut -d' ' -f2)
+  if [ "$rc" -ne 0 ]; then
+    status=1
+    echo "[fuzz] $t FAILED (exit $rc); the last lines of its log:" >&2
+    tail -n 40 "$log" >&2
+  fi
+  printf '%-13s %12s executions in %6.0f s (%s/s), %s edges covered%s\n' "$t" "${runs:-?}" \
+    "$secs" "$(echo "${runs:-0} / $secs" | bc)" "${cov:-?}" \
+    "$([ "$rc" -eq 0 ] && echo "" || echo "  FAILED")"
+  rm -f "$log"
+done
+exit "$status"

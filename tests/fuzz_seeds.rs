@@ -1,0 +1,90 @@
+//! The fuzz targets' seeds (fuzz/seeds/TARGET/) decode and pass the checks their targets
+//! run. A seed starting with a mode byte of 1 is a payload the target wraps in a valid
+//! envelope (docs/fuzzing.md).
+
+use std::path::{Path, PathBuf};
+
+use snapshot::replay_trace::Trace;
+use snapshot::touch_log::{TouchLog, TOUCH_LOG_MAGIC, TOUCH_LOG_VERSION};
+use snapshot::ws::{self, WS_MAGIC, WS_VERSION};
+use vmm::persist::{VMSTATE_MAGIC, VMSTATE_VERSION};
+
+fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/seeds")
+        .join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no seeds in {}", dir.display());
+    files
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+/// The file a seed stands for, as the target builds it from the mode byte.
+fn file(seed: &[u8], magic: &[u8; 8], version: u32) -> Vec<u8> {
+    match seed.split_first() {
+        Some((1, payload)) => snapshot::encode(magic, version, payload),
+        Some((0, raw)) => raw.to_vec(),
+        _ => panic!("a seed starts with mode byte 0 or 1"),
+    }
+}
+
+#[test]
+fn vmstate_seeds_are_states_a_restore_accepts() {
+    for (path, seed) in seeds("vmstate") {
+        let bytes = file(&seed, VMSTATE_MAGIC, VMSTATE_VERSION);
+        let (state, _) = vmm::persist::decode_vmstate(&bytes, &path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        vmm::restore::check_saved_state(&state)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!state.vcpus.is_empty());
+    }
+}
+
+#[test]
+fn ws_seeds_decode() {
+    for (path, seed) in seeds("ws") {
+        let bytes = file(&seed, WS_MAGIC, WS_VERSION);
+        let ws = ws::decode_any(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(ws.pages() > 0, "{}", path.display());
+    }
+}
+
+#[test]
+fn touch_log_seeds_decode() {
+    for (path, seed) in seeds("touch_log") {
+        let log = TouchLog::decode(&file(&seed, TOUCH_LOG_MAGIC, TOUCH_LOG_VERSION))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!log.touches.is_empty(), "{}", path.display());
+    }
+}
+
+#[test]
+fn replay_trace_seeds_fit_the_fuzzed_guest() {
+    for (path, seed) in seeds("replay_trace") {
+        let trace = Trace::decode(&seed).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        trace
+            .check_fits(64 * 256)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+#[test]
+fn api_request_seeds_parse() {
+    const METHODS: [&str; 6] = ["GET", "PUT", "PATCH", "POST", "DELETE", "HEAD"];
+    for (path, seed) in seeds("api_request") {
+        let method = METHODS[usize::from(seed[0]) % METHODS.len()];
+        let text = std::str::from_utf8(&seed[1..]).unwrap();
+        let (uri, body) = text.split_once('\n').unwrap();
+        vmm::api::request::parse(method, uri, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
