@@ -23,6 +23,11 @@ pub enum CgroupError {
         value: String,
         source: std::io::Error,
     },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create the cgroup {path}: {source}")]
     Create {
         path: PathBuf,
@@ -124,6 +129,9 @@ pub fn enter(
             .ok_or_else(|| CgroupError::NoController(s.controller.clone()))?;
         let jail = point.join(parent).join(id);
         create(&jail)?;
+        if s.controller == "cpuset" {
+            inherit_cpuset(&point, &jail)?;
+        }
         write(&jail.join(&s.file), &s.value)?;
         if !made.contains(&jail) {
             write(&jail.join("tasks"), &pid)?;
@@ -131,4 +139,28 @@ pub fn enter(
         }
     }
     Ok(made)
+}
+
+/// A v1 cpuset cgroup starts with no CPUs and no memory nodes, and no task can join it
+/// until it has both (ENOSPC): each level from the hierarchy's root down to `jail` that
+/// has none takes its parent's, as Firecracker's jailer does.
+fn inherit_cpuset(root: &Path, jail: &Path) -> Result<(), CgroupError> {
+    let Ok(below) = jail.strip_prefix(root) else {
+        return Ok(());
+    };
+    let mut parent = root.to_path_buf();
+    for part in below.components() {
+        let child = parent.join(part);
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let own = std::fs::read_to_string(child.join(file)).unwrap_or_default();
+            if own.trim().is_empty() {
+                let from = parent.join(file);
+                let value = std::fs::read_to_string(&from)
+                    .map_err(|source| CgroupError::Read { path: from, source })?;
+                write(&child.join(file), value.trim())?;
+            }
+        }
+        parent = child;
+    }
+    Ok(())
 }

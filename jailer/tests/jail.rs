@@ -234,6 +234,118 @@ fn a_reused_jail_is_never_written_through_a_symlink() -> Result<(), String> {
     Ok(())
 }
 
+/// The cgroup v2 mount point, from /proc/mounts.
+fn unified_hierarchy() -> Result<std::path::PathBuf, String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| std::path::PathBuf::from(f[1]))
+        .ok_or_else(|| "no cgroup v2 hierarchy is mounted on this host".to_string())
+}
+
+/// Removes a jail's cgroup folder once its VMM is gone (a cgroup with no process in it).
+struct CgroupDir(std::path::PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `--cgroup-version 2`: the VMM runs in PARENT/ID of the unified hierarchy with the
+/// controller enabled down to it and the limit written. This host's v2 hierarchy has one
+/// controller its v1 mounts do not hold, hugetlb; the limit is one 2 MiB page.
+fn the_unified_hierarchy_holds_the_jail_with_its_limit() -> Result<(), String> {
+    let unified = unified_hierarchy()?;
+    let controllers = std::fs::read_to_string(unified.join("cgroup.controllers"))
+        .map_err(|e| format!("{}: {e}", unified.display()))?;
+    if !controllers.split_whitespace().any(|c| c == "hugetlb") {
+        return Err(format!(
+            "the cgroup v2 hierarchy at {} has no hugetlb controller ({controllers:?}): this test needs one controller there",
+            unified.display()
+        ));
+    }
+    let scratch = Scratch::new("jailer-cgroup2");
+    let base = scratch.path("jails");
+    let id = "cgroup-v2";
+    stock(&base, id, &[])?;
+    let dir = CgroupDir(unified.join("reapvm").join(id));
+    let jailed = jail(
+        &base,
+        id,
+        &[
+            "--cgroup-version",
+            "2",
+            "--cgroup",
+            "hugetlb.2MB.max=2097152",
+            "--new-pid-ns",
+            "--daemonize",
+        ],
+        &[],
+    )?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", jailed.pid))
+        .map_err(|e| e.to_string())?;
+    if !cgroups.lines().any(|l| l == format!("0::/reapvm/{id}")) {
+        return Err(format!(
+            "the VMM is not in the v2 cgroup reapvm/{id}:\n{cgroups}"
+        ));
+    }
+    let limit =
+        std::fs::read_to_string(dir.0.join("hugetlb.2MB.max")).map_err(|e| e.to_string())?;
+    if limit.trim() != "2097152" {
+        return Err(format!(
+            "hugetlb.2MB.max holds {limit:?}, not the jailer's 2097152"
+        ));
+    }
+    let enabled = std::fs::read_to_string(unified.join("reapvm/cgroup.subtree_control"))
+        .map_err(|e| e.to_string())?;
+    if !enabled.split_whitespace().any(|c| c == "hugetlb") {
+        return Err(format!("hugetlb is not enabled for the jails: {enabled:?}"));
+    }
+    drop(jailed);
+    drop(dir);
+    Ok(())
+}
+
+/// A v1 cpuset cgroup starts empty, and nothing can join it until it has CPUs and memory
+/// nodes: the jailer gives the new levels their parent's, then writes the setting.
+fn a_v1_cpuset_jail_gets_its_parents_memory_nodes() -> Result<(), String> {
+    let scratch = Scratch::new("jailer-cpuset");
+    let base = scratch.path("jails");
+    let id = "cpuset-v1";
+    stock(&base, id, &[])?;
+    let dir = CgroupDir(Path::new("/sys/fs/cgroup/cpuset/reapvm").join(id));
+    let jailed = jail(
+        &base,
+        id,
+        &[
+            "--cgroup-version",
+            "1",
+            "--cgroup",
+            "cpuset.cpus=0",
+            "--daemonize",
+        ],
+        &[],
+    )?;
+    let cpus = proc_field(jailed.pid, "status", "Cpus_allowed_list:");
+    if cpus.split_whitespace().nth(1) != Some("0") {
+        return Err(format!("the VMM may run on {cpus:?}, not on CPU 0 alone"));
+    }
+    let mems = std::fs::read_to_string(dir.0.join("cpuset.mems")).map_err(|e| e.to_string())?;
+    let host_mems =
+        std::fs::read_to_string("/sys/fs/cgroup/cpuset/cpuset.mems").map_err(|e| e.to_string())?;
+    if mems.trim().is_empty() || mems.trim() != host_mems.trim() {
+        return Err(format!(
+            "the jail's memory nodes are {mems:?}, the host's {host_mems:?}"
+        ));
+    }
+    drop(jailed);
+    drop(dir);
+    Ok(())
+}
+
 fn bad_arguments_are_refused_before_anything_is_made() -> Result<(), String> {
     let scratch = Scratch::new("jailer-bad");
     let base = scratch.path("jails");
@@ -282,6 +394,13 @@ fn main() -> ExitCode {
         }),
         Trial::test("a_reused_jail_is_never_written_through_a_symlink", || {
             a_reused_jail_is_never_written_through_a_symlink().map_err(Failed::from)
+        }),
+        Trial::test(
+            "the_unified_hierarchy_holds_the_jail_with_its_limit",
+            || the_unified_hierarchy_holds_the_jail_with_its_limit().map_err(Failed::from),
+        ),
+        Trial::test("a_v1_cpuset_jail_gets_its_parents_memory_nodes", || {
+            a_v1_cpuset_jail_gets_its_parents_memory_nodes().map_err(Failed::from)
         }),
         Trial::test("bad_arguments_are_refused_before_anything_is_made", || {
             bad_arguments_are_refused_before_anything_is_made().map_err(Failed::from)
