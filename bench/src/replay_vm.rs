@@ -170,6 +170,20 @@ impl ReplayVmm {
     }
 
     /// Waits up to `timeout` for reapvm to exit by itself; its exit status, if it did.
+    /// Sends `signal` to the reapvm process.
+    pub fn signal(&self, signal: i32) -> Result<(), String> {
+        // SAFETY: kill(2) on the PID of a child this struct owns and has not reaped.
+        if unsafe { libc::kill(self.child.id() as i32, signal) } != 0 {
+            return Err(format!("kill: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// The metrics file's contents.
+    pub fn metrics_text(&self) -> String {
+        std::fs::read_to_string(&self.metrics).unwrap_or_default()
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         test_support::wait_for_exit(&mut self.child, timeout)
     }
@@ -204,9 +218,9 @@ impl ReplaySnapshot {
     }
 }
 
-/// Boots the replay guest with `trace` (a file) in `mem_mib` of memory, waits until it is
-/// ready (trace checked, memory filled), and snapshots it paused into `dir`.
-pub fn boot_and_snapshot(dir: &Path, trace: &Path, mem_mib: u64) -> Result<ReplaySnapshot, String> {
+/// Writes `dir/replay-vm.json`, the configuration that boots the replay guest with `trace`
+/// (a file) in `mem_mib` of memory; returns its path.
+pub fn write_boot_config(dir: &Path, trace: &Path, mem_mib: u64) -> Result<PathBuf, String> {
     let config = dir.join("replay-vm.json");
     let body = serde_json::json!({
         "boot-source": {"kernel_image_path": replay_guest()?, "initrd_path": trace, "boot_args": "reapvm-replay"},
@@ -215,6 +229,13 @@ pub fn boot_and_snapshot(dir: &Path, trace: &Path, mem_mib: u64) -> Result<Repla
         "replay-control": true,
     });
     std::fs::write(&config, body.to_string()).map_err(|e| format!("{}: {e}", config.display()))?;
+    Ok(config)
+}
+
+/// Boots the replay guest with `trace` (a file) in `mem_mib` of memory, waits until it is
+/// ready (trace checked, memory filled), and snapshots it paused into `dir`.
+pub fn boot_and_snapshot(dir: &Path, trace: &Path, mem_mib: u64) -> Result<ReplaySnapshot, String> {
+    let config = write_boot_config(dir, trace, mem_mib)?;
     let vmm = ReplayVmm::start(dir, "boot", Some(&config))?;
     vmm.wait_for("ready", Duration::from_secs(60))?;
     let snap = ReplaySnapshot {

@@ -17,6 +17,7 @@ pub mod persist;
 pub mod reap;
 pub mod restore;
 pub mod seccomp;
+pub mod terminate;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;

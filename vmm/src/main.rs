@@ -68,6 +68,10 @@ fn main() -> ExitCode {
     if let Err(e) = vmm::seccomp::init(cli.no_seccomp, cli.seccomp_filter.as_deref()) {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
+    // Before any other thread starts, so that every thread leaves the signals to it.
+    if let Err(e) = vmm::terminate::handle_termination_signals() {
+        return fail(exit_code::GENERIC_ERROR, e);
+    }
     let metrics_path = config
         .as_ref()
         .and_then(|c| c.metrics.as_ref())
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
             Err(e) => return fail(exit_code::GENERIC_ERROR, e),
         };
         _socket = Some(SocketFile(cli.api_sock.clone()));
+        vmm::terminate::remove_on_termination(cli.api_sock.clone());
         metrics::metrics().api_server.process_startup_time_us.set(
             devices::legacy::start_time_now()
                 .wall_us

@@ -1,0 +1,93 @@
+//! reapvm as a process, as Firecracker's users run it: SIGTERM (and SIGINT) end it with
+//! exit code 0 after a last metrics write, and the API socket is gone; before a VM exists
+//! and while one runs. On this host's own KVM with the replay guest (never the lab).
+
+use reapvm_bench::replay_vm;
+use test_support as support;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use replay_vm::ReplayVmm;
+use support::{Arguments, Failed, Scratch, Trial};
+
+/// Sends `signal` to `vmm` and checks the ending: exit code 0, no socket, and a metrics
+/// line written by the ending itself.
+fn ends_cleanly_on(mut vmm: ReplayVmm, signal: i32) -> Result<(), String> {
+    let before = vmm.metrics_text().lines().count();
+    vmm.signal(signal)?;
+    let status = vmm.wait_exit(Duration::from_secs(10));
+    if status.and_then(|s| s.code()) != Some(0) {
+        return Err(format!(
+            "signal {signal}: reapvm ended with {status:?}, not exit code 0\n{}",
+            vmm.log_tail()
+        ));
+    }
+    if vmm.socket.exists() {
+        return Err(format!(
+            "the API socket {} was left behind",
+            vmm.socket.display()
+        ));
+    }
+    let metrics = vmm.metrics_text();
+    let last = metrics.lines().last().unwrap_or_default();
+    let parsed: serde_json::Value = serde_json::from_str(last)
+        .map_err(|e| format!("the last metrics line is not JSON ({e}): {last:?}"))?;
+    if metrics.lines().count() <= before || parsed.get("api_server").is_none() {
+        return Err(format!(
+            "no metrics were written on the way out ({before} lines before, now {}): {last:?}",
+            metrics.lines().count()
+        ));
+    }
+    if !vmm.log_text().contains("received: writing the metrics") {
+        return Err(format!(
+            "the log does not say why reapvm ended:\n{}",
+            vmm.log_tail()
+        ));
+    }
+    Ok(())
+}
+
+fn sigterm_before_a_vm_exists() -> Result<(), String> {
+    let scratch = Scratch::new("process-preboot");
+    let vmm = ReplayVmm::start(&scratch.dir, "preboot", None)?;
+    ends_cleanly_on(vmm, libc::SIGTERM)
+}
+
+fn sigterm_and_sigint_while_a_vm_runs() -> Result<(), String> {
+    for (signal, tag) in [(libc::SIGTERM, "term"), (libc::SIGINT, "int")] {
+        let scratch = Scratch::new(&format!("process-running-{tag}"));
+        let trace = replay_vm::synthetic_trace(8 * 256, 200);
+        let trace = replay_vm::write_trace(&scratch.dir, &trace)?;
+        let config = replay_vm::write_boot_config(&scratch.dir, &trace, 64)?;
+        let vmm = ReplayVmm::start(&scratch.dir, tag, Some(&config))?;
+        vmm.wait_for("ready", Duration::from_secs(60))?;
+        ends_cleanly_on(vmm, signal).map_err(|e| format!("{tag}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let trials = vec![
+        Trial::test("sigterm_before_a_vm_exists", || {
+            sigterm_before_a_vm_exists().map_err(Failed::from)
+        }),
+        Trial::test("sigterm_and_sigint_while_a_vm_runs", || {
+            sigterm_and_sigint_while_a_vm_runs().map_err(Failed::from)
+        }),
+    ];
+    if !args.list {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("process suite: /dev/kvm does not exist here");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = replay_vm::replay_guest() {
+            eprintln!("process suite: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("process suite: running directly on this host's KVM");
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
