@@ -27,8 +27,11 @@ const IFNAMSIZ: usize = 16;
 pub enum TapError {
     #[error("tap device name {0:?} is empty, too long (max 15 bytes) or contains NUL")]
     Name(String),
-    #[error("tap device {0} does not exist in this network namespace (create it first, e.g. `ip tuntap add {0} mode tap`)")]
-    Missing(String),
+    #[error("tap device {name} does not exist in this network namespace and cannot be created here: {source} (create it first, e.g. `ip tuntap add {name} mode tap`, or give reapvm CAP_NET_ADMIN)")]
+    Missing {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("cannot open /dev/net/tun: {0}")]
     OpenTun(std::io::Error),
     #[error("cannot attach to tap device {name} (TUNSETIFF): {source}")]
@@ -51,17 +54,17 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Attaches to the existing tap interface `name`. It is never created here: a missing
-    /// tap is a configuration error, not something to paper over.
+    /// Attaches to the tap interface `name`, or, as Firecracker does, creates it (TUNSETIFF
+    /// makes a missing one, with CAP_NET_ADMIN): a tap made here lives as long as the VMM
+    /// holds it, and starts down and without addresses, for whoever made the namespace to
+    /// configure.
     pub fn open(name: &str) -> Result<Self, TapError> {
         if name.is_empty() || name.len() >= IFNAMSIZ {
             return Err(TapError::Name(name.to_string()));
         }
         let cname = CString::new(name).map_err(|_| TapError::Name(name.to_string()))?;
         // SAFETY: `cname` is a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
-            return Err(TapError::Missing(name.to_string()));
-        }
+        let existed = unsafe { libc::if_nametoindex(cname.as_ptr()) } != 0;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -74,10 +77,16 @@ impl Tap {
         ifreq[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifreq` is large enough for.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
-            return Err(TapError::Attach {
-                name: name.to_string(),
-                source: std::io::Error::last_os_error(),
+            let name = name.to_string();
+            let source = std::io::Error::last_os_error();
+            return Err(if existed {
+                TapError::Attach { name, source }
+            } else {
+                TapError::Missing { name, source }
             });
+        }
+        if !existed {
+            log::info!("tap device {name} did not exist: created it (down, no address)");
         }
         let tap = Self {
             file,
@@ -142,9 +151,42 @@ mod tests {
             Err(TapError::Name(_))
         ));
         assert!(matches!(Tap::open("bad\0name"), Err(TapError::Name(_))));
-        assert!(matches!(
-            Tap::open("reapvm-nope0"),
-            Err(TapError::Missing(_))
-        ));
+    }
+
+    /// Runs `f` on a thread in a network namespace of its own (unshare affects the calling
+    /// thread only): nothing it makes is seen outside, and it all goes with the thread.
+    fn in_own_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: unshare(2) with a flag; it changes only this thread's namespace.
+                let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("the namespace thread")
+        })
+    }
+
+    fn exists(name: &str) -> bool {
+        let cname = CString::new(name).unwrap();
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
+    }
+
+    #[test]
+    fn a_missing_tap_is_created_and_goes_with_the_vmm() {
+        in_own_netns(|| {
+            assert!(!exists("reapvm-new0"));
+            let tap = Tap::open("reapvm-new0").expect("TUNSETIFF creates a missing tap");
+            assert!(exists("reapvm-new0"), "the tap is in the namespace");
+            // A second VMM attaching to it while the first holds it is refused (busy).
+            assert!(matches!(
+                Tap::open("reapvm-new0"),
+                Err(TapError::Attach { .. })
+            ));
+            drop(tap);
+            assert!(!exists("reapvm-new0"), "a tap reapvm made leaves with it");
+        });
     }
 }

@@ -3,7 +3,7 @@
 //! request fails alone, with an error status when it has a status byte.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -153,14 +153,15 @@ impl Block {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let size = file
-            .metadata()
+        // The end of the file, not its metadata: a block device (a loop device, a devmapper
+        // volume as vHive's container drives) has a metadata length of 0.
+        let size = (&file)
+            .seek(SeekFrom::End(0))
             .map_err(|source| BlockError::Open {
                 id: id.to_string(),
                 path: path.to_path_buf(),
                 source,
-            })?
-            .len();
+            })?;
         if size % SECTOR_SIZE != 0 {
             return Err(BlockError::Size {
                 id: id.to_string(),
@@ -727,6 +728,69 @@ mod tests {
             Block::new("d", Path::new("/nonexistent/disk"), false),
             Err(BlockError::Open { .. })
         ));
+    }
+
+    /// A loop device over a file, detached when dropped.
+    struct LoopDevice(PathBuf);
+
+    impl LoopDevice {
+        fn over(file: &Path) -> Self {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(file)
+                .output()
+                .expect("run losetup (util-linux)");
+            assert!(
+                out.status.success(),
+                "losetup --find --show {}: {} (this test needs root and a free loop device)",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Self(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        }
+    }
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_a_drive_of_its_own_size() {
+        let f = fixture("loop", 64);
+        let device = LoopDevice::over(&f.path);
+        let block = Block::new("rootfs", &device.0, false).unwrap();
+        let mut cap = [0u8; 8];
+        block.read_config(0, &mut cap);
+        assert_eq!(
+            u64::from_le_bytes(cap),
+            64,
+            "capacity of {}",
+            device.0.display()
+        );
+        // A read through the device returns the file's sectors.
+        header(&f.mem, REQ_IN, 40);
+        let queue = MockSplitQueue::new(&f.mem, 16);
+        let chain = queue
+            .build_desc_chain(&[
+                desc(HDR, 16, false),
+                desc(DATA, 1024, true),
+                desc(STATUS, 1, true),
+            ])
+            .unwrap();
+        let mut buffer = Vec::new();
+        let len = serve_request(&block.file, false, 64, "rootfs", &mut buffer, &f.mem, chain);
+        assert_eq!(len, 1025);
+        assert_eq!(f.mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 40);
+        assert_eq!(f.mem.read_obj::<u8>(GuestAddress(DATA + 512)).unwrap(), 41);
+        assert_eq!(
+            f.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            STATUS_OK
+        );
     }
 
     #[test]
