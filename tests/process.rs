@@ -1,6 +1,7 @@
 //! reapvm as a process, as Firecracker's users run it: SIGTERM (and SIGINT) end it with
 //! exit code 0 after a last metrics write, and the API socket is gone; before a VM exists
-//! and while one runs. On this host's own KVM with the replay guest (never the lab).
+//! and while one runs; `--describe-snapshot` prints a vmstate's format version. On this
+//! host's own KVM with the replay guest (never the lab).
 
 use reapvm_bench::replay_vm;
 use test_support as support;
@@ -68,6 +69,45 @@ fn sigterm_and_sigint_while_a_vm_runs() -> Result<(), String> {
     Ok(())
 }
 
+/// `--describe-snapshot`: the format version of a good vmstate, and a refusal naming the
+/// file for a damaged one.
+fn describe_snapshot_prints_the_format_version() -> Result<(), String> {
+    let scratch = Scratch::new("process-describe");
+    let trace = replay_vm::write_trace(&scratch.dir, &replay_vm::synthetic_trace(8 * 256, 200))?;
+    let snap = replay_vm::boot_and_snapshot(&scratch.dir, &trace, 64)?;
+    let describe = |path: &Path| {
+        std::process::Command::new(support::reapvm_bin())
+            .arg("--describe-snapshot")
+            .arg(path)
+            .output()
+            .map_err(|e| e.to_string())
+    };
+    let out = describe(&snap.vmstate)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || stdout.trim() != "v1.0.0" {
+        return Err(format!(
+            "a good vmstate: {:?}, stdout {stdout:?}, stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut bytes = std::fs::read(&snap.vmstate).map_err(|e| e.to_string())?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    let damaged = scratch.path("damaged.vmstate");
+    std::fs::write(&damaged, bytes).map_err(|e| e.to_string())?;
+    let out = describe(&damaged)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !stderr.contains("damaged.vmstate") || !stderr.contains("checksum") {
+        return Err(format!(
+            "a damaged vmstate: {:?}, stdout {:?}, stderr {stderr}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = vec![
@@ -76,6 +116,9 @@ fn main() -> ExitCode {
         }),
         Trial::test("sigterm_and_sigint_while_a_vm_runs", || {
             sigterm_and_sigint_while_a_vm_runs().map_err(Failed::from)
+        }),
+        Trial::test("describe_snapshot_prints_the_format_version", || {
+            describe_snapshot_prints_the_format_version().map_err(Failed::from)
         }),
     ];
     if !args.list {

@@ -71,6 +71,10 @@ pub struct Cli {
     /// Largest MMDS data store, in bytes.
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
+    /// Print the format version of a snapshot's vmstate file (after checking it whole) and
+    /// exit, as Firecracker's flag of that name.
+    #[arg(long, value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -32,6 +32,15 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
+    if let Some(path) = &cli.describe_snapshot {
+        return match vmm::persist::read_vmstate(path) {
+            Ok(_) => {
+                println!("v{}.0.0", vmm::persist::VMSTATE_VERSION);
+                ExitCode::from(exit_code::OK as u8)
+            }
+            Err(e) => fail(exit_code::GENERIC_ERROR, e),
+        };
+    }
     let config = match cli
         .config_file
         .as_deref()
