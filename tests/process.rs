@@ -1,6 +1,7 @@
 //! reapvm as a process, as Firecracker's users run it: SIGTERM (and SIGINT) end it with
 //! exit code 0 after a last metrics write, and the API socket is gone; before a VM exists
-//! and while one runs; `--describe-snapshot` prints a vmstate's format version. On this
+//! and while one runs; `--describe-snapshot` prints a vmstate's format version; a snapshot
+//! load after boot configuration is refused as Firecracker refuses it. On this
 //! host's own KVM with the replay guest (never the lab).
 
 use reapvm_bench::replay_vm;
@@ -108,6 +109,48 @@ fn describe_snapshot_prints_the_format_version() -> Result<(), String> {
     Ok(())
 }
 
+/// As Firecracker: a snapshot load after a boot resource was configured is refused with
+/// Firecracker's words, and the VMM stays unstarted; logger and metrics set-up do not count.
+fn a_load_after_boot_configuration_is_refused() -> Result<(), String> {
+    let scratch = Scratch::new("process-load-after-config");
+    let trace = replay_vm::write_trace(&scratch.dir, &replay_vm::synthetic_trace(8 * 256, 200))?;
+    let snap = replay_vm::boot_and_snapshot(&scratch.dir, &trace, 64)?;
+    let load = serde_json::json!({
+        "snapshot_path": snap.vmstate,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.memory},
+        "resume_vm": true,
+    });
+    let vmm = ReplayVmm::start(&scratch.dir, "configured", None)?;
+    vmm.api(
+        "PUT",
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    )?;
+    let (status, answer) =
+        support::http::unix_request(&vmm.socket, "PUT", "/snapshot/load", &load.to_string())?;
+    let words = "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
+    if status != 400 || !answer.contains(words) {
+        return Err(format!(
+            "a load after PUT /machine-config answered {status} {answer}"
+        ));
+    }
+    let (_, info) = support::http::unix_request(&vmm.socket, "GET", "/", "")?;
+    if !info.contains("Not started") {
+        return Err(format!("the refused load left the VMM in {info}"));
+    }
+    drop(vmm);
+    // Logger and metrics set-up are not boot resources: the load goes ahead.
+    let vmm = ReplayVmm::start(&scratch.dir, "logged", None)?;
+    vmm.api(
+        "PUT",
+        "/logger",
+        serde_json::json!({"log_path": scratch.path("extra.log"), "level": "Info"}),
+    )?;
+    vmm.api("PUT", "/snapshot/load", load)?;
+    vmm.wait_for("done", Duration::from_secs(60))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Arguments::from_args();
     let trials = vec![
@@ -116,6 +159,9 @@ fn main() -> ExitCode {
         }),
         Trial::test("sigterm_and_sigint_while_a_vm_runs", || {
             sigterm_and_sigint_while_a_vm_runs().map_err(Failed::from)
+        }),
+        Trial::test("a_load_after_boot_configuration_is_refused", || {
+            a_load_after_boot_configuration_is_refused().map_err(Failed::from)
         }),
         Trial::test("describe_snapshot_prints_the_format_version", || {
             describe_snapshot_prints_the_format_version().map_err(Failed::from)

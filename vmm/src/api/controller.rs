@@ -128,6 +128,23 @@ fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiRespo
     }
 }
 
+/// Firecracker's refusal, word for word: clients match on it.
+const LOAD_AFTER_BOOT_CONFIG: &str =
+    "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
+
+/// Whether `request` configures what a boot uses (Firecracker's "boot path"); the logger
+/// and metrics do not.
+fn configures_boot(request: &ApiRequest) -> bool {
+    matches!(
+        request,
+        ApiRequest::PutMachineConfig(_)
+            | ApiRequest::PatchMachineConfig(_)
+            | ApiRequest::PutBootSource(_)
+            | ApiRequest::PutDrive(_)
+            | ApiRequest::PutNetworkInterface(_)
+    )
+}
+
 /// Serves pre-boot API requests until an InstanceStart or a snapshot load succeeds: the VM
 /// and the configuration it runs with; None if the API thread died. A failed start or load
 /// leaves the VMM waiting for a corrected request.
@@ -137,10 +154,14 @@ pub fn serve_preboot(
     opts: &dyn Fn() -> StartOptions,
 ) -> Option<(MicroVm, VmConfig)> {
     let mut config = VmConfig::default();
+    // As Firecracker: once a boot resource is configured, this VMM boots; it loads no
+    // snapshot, whose own configuration would silently replace what was set.
+    let mut boot_configured = false;
     loop {
         let message = inbox.requests.recv().ok()?;
         let _ = inbox.wake.read();
         let started = match &message.request {
+            ApiRequest::LoadSnapshot(_) if boot_configured => Err(LOAD_AFTER_BOOT_CONFIG.into()),
             ApiRequest::LoadSnapshot(params) => {
                 restore::load_snapshot(params, opts()).map_err(|e| e.to_string())
             }
@@ -148,7 +169,9 @@ pub fn serve_preboot(
                 .map(|vm| (vm, config.clone()))
                 .map_err(|e| e.to_string()),
             _ => {
+                let configures_boot = configures_boot(&message.request);
                 let response = handle_preboot(&mut config, id, message.request);
+                boot_configured |= configures_boot && response.status == 204;
                 let _ = message.reply.send(response);
                 continue;
             }
