@@ -169,7 +169,6 @@ impl ReplayVmm {
         }
     }
 
-    /// Waits up to `timeout` for reapvm to exit by itself; its exit status, if it did.
     /// Sends `signal` to the reapvm process.
     pub fn signal(&self, signal: i32) -> Result<(), String> {
         // SAFETY: kill(2) on the PID of a child this struct owns and has not reaped.
@@ -184,6 +183,7 @@ impl ReplayVmm {
         std::fs::read_to_string(&self.metrics).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for reapvm to exit by itself; its exit status, if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         test_support::wait_for_exit(&mut self.child, timeout)
     }
@@ -236,7 +236,13 @@ pub fn write_boot_config(dir: &Path, trace: &Path, mem_mib: u64) -> Result<PathB
 /// ready (trace checked, memory filled), and snapshots it paused into `dir`.
 pub fn boot_and_snapshot(dir: &Path, trace: &Path, mem_mib: u64) -> Result<ReplaySnapshot, String> {
     let config = write_boot_config(dir, trace, mem_mib)?;
-    let vmm = ReplayVmm::start(dir, "boot", Some(&config))?;
+    boot_config_and_snapshot(dir, &config)
+}
+
+/// Boots the replay guest with the configuration file `config`, waits until it is ready,
+/// and snapshots it paused into `dir`.
+pub fn boot_config_and_snapshot(dir: &Path, config: &Path) -> Result<ReplaySnapshot, String> {
+    let vmm = ReplayVmm::start(dir, "boot", Some(config))?;
     vmm.wait_for("ready", Duration::from_secs(60))?;
     let snap = ReplaySnapshot {
         vmstate: dir.join("vmstate"),

@@ -15,6 +15,7 @@ use devices::legacy::{
 };
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
+use devices::virtio::rng::{Rng, RngError};
 use devices::{Bus, EventFdTrigger, Persist};
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
@@ -34,6 +35,9 @@ use crate::vcpu::{ExitSignal, RunControl, Vcpu, VcpuError, VcpuGroup};
 use crate::vm::{Vm, VmError};
 
 const I8042_KBD_IRQ: u32 = 1;
+/// The entropy device's id on the MMIO bus and in snapshots (it is attached after the
+/// network interfaces).
+pub(crate) const ENTROPY_ID: &str = "entropy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -67,6 +71,8 @@ pub enum BuildError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Rng(#[from] RngError),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
     #[error("root drive {id} at {path} is not an ext2/3/4 filesystem (no ext superblock magic)")]
@@ -175,6 +181,16 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     for net in nets {
         let id = net.id().to_string();
         mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(net)), None)?;
+    }
+    if config.entropy.is_some() {
+        let rng = Rng::new()?;
+        mmio.attach(
+            &vm,
+            &guest_memory,
+            ENTROPY_ID,
+            Arc::new(Mutex::new(rng)),
+            None,
+        )?;
     }
     if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
         let mode = if root.is_read_only { "ro" } else { "rw" };

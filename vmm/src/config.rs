@@ -199,13 +199,33 @@ pub struct VmConfig {
     #[serde(rename = "mmds-config", default)]
     pub mmds_config: Option<serde_json::Value>,
     #[serde(default)]
-    pub entropy: Option<serde_json::Value>,
+    pub entropy: Option<EntropyConfig>,
     #[serde(rename = "cpu-config", default)]
     pub cpu_config: Option<serde_json::Value>,
     /// reapvm's: map the replay guest's control page (docs/replay.md) into this VM's MMIO
     /// space. Off by default: no other guest has any use for it. Kept in snapshots.
     #[serde(rename = "replay-control", default)]
     pub replay_control: bool,
+}
+
+/// The entropy device (`entropy` in the config file, `PUT /entropy`): virtio-rng.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    /// Firecracker's token buckets; not implemented yet, so only null is taken.
+    #[serde(default)]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl EntropyConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ConfigError::Unsupported(
+                "the entropy device's rate_limiter",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where metrics go (`metrics` in the config file, `PUT /metrics`).
@@ -238,11 +258,13 @@ impl VmConfig {
             ("vsock", self.vsock.is_some()),
             ("balloon", self.balloon.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
-            ("entropy", self.entropy.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
         ];
         if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ConfigError::Unsupported(key));
+        }
+        if let Some(entropy) = &self.entropy {
+            entropy.validate()?;
         }
         self.machine_config.validate(host_ram_bytes)
     }
@@ -459,5 +481,28 @@ mod tests {
             cfg.validate(HOST),
             Err(ConfigError::MissingBootSource)
         ));
+    }
+
+    #[test]
+    fn entropy_takes_no_rate_limiter_yet_and_no_unknown_keys() {
+        let with = |entropy: &str| {
+            parse(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "k"}}, "entropy": {entropy}}}"#
+            ))
+        };
+        assert!(with("{}").unwrap().validate(HOST).is_ok());
+        assert!(with(r#"{"rate_limiter": null}"#)
+            .unwrap()
+            .validate(HOST)
+            .is_ok());
+        let limited =
+            with(r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#).unwrap();
+        assert!(matches!(
+            limited.validate(HOST),
+            Err(ConfigError::Unsupported(
+                "the entropy device's rate_limiter"
+            ))
+        ));
+        assert!(with(r#"{"rate": 1}"#).is_err(), "unknown keys are refused");
     }
 }

@@ -79,6 +79,12 @@ pub fn describe_error(code: u32, detail: u32) -> String {
         22 => "hostile case: the device never returned the abused chain".into(),
         23 => "hostile case: the good read after the reset never completed".into(),
         24 => format!("hostile case: the good read after the reset failed (status or byte {detail:#x})"),
+        // The virtio-rng check (guest/replay/src/entropy_check.rs).
+        25 => "entropy check: no virtio-rng device found".into(),
+        26 => format!("entropy check: only {detail} requests completed (timed out)"),
+        27 => format!("entropy check: request {detail} completed with a wrong used length"),
+        28 => format!("entropy check: buffer {detail} is not random (all one byte, or like another)"),
+        29 => format!("entropy check: bytes past buffer {detail} changed"),
         other => format!("replay guest error {other} (detail {detail})"),
     }
 }

@@ -4,20 +4,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Reader, Writer};
 
 /// The dirty bitmap of a slice of guest memory, as the descriptor readers and writers carry it.
 type GuestSliceBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 use crate::{GuestMemoryMmap, Persist};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::{serve_available, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK};
+use super::one_queue::OneQueue;
+use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_BLOCK};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -120,26 +118,14 @@ enum RequestError {
     Io(std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-    queue_evt: EventFd,
-    registered: bool,
-    /// The driver broke the queue: nothing is served until it resets the device.
-    broken: bool,
-}
-
 pub struct Block {
     id: String,
     path: PathBuf,
     file: File,
     read_only: bool,
     capacity_sectors: u64,
-    activate_evt: EventFd,
-    active: Option<Active>,
+    queue: OneQueue,
     buffer: Vec<u8>,
-    paused: bool,
 }
 
 impl Block {
@@ -175,11 +161,9 @@ impl Block {
             file,
             read_only,
             capacity_sectors: size / SECTOR_SIZE,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)
+            queue: OneQueue::new(format!("virtio-block {id}"))
                 .map_err(|e| BlockError::Event(id.to_string(), e))?,
-            active: None,
             buffer: Vec::new(),
-            paused: false,
         })
     }
 
@@ -197,38 +181,6 @@ impl Block {
 
     fn config_space(&self) -> [u8; 8] {
         self.capacity_sectors.to_le_bytes()
-    }
-
-    /// Serves every available request; returns whether the driver must be interrupted.
-    fn process_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
-            return false;
-        };
-        let mem = active.mem.clone();
-        let served = serve_available(&mut active.queue, &mem, |chain| {
-            serve_request(
-                &self.file,
-                self.read_only,
-                self.capacity_sectors,
-                &self.id,
-                &mut self.buffer,
-                &mem,
-                chain,
-            )
-        });
-        match served {
-            Ok(used) => used && active.queue.needs_notification(&mem).unwrap_or(true),
-            Err(e) => {
-                log::error!(
-                    "virtio-block {}: {e}; the device stops until the driver resets it",
-                    self.id
-                );
-                active.broken = true;
-                active.interrupt.device_needs_reset();
-                // Chains used before the error are returned too.
-                true
-            }
-        }
     }
 }
 
@@ -402,96 +354,44 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                got: ctx.queues.len(),
-                want: 1,
-            });
-        }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queue: ctx.queues.remove(0),
-            queue_evt: ctx.queue_evts.remove(0),
-            registered: false,
-            broken: false,
-        });
-        // The event loop owns epoll: it picks the queue up when this fires.
-        self.activate_evt.write(1).map_err(ActivateError::Event)
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.queue.activate(ctx)
     }
 
     fn reset(&mut self) {
-        // The queue event is deregistered by the event loop on its next wake-up.
-        self.active = None;
-        let _ = self.activate_evt.write(1);
+        self.queue.reset();
     }
 
     fn pause(&mut self) {
-        self.paused = true;
+        self.queue.pause();
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active.as_ref().map(|a| vec![a.queue.state()])
+        self.queue.queue_states()
     }
 
     fn resume(&mut self) {
-        self.paused = false;
-        // Wake the event loop to serve requests queued while paused.
-        let _ = self.activate_evt.write(1);
+        self.queue.resume();
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            log::error!("virtio-block {}: cannot watch activation: {e}", self.id);
-        }
+        self.queue.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
-            match self.active.as_mut() {
-                Some(active) if !active.registered => {
-                    if let Err(e) = ops.add(Events::new(&active.queue_evt, EventSet::IN)) {
-                        log::error!("virtio-block {}: cannot watch the queue: {e}", self.id);
-                    }
-                    active.registered = true;
-                    // Requests queued before we watched the event.
-                    if self.process_queue() {
-                        self.active
-                            .as_ref()
-                            .expect("active")
-                            .interrupt
-                            .signal_used_queue();
-                    }
-                }
-                _ => {}
-            }
-            return;
-        }
-        let Some(active) = self.active.as_ref() else {
-            // Reset: forget the stale queue event.
-            let _ = ops.remove(Events::new_raw(events.fd(), EventSet::IN));
-            return;
-        };
-        if events.fd() != active.queue_evt.as_raw_fd() {
-            let _ = ops.remove(Events::new_raw(events.fd(), EventSet::IN));
-            return;
-        }
-        let _ = active.queue_evt.read();
-        if self.paused {
-            // Served on resume.
-            return;
-        }
-        if self.process_queue() {
-            self.active
-                .as_ref()
-                .expect("active")
-                .interrupt
-                .signal_used_queue();
-        }
+        let (file, read_only, capacity, id, buffer) = (
+            &self.file,
+            self.read_only,
+            self.capacity_sectors,
+            &self.id,
+            &mut self.buffer,
+        );
+        self.queue.process(events, ops, |chain| {
+            let mem = chain.memory();
+            serve_request(file, read_only, capacity, id, buffer, mem, chain.clone())
+        });
     }
 }
 

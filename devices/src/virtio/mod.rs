@@ -3,6 +3,8 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+mod one_queue;
+pub mod rng;
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -19,11 +21,18 @@ pub use mmio::MmioTransport;
 pub enum VirtioDeviceState {
     Block(block::BlockState),
     Net(net::NetState),
+    Rng(rng::RngState),
 }
 
 impl From<block::BlockState> for VirtioDeviceState {
     fn from(state: block::BlockState) -> Self {
         Self::Block(state)
+    }
+}
+
+impl From<rng::RngState> for VirtioDeviceState {
+    fn from(state: rng::RngState) -> Self {
+        Self::Rng(state)
     }
 }
 
@@ -39,6 +48,7 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

@@ -7,6 +7,7 @@
 
 mod boot;
 mod control;
+mod entropy_check;
 mod entry;
 mod hostile;
 mod replay;
@@ -20,6 +21,8 @@ pub extern "C" fn user_main(zero_page: u64) -> ! {
     let has = |arg: &[u8]| cmdline.windows(arg.len()).any(|w| w == arg);
     if has(VIRTIO_CHECK) {
         virtio_check::run(&info, cmdline)
+    } else if has(ENTROPY_CHECK) {
+        entropy_check::run()
     } else if has(HOSTILE) {
         hostile::run(cmdline)
     } else {
@@ -29,6 +32,8 @@ pub extern "C" fn user_main(zero_page: u64) -> ! {
 
 /// The boot argument that selects the virtio-blk DMA check instead of a replay.
 const VIRTIO_CHECK: &[u8] = b"reapvm-virtio-check";
+/// The boot argument that selects the virtio-rng check.
+const ENTROPY_CHECK: &[u8] = b"reapvm-entropy-check";
 /// The boot argument that selects a hostile-driver case (`reapvm-hostile=CASE`).
 const HOSTILE: &[u8] = b"reapvm-hostile=";
 

@@ -172,14 +172,17 @@ impl Device {
         self.base + offset
     }
 
+    /// The first virtio-blk device.
     pub fn find() -> Device {
-        for i in 0..MAX_DEVICES {
-            let base = FIRST_DEVICE + i * DEVICE_STRIDE;
-            if rd32(base) == MAGIC && rd32(base + 0x08) == TYPE_BLOCK {
-                return Device { base };
-            }
-        }
-        stop(ERR_NO_BLOCK_DEVICE, 0)
+        Self::find_type(TYPE_BLOCK).unwrap_or_else(|| stop(ERR_NO_BLOCK_DEVICE, 0))
+    }
+
+    /// The first device of virtio device type `device_type`.
+    pub fn find_type(device_type: u32) -> Option<Device> {
+        (0..MAX_DEVICES)
+            .map(|i| FIRST_DEVICE + i * DEVICE_STRIDE)
+            .find(|&base| rd32(base) == MAGIC && rd32(base + 0x08) == device_type)
+            .map(|base| Device { base })
     }
 
     pub fn status(&self) -> u32 {

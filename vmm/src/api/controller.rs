@@ -142,6 +142,7 @@ fn configures_boot(request: &ApiRequest) -> bool {
             | ApiRequest::PutBootSource(_)
             | ApiRequest::PutDrive(_)
             | ApiRequest::PutNetworkInterface(_)
+            | ApiRequest::PutEntropy(_)
     )
 }
 
@@ -247,6 +248,13 @@ fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiRe
                 Err(e) => ApiResponse::fault(e),
             }
         }
+        ApiRequest::PutEntropy(entropy) => match entropy.validate() {
+            Ok(()) => {
+                config.entropy = Some(entropy);
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::fault(e),
+        },
         ApiRequest::PutLogger(cfg) => put_logger(&cfg),
         ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
         ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
@@ -379,7 +387,8 @@ impl RunningApi {
             | ApiRequest::PatchMachineConfig(_)
             | ApiRequest::PutBootSource(_)
             | ApiRequest::PutDrive(_)
-            | ApiRequest::PutNetworkInterface(_) => ApiResponse::fault(NOT_AFTER_START),
+            | ApiRequest::PutNetworkInterface(_)
+            | ApiRequest::PutEntropy(_) => ApiResponse::fault(NOT_AFTER_START),
         }
     }
 }

@@ -5,7 +5,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{
-    BootSource, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
+    BootSource, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MetricsConfig,
+    NetworkInterfaceConfig,
 };
 pub use crate::restore::LoadSnapshotParams;
 
@@ -76,6 +77,7 @@ pub enum ApiRequest {
     PutDrive(DriveConfig),
     PutNetworkInterface(NetworkInterfaceConfig),
     PutLogger(LoggerConfig),
+    PutEntropy(EntropyConfig),
     PutMetrics(MetricsConfig),
     Action(Action),
     PatchVm(VmStateChange),
@@ -150,6 +152,7 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiEr
         }
         ("PUT", ["logger"]) => ApiRequest::PutLogger(body(m, path, bytes)?),
         ("PUT", ["metrics"]) => ApiRequest::PutMetrics(body(m, path, bytes)?),
+        ("PUT", ["entropy"]) => ApiRequest::PutEntropy(body(m, path, bytes)?),
         ("PUT", ["actions"]) => ApiRequest::Action(body::<ActionBody>(m, path, bytes)?.action_type),
         ("PATCH", ["vm"]) => ApiRequest::PatchVm(body::<VmBody>(m, path, bytes)?.state),
         ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(body(m, path, bytes)?),
@@ -200,6 +203,11 @@ mod tests {
         );
         let r = parse("PUT", "/metrics", br#"{"metrics_path": "/m"}"#).unwrap();
         assert!(matches!(r, ApiRequest::PutMetrics(_)));
+        assert_eq!(
+            parse("PUT", "/entropy", br#"{"rate_limiter": null}"#),
+            Ok(ApiRequest::PutEntropy(EntropyConfig { rate_limiter: None }))
+        );
+        assert!(parse("PUT", "/entropy", br#"{"bogus": 1}"#).is_err());
         let r = parse(
             "PUT",
             "/snapshot/load",

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use devices::virtio::block::{Block, BlockArgs};
 use devices::virtio::net::{Net, NetArgs};
+use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDeviceState;
 use devices::Persist;
 use kvm_ioctls::{Cap, Kvm};
@@ -140,7 +141,8 @@ pub fn restore_vm(
     opts: StartOptions,
 ) -> Result<(MicroVm, VmConfig), RestoreError> {
     let config = restored_config(state, params)?;
-    // Drives and taps first: a missing file or tap fails before KVM is touched.
+    // Drives and taps first: a missing file, or a tap that cannot be made, fails before
+    // KVM is touched.
     let devices = restore_devices(&config, state)?;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
@@ -170,6 +172,9 @@ pub fn restore_vm(
     }
     for (net, saved) in devices.nets {
         attach_saved(&mut mmio, &vm, &memory.guest_memory, saved, net)?;
+    }
+    if let Some((rng, saved)) = devices.rng {
+        attach_saved(&mut mmio, &vm, &memory.guest_memory, saved, rng)?;
     }
 
     let mmio_bus = builder::vcpu_mmio_bus(mmio.bus(), &legacy, &config)?;
@@ -341,6 +346,7 @@ fn check_cpu(kvm: &Kvm, state: &MicrovmState) -> Result<(), RestoreError> {
 struct RestoredDevices<'a> {
     blocks: Vec<(Block, &'a DeviceState)>,
     nets: Vec<(Net, &'a DeviceState)>,
+    rng: Option<(Rng, &'a DeviceState)>,
 }
 
 fn restore_devices<'a>(
@@ -385,16 +391,36 @@ fn restore_devices<'a>(
         };
         nets.push((net, dev));
     }
+    let rng = match &config.entropy {
+        None => None,
+        Some(_) => {
+            let dev = next_saved(&mut saved, builder::ENTROPY_ID)?;
+            let rng = match &dev.device {
+                Some(VirtioDeviceState::Rng(s)) => Rng::restore((), s),
+                None => Rng::new(),
+                Some(other) => {
+                    return Err(device_mismatch(
+                        builder::ENTROPY_ID,
+                        "entropy device",
+                        other,
+                    ))
+                }
+            }
+            .map_err(BuildError::from)?;
+            Some((rng, dev))
+        }
+    };
     if let Some(extra) = saved.next() {
         return Err(RestoreError::DeviceExtra(extra.id.clone()));
     }
-    Ok(RestoredDevices { blocks, nets })
+    Ok(RestoredDevices { blocks, nets, rng })
 }
 
 fn device_mismatch(id: &str, configured: &'static str, saved: &VirtioDeviceState) -> RestoreError {
     let saved = match saved {
         VirtioDeviceState::Block(s) => format!("drive {}", s.id),
         VirtioDeviceState::Net(s) => format!("network interface {}", s.id),
+        VirtioDeviceState::Rng(_) => "entropy device".to_string(),
     };
     RestoreError::DeviceMismatch {
         id: id.to_string(),
