@@ -19,15 +19,3 @@ if ! command -v cargo >/dev/null; then
   echo "[setup] cargo is not installed: install the Rust toolchain (rustup) first" >&2
   exit 1
 fi
-# The fuzz targets (scripts/fuzz.sh) build with a nightly toolchain and cargo-fuzz.
-if ! cargo +nightly --version >/dev/null 2>&1; then
-  echo "[setup] installing a nightly Rust toolchain for the fuzz targets" >&2
-  rustup toolchain install nightly --profile minimal >&2 || {
-    echo "[setup] cannot install a nightly toolchain: the fuzz targets cannot be built" >&2
-    exit 1
-  }
-fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "[setup] installing cargo-fuzz" >&2
-  cargo install cargo-fuzz --locked --version 0.13.2 >&2
-fi

@@ -8,7 +8,8 @@
 //! fuzzer's timeout), and the disk never grows: every request stays inside the drive.
 #![no_main]
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,20 +34,15 @@ const USED_RING: u32 = 0x180;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// The drive's backing file, made once per fuzzing process; each run starts from the same
-/// contents.
+/// The drive's backing file, made once per fuzzing process and unlinked at once (the
+/// drive opens it through /proc/self/fd, so nothing is left behind); each run starts from
+/// the same contents.
 fn disk() -> &'static (PathBuf, File) {
     static DISK: OnceLock<(PathBuf, File)> = OnceLock::new();
     DISK.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("reapvm-fuzz-disk-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create the fuzz disk");
+        let file = tempfile::tempfile().expect("create the fuzz disk");
         file.set_len(DISK_LEN).expect("size the fuzz disk");
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         (path, file)
     })
 }

@@ -152,7 +152,11 @@ fn inherit_cpuset(root: &Path, jail: &Path) -> Result<(), CgroupError> {
     for part in below.components() {
         let child = parent.join(part);
         for file in ["cpuset.cpus", "cpuset.mems"] {
-            let own = std::fs::read_to_string(child.join(file)).unwrap_or_default();
+            let own_path = child.join(file);
+            let own = std::fs::read_to_string(&own_path).map_err(|source| CgroupError::Read {
+                path: own_path.clone(),
+                source,
+            })?;
             if own.trim().is_empty() {
                 let from = parent.join(file);
                 let value = std::fs::read_to_string(&from)

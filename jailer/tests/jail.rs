@@ -245,12 +245,16 @@ fn unified_hierarchy() -> Result<std::path::PathBuf, String> {
         .ok_or_else(|| "no cgroup v2 hierarchy is mounted on this host".to_string())
 }
 
-/// Removes a jail's cgroup folder once its VMM is gone (a cgroup with no process in it).
+/// Removes a jail's cgroup folder once its VMM is gone (a cgroup with no process in it),
+/// and its parent when no other jail is left in it.
 struct CgroupDir(std::path::PathBuf);
 
 impl Drop for CgroupDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 

@@ -35,6 +35,9 @@ pub struct VmSpec {
     pub api: bool,
     /// Log dirty pages (machine-config track_dirty_pages), for Diff snapshots.
     pub track_dirty_pages: bool,
+    /// The tap does not exist when reapvm starts: reapvm makes it (as Firecracker does) and
+    /// the test sets it up once it appears.
+    pub tap_made_by_reapvm: bool,
 }
 
 impl VmSpec {
@@ -49,6 +52,7 @@ impl VmSpec {
             function: None,
             api: false,
             track_dirty_pages: false,
+            tap_made_by_reapvm: false,
         }
     }
 }
@@ -172,7 +176,12 @@ impl FunctionVm {
         scratch: &Scratch,
         ready_deadline: Duration,
     ) -> Result<Self, BootFailure> {
-        let ns = NetNs::with_tap("fn").map_err(BootFailure::Other)?;
+        let ns = if spec.tap_made_by_reapvm {
+            NetNs::without_tap("fn")
+        } else {
+            NetNs::with_tap("fn")
+        }
+        .map_err(BootFailure::Other)?;
         let config = scratch.write("vm.json", config_json(&guest.vmlinux, spec));
         // Metrics from the start: a guest shutdown is counted there (and at exit).
         let metrics_path = scratch.path("reapvm-metrics.json");
@@ -203,6 +212,9 @@ impl FunctionVm {
             stderr,
             metrics_path,
         };
+        if spec.tap_made_by_reapvm {
+            vm.configure_created_tap().map_err(BootFailure::Other)?;
+        }
         match vm.wait_ready(ready_deadline) {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -222,6 +234,27 @@ impl FunctionVm {
     /// be refused).
     pub fn metrics_path(&self) -> &Path {
         &self.metrics_path
+    }
+
+    /// Waits for reapvm to make the tap, then sets it up for the guest.
+    fn configure_created_tap(&mut self) -> Result<(), String> {
+        let start = Instant::now();
+        while !self.ns.has_link(TAP) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "reapvm exited ({status}) before making tap {TAP}; {}",
+                    self.describe()
+                ));
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "reapvm made no tap {TAP} in 60 s; {}",
+                    self.describe()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.ns.configure_tap(TAP)
     }
 
     fn wait_ready(&mut self, deadline: Duration) -> Result<(), String> {

@@ -50,7 +50,9 @@ impl NetNs {
         Self::with_tap_for(tag, TAP, Some(owner))
     }
 
-    fn with_tap_for(tag: &str, tap: &str, owner: Option<u32>) -> Result<Self, String> {
+    /// A namespace with `lo` up and no tap: reapvm makes it (Firecracker's TUNSETIFF), and
+    /// `configure_tap` sets it up once it is there.
+    pub fn without_tap(tag: &str) -> Result<Self, String> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "reapvm-{tag}-{}-{}",
@@ -60,6 +62,23 @@ impl NetNs {
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
         ns.exec_ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Gives the tap `tap`, which must exist, the host's MAC and address, and brings it up.
+    pub fn configure_tap(&self, tap: &str) -> Result<(), String> {
+        self.exec_ip(&["link", "set", tap, "address", HOST_TAP_MAC])?;
+        self.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap])?;
+        self.exec_ip(&["link", "set", tap, "up"])
+    }
+
+    /// Whether the interface `name` exists in the namespace.
+    pub fn has_link(&self, name: &str) -> bool {
+        self.exec_ip(&["link", "show", name]).is_ok()
+    }
+
+    fn with_tap_for(tag: &str, tap: &str, owner: Option<u32>) -> Result<Self, String> {
+        let ns = Self::without_tap(tag)?;
         match owner {
             None => ns.exec_ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?,
             Some(uid) => {
@@ -69,9 +88,7 @@ impl NetNs {
                 ])?
             }
         }
-        ns.exec_ip(&["link", "set", tap, "address", HOST_TAP_MAC])?;
-        ns.exec_ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap])?;
-        ns.exec_ip(&["link", "set", tap, "up"])?;
+        ns.configure_tap(tap)?;
         Ok(ns)
     }
 

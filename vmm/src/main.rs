@@ -124,6 +124,7 @@ fn main() -> ExitCode {
             Err(code) => return code,
         }
     } else {
+        vmm::terminate::remove_on_termination(cli.api_sock.clone());
         let (inbox, _api_thread) = match api::server::start(
             &cli.api_sock,
             api::server::ApiLimits::new(cli.http_api_max_payload_size),
@@ -132,7 +133,6 @@ fn main() -> ExitCode {
             Err(e) => return fail(exit_code::GENERIC_ERROR, e),
         };
         _socket = Some(SocketFile(cli.api_sock.clone()));
-        vmm::terminate::remove_on_termination(cli.api_sock.clone());
         metrics::metrics().api_server.process_startup_time_us.set(
             devices::legacy::start_time_now()
                 .wall_us

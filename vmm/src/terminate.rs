@@ -24,7 +24,8 @@ pub enum TerminateError {
 
 static API_SOCKET: OnceLock<PathBuf> = OnceLock::new();
 
-/// The API socket this process bound, removed when a termination signal ends it.
+/// The API socket this process binds, removed when a termination signal ends it (given
+/// before the bind: a signal right after it must not leave the socket behind).
 pub fn remove_on_termination(path: PathBuf) {
     let _ = API_SOCKET.set(path);
 }
@@ -52,8 +53,10 @@ pub fn handle_termination_signals() -> Result<(), TerminateError> {
                     Ok(Some(info)) => terminate(info.ssi_signo),
                     Ok(None) | Err(Errno::EINTR) => continue,
                     Err(e) => {
-                        log::error!("cannot read termination signals: {e}");
-                        return;
+                        // The signals stay blocked everywhere: with nobody to read them the
+                        // process could only be killed. End it now, as a signal would.
+                        log::error!("cannot read termination signals ({e}): exiting");
+                        terminate_with(crate::cli::exit_code::GENERIC_ERROR);
                     }
                 }
             }
@@ -68,9 +71,13 @@ fn terminate(signo: u32) -> ! {
         .and_then(|n| Signal::try_from(n).ok())
         .map_or("a termination signal", Signal::as_str);
     log::info!("{name} received: writing the metrics, removing the API socket, exiting");
+    terminate_with(crate::cli::exit_code::OK)
+}
+
+fn terminate_with(code: i32) -> ! {
     crate::metrics::flush_if_configured();
     if let Some(path) = API_SOCKET.get() {
         let _ = std::fs::remove_file(path);
     }
-    std::process::exit(crate::cli::exit_code::OK)
+    std::process::exit(code)
 }
