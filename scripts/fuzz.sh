@@ -5,9 +5,10 @@
 #   scripts/fuzz.sh --time SECONDS [TARGET...]   each target for a fixed time (CI's smoke run)
 #   scripts/fuzz.sh --runs N [TARGET...]          each target for N executions (the long runs)
 #
-# Prints one line per target: executions, seconds, executions per second. A crash, a leak,
-# a hang (one input running over 10 s) or an out-of-memory stops the run and fails it;
-# libFuzzer leaves the input in fuzz/artifacts/TARGET/ to reproduce with
+# Prints one line per target: executions, seconds, executions per second, edges covered. A
+# crash, a leak, a hang (one input running over 10 s) or an out-of-memory stops the run and
+# fails it; the report is printed, the whole log kept in fuzz/artifacts/TARGET/, and
+# libFuzzer leaves the input there to reproduce with
 # `cargo +nightly fuzz run TARGET fuzz/artifacts/TARGET/FILE`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,8 +59,12 @@ for t in "${targets[@]}"; do
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | cut -d' ' -f2 || true)
   if [ "$rc" -ne 0 ]; then
     status=1
-    echo "[fuzz] $t FAILED (exit $rc); the last lines of its log:" >&2
-    tail -n 40 "$log" >&2
+    kept="fuzz/artifacts/$t/run-$(date +%Y%m%d-%H%M%S).log"
+    cp "$log" "$kept"
+    echo "[fuzz] $t FAILED (exit $rc); whole log in $kept; the report:" >&2
+    # The sanitizer's or the panic's own report, then libFuzzer's summary.
+    grep -m 1 -A 40 -E '==[0-9]+==ERROR|panicked at|deadly signal|ERROR: libFuzzer' "$log" >&2 || true
+    tail -n 25 "$log" >&2
   fi
   printf '%-13s %12s executions in %6.0f s (%s/s), %s edges covered%s\n' "$t" "${runs:-?}" \
     "$secs" "$(echo "${runs:-0} / $secs" | bc)" "${cov:-?}" \
