@@ -52,16 +52,23 @@ if [ -n "${REAPVM_LAB_DISK_MIB:-}" ]; then
 fi
 
 # The lab mounts its own tmpfs over /tmp and /run (and its own /dev, /proc, /sys): a
-# command started from a folder under one of them (a checkout in /tmp, say) gets that folder
-# shared into the lab explicitly, mounted read-only at the same path over the lab's own.
+# command started from a folder under one of them (a checkout in /tmp, say) gets the
+# top folder it lies in (/tmp/CHECKOUT for /tmp/CHECKOUT/vmm: cargo runs a test from its
+# crate's folder, and the test binary is in the checkout's target/) shared into the lab
+# explicitly, mounted read-only at the same path over the lab's own.
 workdir_args=() workdir_kernel_arg=""
 case "$PWD/" in
   /tmp/*|/run/*|/dev/*|/proc/*|/sys/*)
-    case "$PWD" in
-      *[[:space:]]*) echo "lab: cannot share $PWD into the lab: its path has white space (the lab's kernel command line carries it); move the checkout" >&2; exit 125 ;;
+    share="$(printf '%s\n' "$PWD" | cut -d/ -f1-3)"
+    case "$share" in
+      */*/?*) ;;
+      *) echo "lab: cannot share $PWD into the lab: run from a folder below it, not from it" >&2; exit 125 ;;
     esac
-    workdir_args=(-virtfs "local,path=$PWD,mount_tag=workdir,security_model=none,readonly=on,multidevs=remap")
-    workdir_kernel_arg="reapvm_lab.workdir=$PWD"
+    case "$share" in
+      *[[:space:]]*) echo "lab: cannot share $share into the lab: its path has white space (the lab's kernel command line carries it); move the checkout" >&2; exit 125 ;;
+    esac
+    workdir_args=(-virtfs "local,path=$share,mount_tag=workdir,security_model=none,readonly=on,multidevs=remap")
+    workdir_kernel_arg="reapvm_lab.workdir=$share"
     ;;
 esac
 
