@@ -10,12 +10,11 @@
 use reapvm_bench::replay_vm;
 use test_support as support;
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use replay_vm::ReplayVmm;
-use support::{Arguments, Failed, Scratch, Trial};
+use support::{Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
 /// Slowest `GET /` answer allowed while the guest misbehaves.
@@ -177,7 +176,6 @@ fn most_frequent_lines(log: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
     let trials = CASES
         .iter()
         .map(|case| {
@@ -187,17 +185,5 @@ fn main() -> ExitCode {
             )
         })
         .collect();
-    if !args.list {
-        // As the replay suite: this host's own KVM, never the lab; no KVM fails loudly.
-        if !Path::new("/dev/kvm").exists() {
-            eprintln!("hostile suite: /dev/kvm does not exist here");
-            return ExitCode::FAILURE;
-        }
-        if let Err(e) = replay_vm::replay_guest() {
-            eprintln!("hostile suite: {e}");
-            return ExitCode::FAILURE;
-        }
-        println!("hostile suite: running directly on this host's KVM");
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    replay_vm::run_host_suite("hostile", trials)
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use replay_vm::ReplayVmm;
-use support::{Arguments, Failed, Scratch, Trial};
+use support::{Failed, Scratch, Trial};
 
 /// Sends `signal` to `vmm` and checks the ending: exit code 0, no socket, and a metrics
 /// line written by the ending itself.
@@ -152,7 +152,6 @@ fn a_load_after_boot_configuration_is_refused() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
     let trials = vec![
         Trial::test("sigterm_before_a_vm_exists", || {
             sigterm_before_a_vm_exists().map_err(Failed::from)
@@ -167,16 +166,5 @@ fn main() -> ExitCode {
             describe_snapshot_prints_the_format_version().map_err(Failed::from)
         }),
     ];
-    if !args.list {
-        if !Path::new("/dev/kvm").exists() {
-            eprintln!("process suite: /dev/kvm does not exist here");
-            return ExitCode::FAILURE;
-        }
-        if let Err(e) = replay_vm::replay_guest() {
-            eprintln!("process suite: {e}");
-            return ExitCode::FAILURE;
-        }
-        println!("process suite: running directly on this host's KVM");
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    replay_vm::run_host_suite("process", trials)
 }

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use replay_vm::{boot_and_snapshot, restore_and_replay, ReplayVmm};
 use snapshot::replay_trace::{Touch, Trace, TraceError};
-use support::{Arguments, Failed, Scratch, Trial};
+use support::{Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
 /// Pages the synthetic trace may use: 2 MiB .. 56 MiB (the initrd sits at the top).
@@ -370,7 +370,6 @@ fn a_forged_vmstate_is_refused() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
     let trials = vec![
         Trial::test("a_forged_vmstate_is_refused", || {
             a_forged_vmstate_is_refused().map_err(Failed::from)
@@ -396,18 +395,5 @@ fn main() -> ExitCode {
             a_trace_outside_guest_memory_is_refused().map_err(Failed::from)
         }),
     ];
-    if !args.list {
-        // The replay guest needs /dev/kvm and nothing else: it runs here, on hardware KVM or
-        // on kvm-pvm alike (never in the KVM lab). Without KVM the suite fails, loudly.
-        if !Path::new("/dev/kvm").exists() {
-            eprintln!("replay suite: /dev/kvm does not exist here");
-            return ExitCode::FAILURE;
-        }
-        if let Err(e) = replay_vm::replay_guest() {
-            eprintln!("replay suite: {e}");
-            return ExitCode::FAILURE;
-        }
-        println!("replay suite: running directly on this host's KVM");
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    replay_vm::run_host_suite("replay", trials)
 }

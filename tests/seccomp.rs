@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use replay_vm::{boot_and_snapshot, ReplayVmm};
-use support::{Arguments, Failed, Scratch, Trial};
+use support::{Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
 
@@ -164,7 +164,6 @@ fn a_forbidden_system_call_ends_reapvm_with_code_148() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
     let trials = vec![
         Trial::test(
             "every_thread_of_a_booted_and_a_restored_vm_is_filtered",
@@ -177,16 +176,5 @@ fn main() -> ExitCode {
             a_forbidden_system_call_ends_reapvm_with_code_148().map_err(Failed::from)
         }),
     ];
-    if !args.list {
-        if !Path::new("/dev/kvm").exists() {
-            eprintln!("seccomp suite: /dev/kvm does not exist here");
-            return ExitCode::FAILURE;
-        }
-        if let Err(e) = replay_vm::replay_guest() {
-            eprintln!("seccomp suite: {e}");
-            return ExitCode::FAILURE;
-        }
-        println!("seccomp suite: running directly on this host's KVM");
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    replay_vm::run_host_suite("seccomp", trials)
 }

@@ -4,12 +4,12 @@
 //! network: the guest talks to the VMM through its MMIO control page only.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use snapshot::replay_trace::{Touch, Trace, GUEST_RESERVED_PAGES};
 use test_support::http::unix_request;
-use test_support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket};
+use test_support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket, Trial};
 
 /// The replay guest as scripts/build-replay-guest.sh builds it.
 pub fn replay_guest() -> Result<PathBuf, String> {
@@ -22,6 +22,25 @@ pub fn replay_guest() -> Result<PathBuf, String> {
             path.display()
         ))
     }
+}
+
+/// Runs the suite `name` of `trials` on this host's own KVM with the replay guest (never in
+/// the KVM lab: the replay guest runs in guest user mode, which kvm-pvm hosts run natively).
+/// Without /dev/kvm or the replay guest the suite fails, loudly.
+pub fn run_host_suite(name: &str, trials: Vec<Trial>) -> ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    if !args.list {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("{name} suite: /dev/kvm does not exist here");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = replay_guest() {
+            eprintln!("{name} suite: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("{name} suite: running directly on this host's KVM");
+    }
+    libtest_mimic::run(&args, trials).exit_code()
 }
 
 /// A function-like trace over pages below `trace_pages`: data in most pages, `touches`

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{api, jail, stock, Jailed, NOBODY};
 use support::restore::flushed_metrics;
-use support::{Arguments, Failed, Scratch, Trial};
+use support::{Failed, Scratch, Trial};
 
 const MEM_MIB: u64 = 64;
 /// Limits the checks below look for: 512 open files, the pids cgroup (v1, as this host
@@ -391,7 +391,6 @@ fn bad_arguments_are_refused_before_anything_is_made() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
     let trials = vec![
         Trial::test("boots_snapshots_and_restores_in_jails", || {
             boots_snapshots_and_restores_in_jails().map_err(Failed::from)
@@ -410,16 +409,5 @@ fn main() -> ExitCode {
             bad_arguments_are_refused_before_anything_is_made().map_err(Failed::from)
         }),
     ];
-    if !args.list {
-        if !Path::new("/dev/kvm").exists() {
-            eprintln!("jailer suite: /dev/kvm does not exist here");
-            return ExitCode::FAILURE;
-        }
-        if let Err(e) = replay_vm::replay_guest() {
-            eprintln!("jailer suite: {e}");
-            return ExitCode::FAILURE;
-        }
-        println!("jailer suite: running directly on this host's KVM");
-    }
-    libtest_mimic::run(&args, trials).exit_code()
+    replay_vm::run_host_suite("jailer", trials)
 }
