@@ -7,7 +7,7 @@
 #   scripts/fuzz.sh --runs N [TARGET...]          each target for N executions (the long runs)
 #
 # Prints one line per target: executions, seconds, executions per second, edges covered. A
-# crash, a leak, a hang (one input running over 10 s) or an out-of-memory stops the run and
+# crash, a leak (with AddressSanitizer), a hang (one input running over 10 s) or an out-of-memory stops the run and
 # fails it; the report is printed, the whole log kept in fuzz/artifacts/TARGET/, and
 # libFuzzer leaves the input there to reproduce with
 # `cargo +nightly fuzz run TARGET fuzz/artifacts/TARGET/FILE`.

@@ -52,14 +52,16 @@ if [ -n "${REAPVM_LAB_DISK_MIB:-}" ]; then
 fi
 
 # The lab mounts its own tmpfs over /tmp and /run (and its own /dev, /proc, /sys): a
-# command started from a folder under one of them (a checkout in /tmp, say) gets the
-# top folder it lies in (/tmp/CHECKOUT for /tmp/CHECKOUT/vmm: cargo runs a test from its
-# crate's folder, and the test binary is in the checkout's target/) shared into the lab
-# explicitly, mounted read-only at the same path over the lab's own.
+# command started from a folder under /tmp or /run (a checkout in /tmp, say) gets the top
+# folder it lies in (/tmp/CHECKOUT for /tmp/CHECKOUT/vmm: cargo runs a test from its
+# crate's folder, and the test binary is in the checkout's target/), one under /dev, /proc
+# or /sys that folder itself, shared into the lab read-only at the same path over the
+# lab's own.
 workdir_args=() workdir_kernel_arg=""
 case "$PWD/" in
   /tmp/*|/run/*|/dev/*|/proc/*|/sys/*)
-    share="$(printf '%s\n' "$PWD" | cut -d/ -f1-3)"
+    share="$PWD"
+    case "$PWD/" in /tmp/*|/run/*) share="$(printf '%s\n' "$PWD" | cut -d/ -f1-3)" ;; esac
     case "$share" in
       */*/?*) ;;
       *) echo "lab: cannot share $PWD into the lab: run from a folder below it, not from it" >&2; exit 125 ;;

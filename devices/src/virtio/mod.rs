@@ -207,6 +207,29 @@ pub fn serve_available<'m>(
     }
 }
 
+/// Queue events of an activation that ended (a reset). The event loop must stop watching
+/// them while they are still open: epoll keeps the entry of a closed descriptor whose file
+/// is open elsewhere (the transport's own copy), and a guest that notified the reset device
+/// would then wake the loop for ever, its removal failing on the closed descriptor. Kept
+/// until the device's next wake-up, unregistered there, then dropped.
+#[derive(Default)]
+pub struct RetiredEvents(Vec<EventFd>);
+
+impl RetiredEvents {
+    pub fn retire(&mut self, events: impl IntoIterator<Item = EventFd>) {
+        self.0.extend(events);
+    }
+
+    pub fn unregister(&mut self, ops: &mut event_manager::EventOps) {
+        for evt in self.0.drain(..) {
+            let _ = ops.remove(event_manager::Events::new(
+                &evt,
+                event_manager::EventSet::IN,
+            ));
+        }
+    }
+}
+
 /// Everything a device needs to start serving its queues.
 pub struct ActivateContext {
     pub mem: GuestMemoryMmap,

@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     pop_checked, serve_available, ActivateContext, ActivateError, Interrupt, QueueError,
-    VirtioDevice, TYPE_NET,
+    RetiredEvents, VirtioDevice, TYPE_NET,
 };
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
@@ -112,6 +112,8 @@ pub struct Net {
     mac: Option<[u8; 6]>,
     activate_evt: EventFd,
     active: Option<Active>,
+    /// Queue events of a reset activation, unregistered on the next wake-up.
+    retired: RetiredEvents,
     /// A frame read from the tap that found no receive buffer yet.
     pending_rx: Option<usize>,
     rx_buf: Vec<u8>,
@@ -146,6 +148,7 @@ impl Net {
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| NetError::Event(id.to_string(), e))?,
             active: None,
+            retired: RetiredEvents::default(),
             pending_rx: None,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: vec![0; MAX_FRAME],
@@ -373,7 +376,9 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        if let Some(active) = self.active.take().filter(|a| a.registered) {
+            self.retired.retire(active.queue_evts);
+        }
         self.pending_rx = None;
         let _ = self.activate_evt.write(1);
     }
@@ -403,6 +408,7 @@ impl MutEventSubscriber for Net {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.retired.unregister(ops);
         let fd = events.fd();
         if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();

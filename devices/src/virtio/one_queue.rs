@@ -9,7 +9,7 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{serve_available, ActivateContext, ActivateError, Interrupt};
+use super::{serve_available, ActivateContext, ActivateError, Interrupt, RetiredEvents};
 use crate::GuestMemoryMmap;
 
 struct Active {
@@ -28,6 +28,7 @@ pub struct OneQueue {
     /// Written when the queue set changes: the event loop owns epoll and picks it up.
     activate_evt: EventFd,
     active: Option<Active>,
+    retired: RetiredEvents,
     paused: bool,
 }
 
@@ -37,6 +38,7 @@ impl OneQueue {
             name,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             active: None,
+            retired: RetiredEvents::default(),
             paused: false,
         })
     }
@@ -60,8 +62,10 @@ impl OneQueue {
     }
 
     pub fn reset(&mut self) {
-        // The queue event is deregistered by the event loop on its next wake-up.
-        self.active = None;
+        // The queue event is unregistered by the event loop on its next wake-up.
+        if let Some(active) = self.active.take().filter(|a| a.registered) {
+            self.retired.retire([active.queue_evt]);
+        }
         let _ = self.activate_evt.write(1);
     }
 
@@ -94,6 +98,7 @@ impl OneQueue {
         ops: &mut EventOps,
         serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
     ) {
+        self.retired.unregister(ops);
         if events.fd() == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
             let Some(active) = self.active.as_mut() else {

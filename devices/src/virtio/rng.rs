@@ -177,6 +177,39 @@ mod tests {
         assert_eq!(c, [0u8; 256], "a readable buffer is not written");
     }
 
+    /// A guest that resets the device and then notifies its queue (the transport's copy of
+    /// the queue event stays open) must not keep waking the event loop: before the reset's
+    /// queue event was unregistered while still open, every loop turn fired it again.
+    #[test]
+    fn a_notify_after_a_reset_wakes_the_loop_once_at_most() {
+        use crate::virtio::{ActivateContext, Interrupt};
+        use event_manager::{EventManager, SubscriberOps};
+        use std::sync::{Arc, Mutex};
+        use vmm_sys_util::eventfd::EventFd;
+
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let transport_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        events.add_subscriber(rng.clone());
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let ctx = ActivateContext {
+            mem: mem.clone(),
+            interrupt,
+            queues: vec![mock.create_queue().unwrap()],
+            queue_evts: vec![transport_evt.try_clone().unwrap()],
+            acked_features: 0,
+        };
+        rng.lock().unwrap().activate(ctx).unwrap();
+        events.run_with_timeout(0).unwrap();
+        rng.lock().unwrap().reset();
+        events.run_with_timeout(0).unwrap();
+        transport_evt.write(1).unwrap();
+        let woken: usize = (0..5).map(|_| events.run_with_timeout(0).unwrap()).sum();
+        assert!(woken <= 1, "one notify woke the event loop {woken} times");
+    }
+
     #[test]
     fn a_request_is_capped_and_a_buffer_outside_memory_is_dropped() {
         let mem = memory();
