@@ -8,13 +8,9 @@ use snapshot::touch_log::{TouchLog, TOUCH_LOG_MAGIC, TOUCH_LOG_VERSION};
 use snapshot::PAGE_SIZE;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
+    let Some((_, file)) = reapvm_fuzz::mode_and_file(data, TOUCH_LOG_MAGIC, |_| TOUCH_LOG_VERSION)
+    else {
         return;
-    };
-    let file = if mode & 1 == 1 {
-        snapshot::encode(TOUCH_LOG_MAGIC, TOUCH_LOG_VERSION, rest)
-    } else {
-        rest.to_vec()
     };
     let Ok(log) = TouchLog::decode(&file) else {
         return;

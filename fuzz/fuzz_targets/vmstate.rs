@@ -12,13 +12,9 @@ use libfuzzer_sys::fuzz_target;
 use vmm::persist::{self, VMSTATE_MAGIC, VMSTATE_VERSION};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
+    let Some((_, file)) = reapvm_fuzz::mode_and_file(data, VMSTATE_MAGIC, |_| VMSTATE_VERSION)
+    else {
         return;
-    };
-    let file = if mode & 1 == 1 {
-        snapshot::encode(VMSTATE_MAGIC, VMSTATE_VERSION, rest)
-    } else {
-        rest.to_vec()
     };
     let Ok((state, checksum)) = persist::decode_vmstate(&file, Path::new("fuzz.vmstate")) else {
         return;

@@ -12,21 +12,14 @@ use snapshot::ws::{self, RunKind, WS_MAGIC, WS_VERSION};
 use snapshot::PAGE_SIZE;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
+    // Mode bits 0 and 1 set: a valid envelope that says version 2.
+    let other_version = |mode: u8| mode & 3 == 3;
+    let Some((mode, file)) = reapvm_fuzz::mode_and_file(data, WS_MAGIC, |mode| {
+        WS_VERSION + u32::from(other_version(mode))
+    }) else {
         return;
     };
-    let wrapped = mode & 1 == 1;
-    let other_version = wrapped && mode & 2 == 2;
-    let file = if wrapped {
-        let version = if other_version {
-            WS_VERSION + 1
-        } else {
-            WS_VERSION
-        };
-        snapshot::encode(WS_MAGIC, version, rest)
-    } else {
-        rest.to_vec()
-    };
+    let other_version = other_version(mode);
     let Ok(decoded) = ws::decode_any(&file) else {
         return;
     };
