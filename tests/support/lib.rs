@@ -14,6 +14,7 @@ pub mod http;
 pub mod lab_probe;
 pub mod netns;
 pub mod place;
+pub mod reapd;
 pub mod restore;
 pub use place::{detect_place, repo_root, rerun_suite_in_lab, Place};
 
