@@ -38,13 +38,16 @@ impl From<DaemonError> for ApiError {
     fn from(e: DaemonError) -> Self {
         let status = match &e {
             DaemonError::NotFound(_) => StatusCode::NOT_FOUND,
-            DaemonError::Exists(_) => StatusCode::CONFLICT,
+            DaemonError::Exists(_) | DaemonError::InProgress(_) => StatusCode::CONFLICT,
+            DaemonError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             DaemonError::Spec(_) => StatusCode::BAD_REQUEST,
             DaemonError::Busy(crate::pool::PoolError::QueueFull { .. }) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             DaemonError::Busy(_) => StatusCode::NOT_FOUND,
-            DaemonError::Instance { .. } => StatusCode::BAD_GATEWAY,
+            DaemonError::Instance { .. } | DaemonError::InstanceDied { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())

@@ -78,6 +78,26 @@ impl Breakdown {
             self.total_us
         )
     }
+
+    /// Reads back what `line` wrote; None when a field is missing or not a number.
+    pub fn parse_line(line: &str) -> Option<Self> {
+        let field = |name: &str| -> Option<u64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .map(|v| v.trim_end_matches("us"))
+                .and_then(|v| v.parse().ok())
+        };
+        Some(Self {
+            load_vmm_us: field("LoadVMM")?,
+            fetch_state_us: field("FetchState")?,
+            install_ws_us: field("InstallWS")?,
+            connect_func_client_us: field("ConnectFuncClient")?,
+            func_invocation_us: field("FuncInvocation")?,
+            serve_unique_pages: field("ServeUnique")?,
+            rec_pages: field("RecPages")?,
+            total_us: field("Total")?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +134,7 @@ mod tests {
             assert_eq!(json[name], i as u64 + 1, "{name}");
         }
         assert!(b.line().starts_with("LoadVMM=1us FetchState=2us"));
+        assert_eq!(Breakdown::parse_line(&b.line()), Some(b.clone()));
+        assert_eq!(Breakdown::parse_line("LoadVMM=1us"), None);
     }
 }

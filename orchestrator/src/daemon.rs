@@ -44,8 +44,10 @@ pub struct Limits {
 pub enum DaemonError {
     #[error("no function named {0:?} is deployed")]
     NotFound(String),
-    #[error("a function named {0:?} is already deployed (or being deployed)")]
+    #[error("a function named {0:?} is already deployed")]
     Exists(String),
+    #[error("a deploy or removal of {0:?} is under way")]
+    InProgress(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
@@ -60,8 +62,21 @@ pub enum DaemonError {
         instance: u64,
         reason: String,
     },
+    /// The instance's reapvm ended under a cold start or an invocation (killed, or the
+    /// guest shut down): the invocation is tried once more on a new instance.
+    #[error("instance {instance} of {name}: its reapvm exited ({status}): {reason}")]
+    InstanceDied {
+        name: String,
+        instance: u64,
+        status: String,
+        reason: String,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("reapd is stopping")]
+    Stopping,
+    #[error("{0}")]
+    Internal(String),
     #[error("another reapd uses the state dir {0} (it holds reapd.lock there)")]
     Locked(String),
     #[error("cannot {what} {path}: {source}")]
@@ -176,11 +191,37 @@ pub struct Daemon {
     /// reapd finds those a crashed one left.
     netns_prefix: String,
     functions: Mutex<HashMap<String, Arc<Deployed>>>,
+    /// Names being deployed or removed: nobody else may deploy or remove them meanwhile.
     deploying: Mutex<Vec<String>>,
+    /// Set by `stop_all`: waiters then hear that reapd stops, not that their function is gone.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Invocation attempts running (each its own task); `stop_all` waits for them.
+    attempts: AtomicU64,
+    attempts_done: tokio::sync::Notify,
     pub metrics: Metrics,
     /// Held while reapd runs: a second reapd on the same state dir would take the first's
     /// VMs for leftovers and stop them.
     _lock: std::fs::File,
+}
+
+/// How long `stop_all` waits for invocation attempts under way.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// Counts an invocation attempt while it runs.
+struct Attempt<'a>(&'a Daemon);
+
+impl<'a> Attempt<'a> {
+    fn begin(daemon: &'a Daemon) -> Self {
+        daemon.attempts.fetch_add(1, Ordering::SeqCst);
+        Self(daemon)
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.0.attempts.fetch_sub(1, Ordering::SeqCst);
+        self.0.attempts_done.notify_waiters();
+    }
 }
 
 /// FNV-1a: a stable short tag for the state dir (netns names must stay short).
@@ -214,6 +255,9 @@ impl Daemon {
             netns_prefix,
             functions: Mutex::new(HashMap::new()),
             deploying: Mutex::new(Vec::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            attempts: AtomicU64::new(0),
+            attempts_done: tokio::sync::Notify::new(),
             metrics: Metrics::new(),
             _lock: lock,
         });
@@ -320,29 +364,54 @@ impl Daemon {
     ) -> Result<FunctionView, DaemonError> {
         spec.check()?;
         self.check_guest_files()?;
-        {
-            let mut deploying = self.deploying.lock().unwrap_or_else(|p| p.into_inner());
-            if deploying.contains(&spec.name) || self.get(&spec.name).is_ok() {
-                return Err(DaemonError::Exists(spec.name));
+        self.reserve(&spec.name)?;
+        // Its own task: a client that hangs up does not stop a deploy half-way.
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let result = daemon.deploy_unlisted(&spec, warm_up).await;
+            if let Ok(function) = &result {
+                let deployed = Arc::new(Deployed {
+                    pool: Pool::new(spec.max_instances, daemon.limits.queue_depth),
+                    function: function.clone(),
+                    instances: Mutex::new(HashMap::new()),
+                });
+                daemon
+                    .functions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(spec.name.clone(), deployed);
             }
-            deploying.push(spec.name.clone());
+            // Listed first, then let go: no moment where the name looks free.
+            daemon.unreserve(&spec.name);
+            result.and_then(|_| daemon.show(&spec.name))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(DaemonError::Internal(format!(
+                "the deploy task failed: {e}"
+            )))
+        })
+    }
+
+    /// Takes `name` for a deploy: refused while it is deployed, or being deployed or
+    /// removed.
+    fn reserve(&self, name: &str) -> Result<(), DaemonError> {
+        let mut deploying = self.deploying.lock().unwrap_or_else(|p| p.into_inner());
+        if deploying.iter().any(|n| n == name) {
+            return Err(DaemonError::InProgress(name.to_string()));
         }
-        let result = self.deploy_unlisted(&spec, warm_up).await;
+        if self.get(name).is_ok() {
+            return Err(DaemonError::Exists(name.to_string()));
+        }
+        deploying.push(name.to_string());
+        Ok(())
+    }
+
+    fn unreserve(&self, name: &str) {
         self.deploying
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|n| n != &spec.name);
-        let function = result?;
-        let deployed = Arc::new(Deployed {
-            pool: Pool::new(spec.max_instances, self.limits.queue_depth),
-            function,
-            instances: Mutex::new(HashMap::new()),
-        });
-        self.functions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(spec.name.clone(), deployed);
-        self.show(&spec.name)
+            .retain(|n| n != name);
     }
 
     async fn deploy_unlisted(
@@ -358,7 +427,10 @@ impl Daemon {
             reason,
         };
         let made = async {
-            let (row, ns) = self.new_instance_place(&spec.name).await?;
+            let (row, ns) = self
+                .new_instance_place(&spec.name)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             let config = boot_config(
                 &self.paths.kernel,
                 &self.paths.rootfs,
@@ -371,6 +443,7 @@ impl Daemon {
                     .await
                     .map_err(|e| fail(e.to_string()))?;
                 self.db.set_instance_pid(row.id, vmm.pid)?;
+                vmm.wait_for_api().await.map_err(|e| fail(e.to_string()))?;
                 let booted = self.warm_up(&vmm, &ns, spec, warm_up).await;
                 let snapshot = match booted {
                     Ok(()) if spec.cold_start == ColdStart::Boot => Ok(()),
@@ -421,6 +494,14 @@ impl Daemon {
             name: spec.name.clone(),
             reason,
         };
+        // What became of the VM, for a failure after the boot.
+        let vm_state = || async {
+            let state = match vmm.exited_within(Duration::from_millis(500)).await {
+                Some(status) => format!("reapvm exited ({status})"),
+                None => "reapvm still ran".to_string(),
+            };
+            format!("{state}; its log ends:\n{}", vmm.log_tail(30))
+        };
         let mut exit = vmm.exit_watch();
         let ready = tokio::select! {
             r = agent::wait_ready(ns, self.limits.boot_timeout) => r,
@@ -429,13 +510,22 @@ impl Daemon {
                 return Err(fail(vmm.exited_error(status, "while the guest booted").to_string()));
             }
         };
-        ready.map_err(|e| fail(format!("{e}; reapvm's log ends:\n{}", vmm.log_tail(30))))?;
-        let (stream, _) = agent::connect(ns, self.limits.connect_timeout)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let answer = agent::invoke(stream, &spec.function, data)
-            .await
-            .map_err(|e| fail(format!("warm-up invocation: {e}")))?;
+        if let Err(e) = ready {
+            return Err(fail(format!("{e}; {}", vm_state().await)));
+        }
+        let answer = match agent::connect(ns, self.limits.connect_timeout).await {
+            Ok((stream, _)) => agent::invoke(stream, &spec.function, data).await,
+            Err(e) => Err(e),
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(fail(format!(
+                    "warm-up invocation: {e}; {}",
+                    vm_state().await
+                )))
+            }
+        };
         if answer.status != 200 {
             return Err(fail(format!(
                 "the warm-up invocation of {} answered {}: {}",
@@ -489,6 +579,11 @@ impl Daemon {
     }
 
     /// Invokes `name` with `data` on an idle instance, or a new one.
+    ///
+    /// Only the wait for a lease belongs to the caller (a client that goes away leaves the
+    /// queue); once a lease is held the attempt runs as its own task, so a caller that is
+    /// dropped half-way (hyper drops a handler whose client hung up) cannot leave a slot
+    /// taken, an instance marked busy or a namespace behind.
     pub async fn invoke(self: &Arc<Self>, name: &str, data: Bytes) -> Result<Outcome, DaemonError> {
         let deployed = self.get(name)?;
         let start = Instant::now();
@@ -496,33 +591,45 @@ impl Daemon {
         let mut retried = false;
         loop {
             let lease = deployed.pool.acquire().await.map_err(|e| match e {
+                PoolError::Closed if self.stopping.load(Ordering::Relaxed) => DaemonError::Stopping,
                 PoolError::Closed => DaemonError::NotFound(name.to_string()),
                 other => other.into(),
             })?;
-            let attempt = match lease {
-                Lease::Warm(instance) => {
-                    self.invoke_warm(&deployed, instance, data.clone(), start)
-                        .await
+            let attempt = tokio::spawn({
+                let (daemon, deployed, data) = (self.clone(), deployed.clone(), data.clone());
+                async move {
+                    let _counted = Attempt::begin(&daemon);
+                    let outcome = match lease {
+                        Lease::Warm(instance) => {
+                            daemon.invoke_warm(&deployed, instance, data, start).await
+                        }
+                        Lease::Cold => daemon.invoke_cold(&deployed, data, start).await,
+                    };
+                    if let Ok(outcome) = &outcome {
+                        daemon.account(&deployed, outcome);
+                    }
+                    outcome
                 }
-                Lease::Cold => self.invoke_cold(&deployed, data.clone(), start).await,
-            };
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(DaemonError::Internal(format!(
+                    "the invocation task failed: {e}"
+                )))
+            });
             match attempt {
-                Ok(outcome) => {
-                    self.account(&deployed, &outcome);
-                    return Ok(outcome);
+                Ok(outcome) => return Ok(outcome),
+                Err(e) if matches!(e, DaemonError::InstanceDied { .. }) && !retried => {
+                    log::warn!("{e}; retrying once");
+                    retried = true;
                 }
-                Err((e, died)) => {
+                Err(e) => {
                     self.metrics
                         .failed_invocations
                         .get_or_create(&FunctionLabels {
                             function: name.to_string(),
                         })
                         .inc();
-                    if died && !retried {
-                        log::warn!("{e}; retrying on another instance");
-                        retried = true;
-                        continue;
-                    }
                     return Err(e);
                 }
             }
@@ -601,7 +708,7 @@ impl Daemon {
         instance: Arc<Instance>,
         data: Bytes,
         start: Instant,
-    ) -> Result<Outcome, (DaemonError, bool)> {
+    ) -> Result<Outcome, DaemonError> {
         self.set_state(deployed, instance.id, InstanceState::Busy);
         let result = async {
             let (stream, _) = agent::connect(&instance.ns, self.limits.connect_timeout).await?;
@@ -621,7 +728,7 @@ impl Daemon {
         start: Instant,
         breakdown: Option<Breakdown>,
         cold: bool,
-    ) -> Result<Outcome, (DaemonError, bool)> {
+    ) -> Result<Outcome, DaemonError> {
         match result {
             Ok(answer) => {
                 instance.invocations.fetch_add(1, Ordering::Relaxed);
@@ -639,23 +746,22 @@ impl Daemon {
                 })
             }
             Err(e) => {
-                let died = instance.vmm.exit_status();
-                let reason = match &died {
-                    Some(status) => {
-                        format!("its reapvm exited ({status}) during the invocation: {e}")
-                    }
-                    None => format!("{e}; the instance is stopped"),
-                };
-                let id = instance.id;
+                let died = instance.vmm.exited_within(Duration::from_millis(500)).await;
+                let (name, id) = (deployed.name().to_string(), instance.id);
                 self.retire(deployed, instance).await;
-                Err((
-                    DaemonError::Instance {
-                        name: deployed.name().to_string(),
+                Err(match died {
+                    Some(status) => DaemonError::InstanceDied {
+                        name,
                         instance: id,
-                        reason,
+                        status,
+                        reason: format!("during the invocation: {e}"),
                     },
-                    died.is_some(),
-                ))
+                    None => DaemonError::Instance {
+                        name,
+                        instance: id,
+                        reason: format!("{e}; the instance is stopped"),
+                    },
+                })
             }
         }
     }
@@ -665,11 +771,8 @@ impl Daemon {
         deployed: &Arc<Deployed>,
         data: Bytes,
         start: Instant,
-    ) -> Result<Outcome, (DaemonError, bool)> {
-        let instance = self
-            .start_instance(deployed)
-            .await
-            .map_err(|e| (e, false))?;
+    ) -> Result<Outcome, DaemonError> {
+        let instance = self.start_instance(deployed).await?;
         let mut breakdown = Breakdown {
             load_vmm_us: us(instance.vmm.started.elapsed()),
             ..Breakdown::default()
@@ -742,6 +845,12 @@ impl Daemon {
             instance: row.id,
             reason: e,
         };
+        let died = |status: String, reason: String| DaemonError::InstanceDied {
+            name: spec.name.clone(),
+            instance: row.id,
+            status,
+            reason,
+        };
         let started = async {
             let mode = match spec.cold_start {
                 ColdStart::Reap if deployed.ws().exists() => "prefetch",
@@ -761,13 +870,20 @@ impl Daemon {
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             self.db.set_instance_pid(row.id, vmm.pid)?;
-            let loaded: Result<(), VmmError> = if spec.cold_start == ColdStart::Boot {
-                agent::wait_ready(&ns, self.limits.boot_timeout)
-                    .await
-                    .map_err(|e| VmmError::Metrics {
-                        path: vmm.log_path.display().to_string(),
-                        reason: format!("{e}; reapvm's log ends:\n{}", vmm.log_tail(30)),
-                    })
+            match vmm.wait_for_api().await {
+                Ok(()) => {}
+                Err(VmmError::Exited { status, when, log }) => {
+                    return Err(died(status, format!("{when}; its log ends:\n{log}")))
+                }
+                Err(e) => return Err(fail(e.to_string())),
+            }
+            let loaded: Result<(), String> = if spec.cold_start == ColdStart::Boot {
+                let mut exit = vmm.exit_watch();
+                tokio::select! {
+                    ready = agent::wait_ready(&ns, self.limits.boot_timeout) => ready
+                        .map_err(|e| format!("{e}; reapvm's log ends:\n{}", vmm.log_tail(30))),
+                    _ = exit.wait_for(Option::is_some) => Err("the guest did not boot".to_string()),
+                }
             } else {
                 vmm.load_snapshot(
                     spec.cold_start,
@@ -776,8 +892,14 @@ impl Daemon {
                     &deployed.ws(),
                 )
                 .await
+                .map_err(|e| e.to_string())
             };
-            loaded.map_err(|e| fail(e.to_string()))?;
+            if let Err(reason) = loaded {
+                return Err(match vmm.exited_within(Duration::from_millis(500)).await {
+                    Some(status) => died(status, reason),
+                    None => fail(reason),
+                });
+            }
             Ok::<_, DaemonError>((vmm, mode))
         }
         .await;
@@ -873,19 +995,28 @@ impl Daemon {
     }
 
     /// Stops every idle instance of `name`; returns (stopped, still busy).
-    pub async fn scale_to_zero(&self, name: &str) -> Result<(usize, usize), DaemonError> {
+    pub async fn scale_to_zero(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<(usize, usize), DaemonError> {
         let deployed = self.get(name)?;
-        let idle = deployed.pool.take_idle_for(Duration::ZERO);
-        let stopped = idle.len();
-        for instance in idle {
-            self.retire(&deployed, instance).await;
-        }
-        let busy = deployed
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
-        Ok((stopped, busy))
+        let daemon = self.clone();
+        // Its own task: the idle instances are out of the pool once taken, and must all go.
+        tokio::spawn(async move {
+            let idle = deployed.pool.take_idle_for(Duration::ZERO);
+            let stopped = idle.len();
+            for instance in idle {
+                daemon.retire(&deployed, instance).await;
+            }
+            let busy = deployed
+                .instances
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len();
+            (stopped, busy)
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(format!("the scale-to-zero task failed: {e}")))
     }
 
     /// Stops the instances idle longer than their function's keep-alive.
@@ -911,18 +1042,38 @@ impl Daemon {
     }
 
     /// Removes a function: its instances (busy ones too), its snapshot and its records.
-    pub async fn remove(&self, name: &str) -> Result<usize, DaemonError> {
-        let deployed = self
-            .functions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .ok_or_else(|| DaemonError::NotFound(name.to_string()))?;
-        deployed.pool.close();
-        let stopped = self.retire_all(&deployed).await;
-        self.db.remove_function(name)?;
-        let _ = std::fs::remove_dir_all(&deployed.function.dir);
-        Ok(stopped)
+    /// The name stays taken until all of it is gone, so a new deploy cannot start in the
+    /// folder being removed.
+    pub async fn remove(self: &Arc<Self>, name: &str) -> Result<usize, DaemonError> {
+        let deployed = {
+            let mut deploying = self.deploying.lock().unwrap_or_else(|p| p.into_inner());
+            if deploying.iter().any(|n| n == name) {
+                return Err(DaemonError::InProgress(name.to_string()));
+            }
+            let deployed = self
+                .functions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name)
+                .ok_or_else(|| DaemonError::NotFound(name.to_string()))?;
+            deploying.push(name.to_string());
+            deployed
+        };
+        let (daemon, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            deployed.pool.close();
+            let stopped = daemon.retire_all(&deployed).await;
+            let removed = daemon.db.remove_function(&name);
+            let _ = std::fs::remove_dir_all(&deployed.function.dir);
+            daemon.unreserve(&name);
+            removed.map(|_| stopped).map_err(DaemonError::from)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(DaemonError::Internal(format!(
+                "the removal task failed: {e}"
+            )))
+        })
     }
 
     async fn retire_all(&self, deployed: &Deployed) -> usize {
@@ -949,10 +1100,21 @@ impl Daemon {
             .values()
             .cloned()
             .collect();
+        self.stopping.store(true, Ordering::Relaxed);
         let mut stopped = 0;
-        for deployed in all {
+        for deployed in &all {
             deployed.pool.close();
-            stopped += self.retire_all(&deployed).await;
+            stopped += self.retire_all(deployed).await;
+        }
+        // Attempts under way end soon: their instance was just stopped, or (a cold start
+        // not yet listed) they find the pool closed and stop it themselves.
+        let waited = Instant::now();
+        while self.attempts.load(Ordering::SeqCst) > 0 && waited.elapsed() < STOP_WAIT {
+            let done = self.attempts_done.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(100), done).await;
+        }
+        for deployed in &all {
+            stopped += self.retire_all(deployed).await;
         }
         stopped
     }

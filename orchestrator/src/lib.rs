@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bench;
 pub mod breakdown;
 pub mod daemon;
 pub mod db;

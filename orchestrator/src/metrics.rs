@@ -77,7 +77,7 @@ impl Metrics {
         );
         registry.register(
             "instances",
-            "Instances running or starting",
+            "Instances running (started and not yet stopped)",
             instances.clone(),
         );
         Self {

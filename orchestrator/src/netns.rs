@@ -126,43 +126,56 @@ impl NetNs {
 
     /// A TCP socket that belongs to this namespace. A socket stays in the namespace it was
     /// made in, so a short-lived thread enters the namespace (setns changes only the
-    /// calling thread), makes it and ends; the socket is then used from any thread.
-    pub fn tcp_socket(&self) -> Result<TcpSocket, NetNsError> {
+    /// calling thread; a pooled thread must never be moved), makes it and ends; the socket
+    /// is then used from any thread. The caller awaits the thread's answer, never joins it.
+    pub async fn tcp_socket(&self) -> Result<TcpSocket, NetNsError> {
         let file = self.open()?;
         let name = self.name.clone();
-        let made = std::thread::spawn(move || -> Result<OwnedFd, NetNsError> {
-            // SAFETY: setns on a namespace file this thread holds open; it moves only this
-            // thread, which ends right after making the socket.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(NetNsError::Enter {
-                    name,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            // SAFETY: a plain socket(2) call; the returned descriptor is checked below.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    0,
-                )
-            };
-            if fd < 0 {
-                return Err(NetNsError::Socket {
-                    name,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            // SAFETY: fd is a new socket descriptor owned by nobody else.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        })
-        .join()
-        .map_err(|_| NetNsError::Socket {
-            name: self.name.clone(),
-            source: std::io::Error::other("the socket thread panicked"),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let thread_name = name.clone();
+        std::thread::Builder::new()
+            .name("reapd-netns".into())
+            .spawn(move || {
+                let _ = tx.send(socket_in(&file, thread_name));
+            })
+            .map_err(|source| NetNsError::Socket {
+                name: name.clone(),
+                source,
+            })?;
+        let made = rx.await.map_err(|_| NetNsError::Socket {
+            name: name.clone(),
+            source: std::io::Error::other("the socket thread ended without an answer"),
         })??;
         Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(made)))
     }
+}
+
+/// On the calling thread, which it moves into the namespace `file`: a new TCP socket.
+fn socket_in(file: &File, name: String) -> Result<OwnedFd, NetNsError> {
+    // SAFETY: setns on a namespace file the caller holds open; it moves only this thread,
+    // a thread of its own that ends right after.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(NetNsError::Enter {
+            name,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a plain socket(2) call; the returned descriptor is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(NetNsError::Socket {
+            name,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fd is a new socket descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Connects to `port` on the guest from inside `ns`, retrying while the guest is not there
@@ -175,7 +188,7 @@ pub async fn connect_guest(
     let addr: SocketAddr = SocketAddr::new(GUEST_IP.parse().expect("guest address"), port);
     let start = Instant::now();
     loop {
-        let socket = ns.tcp_socket()?;
+        let socket = ns.tcp_socket().await?;
         let left = timeout.saturating_sub(start.elapsed());
         let attempt = match tokio::time::timeout(left, socket.connect(addr)).await {
             Ok(result) => result,

@@ -183,7 +183,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_pool_queues_then_refuses() {
-        let pool = Arc::new(Pool::new(1, 2));
+        let pool = Arc::new(Pool::new(2, 2));
+        assert_eq!(pool.acquire().await, Ok(Lease::Cold));
         assert_eq!(pool.acquire().await, Ok(Lease::Cold));
         let w1 = tokio::spawn({
             let pool = pool.clone();
@@ -203,14 +204,14 @@ mod tests {
                 limit: 2
             })
         );
-        // One instance released: one waiter gets it warm; the slot ending lets the other
-        // cold-start.
+        // Of the two instances, one is released and the other ends: one waiter gets the
+        // first warm, the other may cold-start in the freed slot.
         pool.release("a");
         pool.slot_ended();
         let mut got = vec![w1.await.unwrap().unwrap(), w2.await.unwrap().unwrap()];
         got.sort_by_key(|l| matches!(l, Lease::Cold));
         assert_eq!(got, vec![Lease::Warm("a"), Lease::Cold]);
-        assert_eq!(pool.counts(), (1, 0, 0));
+        assert_eq!(pool.counts(), (2, 0, 0));
     }
 
     #[tokio::test]

@@ -91,7 +91,8 @@ pub struct Vmm {
 
 impl Vmm {
     /// Starts reapvm in `ns`, its files in `dir`; boots at once from `config` when given,
-    /// else waits for a snapshot load. Returns once its API socket is there.
+    /// else waits for a snapshot load. Returns at once (record `pid` before anything can
+    /// fail); `wait_for_api` waits for its API socket.
     pub async fn spawn(
         reapvm: &Path,
         dir: &Path,
@@ -167,7 +168,7 @@ impl Vmm {
             };
             let _ = exit_tx.send(Some(text));
         });
-        let vmm = Self {
+        Ok(Self {
             pid,
             api_socket,
             metrics_path,
@@ -175,17 +176,20 @@ impl Vmm {
             started,
             exited,
             kill: std::sync::Mutex::new(Some(kill)),
-        };
-        vmm.wait_for_socket().await?;
-        Ok(vmm)
+        })
     }
 
-    async fn wait_for_socket(&self) -> Result<(), VmmError> {
+    /// Waits until the API socket accepts connections (a socket file is there a moment
+    /// before reapvm listens on it).
+    pub async fn wait_for_api(&self) -> Result<(), VmmError> {
         while self.started.elapsed() < SOCKET_WAIT {
             if let Some(status) = self.exit_status() {
-                return Err(self.exited_error(status, "before its API socket appeared"));
+                return Err(self.exited_error(status, "before its API socket accepted"));
             }
-            if self.api_socket.exists() {
+            if tokio::net::UnixStream::connect(&self.api_socket)
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -198,6 +202,14 @@ impl Vmm {
     /// How the process ended, once it has.
     pub fn exit_status(&self) -> Option<String> {
         self.exited.borrow().clone()
+    }
+
+    /// How the process ended, waiting up to `wait` for it: a failed API call may be seen
+    /// a moment before the process is reaped.
+    pub async fn exited_within(&self, wait: Duration) -> Option<String> {
+        let mut exited = self.exited.clone();
+        let _ = tokio::time::timeout(wait, exited.wait_for(Option::is_some)).await;
+        self.exit_status()
     }
 
     /// A receiver that changes when the process ends.
@@ -247,7 +259,7 @@ impl Vmm {
         let answer = match answer {
             Ok(a) => a,
             Err(e) => {
-                return Err(match self.exit_status() {
+                return Err(match self.exited_within(Duration::from_millis(500)).await {
                     Some(status) => self.exited_error(status, "during an API call"),
                     None => e.into(),
                 })

@@ -13,18 +13,19 @@ fn bins() -> Binaries {
     }
 }
 
+/// Guest paths that do not exist: reapd starts, and every deploy fails.
+const NO_GUEST: [&str; 6] = [
+    "--reapvm",
+    "/bin/true",
+    "--kernel",
+    "/nonexistent/vmlinux",
+    "--rootfs",
+    "/nonexistent/rootfs.ext4",
+];
+
 /// reapd whose guest kernel does not exist: everything but a deploy works.
 fn reapd(dir: &tempfile::TempDir) -> Reapd {
-    let extra = [
-        "--reapvm",
-        "/bin/true",
-        "--kernel",
-        "/nonexistent/vmlinux",
-        "--rootfs",
-        "/nonexistent/rootfs.ext4",
-    ]
-    .map(String::from);
-    Reapd::start(&bins(), dir.path(), &extra).expect("reapd starts")
+    Reapd::start(&bins(), dir.path(), &NO_GUEST.map(String::from)).expect("reapd starts")
 }
 
 #[test]
@@ -112,7 +113,7 @@ fn a_body_over_the_limit_answers_413() {
 }
 
 #[test]
-fn a_deploy_without_its_kernel_fails_and_leaves_nothing() {
+fn a_deploy_without_its_kernel_fails_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let reapd = reapd(&dir);
     let ran = reapd.ctl(&["deploy", "hello", "--function", "helloworld"]);
@@ -144,6 +145,7 @@ fn a_live_socket_is_not_taken_over_and_sigterm_ends_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = reapd(&dir);
     let second = std::process::Command::new(bins().reapd)
+        .args(NO_GUEST)
         .arg("--socket")
         .arg(&first.socket)
         .arg("--state-dir")
@@ -160,6 +162,7 @@ fn a_live_socket_is_not_taken_over_and_sigterm_ends_cleanly() {
     // Nor is its state dir, through another socket: it would take the first's VMs for
     // leftovers.
     let third = std::process::Command::new(bins().reapd)
+        .args(NO_GUEST)
         .arg("--socket")
         .arg(dir.path().join("other.sock"))
         .arg("--state-dir")
@@ -177,6 +180,20 @@ fn a_live_socket_is_not_taken_over_and_sigterm_ends_cleanly() {
     );
     assert_eq!(first.signal_and_wait(libc::SIGTERM).unwrap(), Some(0));
     assert!(!first.socket.exists(), "the socket is removed");
+    // A path that is not a socket is never replaced.
+    let not_socket = dir.path().join("precious.db");
+    std::fs::write(&not_socket, b"data").unwrap();
+    let fourth = std::process::Command::new(bins().reapd)
+        .args(NO_GUEST)
+        .arg("--socket")
+        .arg(&not_socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state4"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&fourth.stderr);
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&not_socket).unwrap(), b"data");
     // A socket file left by a killed reapd is replaced.
     first.restart().unwrap();
     assert_eq!(first.signal_and_wait(libc::SIGKILL).unwrap(), None);

@@ -21,15 +21,22 @@ fn bins() -> Binaries {
 }
 
 fn start_reapd(scratch: &Scratch) -> Result<Reapd, String> {
+    start_reapd_with(scratch, &[])
+}
+
+/// reapd with the built guest and reapvm, and `flags` (which may name another guest file).
+fn start_reapd_with(scratch: &Scratch, flags: &[&str]) -> Result<Reapd, String> {
     let guest = GuestArtifacts::locate()?;
-    let extra = vec![
-        "--reapvm".to_string(),
-        reapvm_bin().display().to_string(),
-        "--kernel".into(),
-        guest.vmlinux.display().to_string(),
-        "--rootfs".into(),
-        guest.rootfs.display().to_string(),
-    ];
+    let mut extra: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    for (flag, path) in [
+        ("--reapvm", reapvm_bin()),
+        ("--kernel", guest.vmlinux),
+        ("--rootfs", guest.rootfs),
+    ] {
+        if !flags.contains(&flag) {
+            extra.extend([flag.to_string(), path.display().to_string()]);
+        }
+    }
     Reapd::start(&bins(), &scratch.dir, &extra)
 }
 
@@ -54,7 +61,11 @@ fn mode(ran: &Ran) -> String {
 }
 
 fn invoke(reapd: &Reapd, data: &str) -> Result<Ran, Failed> {
-    let ran = reapd.ctl(&["invoke", "hello", data]);
+    invoke_named(reapd, "hello", data)
+}
+
+fn invoke_named(reapd: &Reapd, name: &str, data: &str) -> Result<Ran, Failed> {
+    let ran = reapd.ctl(&["invoke", name, data]);
     check(ran.ok && ran.stdout == format!("Hello, {data}!"), || {
         format!("invoke: {}\n{}", ran.describe(), reapd.log_text())
     })?;
@@ -228,12 +239,44 @@ fn reap_life_cycle() -> Result<(), Failed> {
     wait_until(
         "reapd removing the killed instance",
         Duration::from_secs(20),
-        || instances(&reapd).map(|i| i.len() == 1).unwrap_or(false),
+        || instances(&reapd).map(|i| i.len() == 1).unwrap_or(false) && !netns_exists(&victim_ns),
     )?;
-    check(!netns_exists(&victim_ns), || {
-        format!("namespace {victim_ns} left")
-    })?;
     invoke(&reapd, "after-kill")?;
+
+    // A cold start whose reapvm dies under it: the invocation is answered by a new one.
+    // The first new reapvm is stopped (SIGSTOP) as soon as it shows, so that it cannot
+    // finish first on a fast host, then killed.
+    reapd.ctl(&["scale-to-zero", "hello"]);
+    let running: Vec<u32> = reapvms_under(&scratch.dir);
+    let (answer, killed) = std::thread::scope(|s| {
+        let invocation = s.spawn(|| reapd.ctl(&["invoke", "hello", "retried"]));
+        let start = Instant::now();
+        let mut killed = None;
+        while killed.is_none() && start.elapsed() < Duration::from_secs(60) {
+            if let Some(pid) = reapvms_under(&scratch.dir)
+                .into_iter()
+                .find(|p| !running.contains(p))
+            {
+                // SAFETY: kill(2) on the reapvm reapd just started for this invocation.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGSTOP);
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+                killed = Some(pid);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (invocation.join().unwrap(), killed)
+    });
+    check(killed.is_some(), || {
+        "no new reapvm appeared for the cold start".to_string()
+    })?;
+    check(answer.ok && answer.stdout == "Hello, retried!", || {
+        format!("{}\n{}", answer.describe(), reapd.log_text())
+    })?;
+    check(reapd.log_text().contains("retrying once"), || {
+        reapd.log_text()
+    })?;
 
     // Breakdown rows and metrics.
     let (status, body) = reapd.raw("GET", "/functions/hello/invocations", b"")?;
@@ -322,17 +365,8 @@ fn reap_life_cycle() -> Result<(), Failed> {
     Ok(())
 }
 
-fn a_deploy_of_a_missing_function_fails_and_leaves_nothing() -> Result<(), Failed> {
-    let scratch = Scratch::new("reapd-missing");
-    let reapd = start_reapd(&scratch)?;
-    let ran = reapd.ctl(&["deploy", "ghost", "--function", "no_such_function"]);
-    check(
-        !ran.ok
-            && ran
-                .stderr
-                .contains("the warm-up invocation of no_such_function answered 404"),
-        || format!("{}\n{}", ran.describe(), reapd.log_text()),
-    )?;
+/// Nothing of a failed deploy is left: no function, folder, namespace or VM.
+fn check_nothing_left(reapd: &Reapd, scratch: &Scratch) -> Result<(), Failed> {
     let ls = reapd.ctl(&["ls"]);
     check(ls.ok && ls.stdout.lines().count() == 1, || ls.describe())?;
     for sub in ["functions", "instances"] {
@@ -343,7 +377,209 @@ fn a_deploy_of_a_missing_function_fails_and_leaves_nothing() -> Result<(), Faile
     }
     check(reapvms_under(&scratch.dir).is_empty(), || {
         "a reapvm is left".to_string()
+    })
+}
+
+fn namespace_count() -> usize {
+    std::fs::read_dir("/run/netns")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn failed_deploys_leave_nothing_and_reapd_serves_on() -> Result<(), Failed> {
+    let namespaces_before = namespace_count();
+    // A function the rootfs lacks: the guest boots, the warm-up invocation gets a 404.
+    let scratch = Scratch::new("reapd-missing");
+    let reapd = start_reapd(&scratch)?;
+    let ran = reapd.ctl(&["deploy", "ghost", "--function", "no_such_function"]);
+    check(
+        !ran.ok
+            && ran
+                .stderr
+                .contains("the warm-up invocation of no_such_function answered 404"),
+        || format!("{}\n{}", ran.describe(), reapd.log_text()),
+    )?;
+    check_nothing_left(&reapd, &scratch)?;
+    check(namespace_count() == namespaces_before, || {
+        "a namespace is left".to_string()
     })?;
+    deploy(&reapd, "hello", &[])?;
+    invoke(&reapd, "still-serving")?;
+
+    // A guest that never becomes ready: its root filesystem is an empty file, the kernel
+    // panics and reboots, reapvm ends.
+    let broken = Scratch::new("reapd-broken");
+    let empty = broken.write("empty.ext4", b"");
+    let rootfs = empty.display().to_string();
+    let reapd = start_reapd_with(&broken, &["--rootfs", &rootfs])?;
+    let ran = reapd.ctl(&["deploy", "hello", "--function", "helloworld"]);
+    check(
+        !ran.ok && ran.stderr.contains("while the guest booted"),
+        || format!("{}\n{}", ran.describe(), reapd.log_text()),
+    )?;
+    check_nothing_left(&reapd, &broken)?;
+    // The first reapd's hello has one instance (its namespace); nothing else is left.
+    check(namespace_count() == namespaces_before + 1, || {
+        "a namespace is left".to_string()
+    })
+}
+
+fn deploy(reapd: &Reapd, name: &str, args: &[&str]) -> Result<(), Failed> {
+    let mut all = vec!["deploy", name, "--function", "helloworld"];
+    all.extend_from_slice(args);
+    let ran = reapd.ctl(&all);
+    check(
+        ran.ok && ran.stdout.starts_with(&format!("deployed {name}")),
+        || format!("deploy {name}: {}\n{}", ran.describe(), reapd.log_text()),
+    )
+}
+
+/// The other cold-start modes, a full queue, and reapctl bench's report and files.
+fn file_lazy_boot_queue_and_bench() -> Result<(), Failed> {
+    let scratch = Scratch::new("reapd-modes");
+    let reapd = start_reapd_with(&scratch, &["--queue-depth", "1"])?;
+    for mode in ["file", "lazy", "boot"] {
+        let name = format!("h{mode}");
+        deploy(
+            &reapd,
+            &name,
+            &[
+                "--cold-start",
+                mode,
+                "--max-instances",
+                "1",
+                "--keep-alive",
+                "1",
+            ],
+        )?;
+        let ran = invoke_named(&reapd, &name, mode)?;
+        let (start, fields) = served(&ran);
+        println!("{mode}: {}", ran.stderr.trim());
+        check(start == "cold" && self::mode(&ran) == mode, || {
+            ran.describe()
+        })?;
+        if mode == "lazy" {
+            let faults = fields.get("ServeUnique").copied().unwrap_or(0);
+            check(faults > 100, || {
+                format!("lazy served {faults} faults on demand: {}", ran.describe())
+            })?;
+        }
+        let ran = invoke_named(&reapd, &name, "again")?;
+        check(ran.stderr.starts_with("warm"), || ran.describe())?;
+    }
+    // Keep-alive 1 s: the instances go by themselves.
+    wait_until(
+        "idle instances stopped after their keep-alive",
+        Duration::from_secs(20),
+        || {
+            reapd
+                .raw("GET", "/functions", b"")
+                .map(|(_, b)| !b.contains("\"state\""))
+                .unwrap_or(false)
+        },
+    )?;
+
+    // A client that hangs up during a cold start: the cold start still ends with an idle
+    // instance, and its slot (the only one) serves the next invocation.
+    {
+        use std::io::Write;
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(&reapd.socket).map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"POST /functions/hfile/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\ngone")
+            .map_err(|e| e.to_string())?;
+        // Long enough for reapd to take the slot and start the VM.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let ran = reapd.ctl_within(&["invoke", "hfile", "next"], Duration::from_secs(180));
+    check(ran.ok && ran.stdout == "Hello, next!", || {
+        format!(
+            "after a client hung up: {}\n{}",
+            ran.describe(),
+            reapd.log_text()
+        )
+    })?;
+
+    // One instance at most and a queue of one: of four at once, one is served cold, one
+    // waits for it, and the others are refused with 429.
+    let runs: Vec<Ran> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| reapd.ctl(&["invoke", "hfile", "q"])))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused = runs
+        .iter()
+        .filter(|r| !r.ok && r.stderr.contains("try again later (429)"))
+        .count();
+    let answered = runs
+        .iter()
+        .filter(|r| r.ok && r.stdout == "Hello, q!")
+        .count();
+    check(
+        refused >= 1 && answered >= 2 && refused + answered == 4,
+        || {
+            runs.iter()
+                .map(Ran::describe)
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+    )?;
+
+    // bench: Poisson arrivals over 6 s, from zero instances: the first is a cold start.
+    reapd.ctl(&["scale-to-zero", "hfile"]);
+    let out = scratch.dir.join("bench");
+    let out_arg = out.display().to_string();
+    let ran = reapd.ctl(&[
+        "bench",
+        "hfile",
+        "--rate",
+        "3",
+        "--duration",
+        "6",
+        "--concurrency",
+        "1",
+        "--out",
+        &out_arg,
+        "--data",
+        "b",
+        "--seed",
+        "5",
+    ]);
+    println!("{}", ran.stdout);
+    check(
+        ran.ok
+            && ran
+                .stdout
+                .contains("bench hfile: Poisson arrivals at 3/s for 6 s (seed 5)"),
+        || ran.describe(),
+    )?;
+    let sent: usize = ran
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("requests: ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    let invocations =
+        std::fs::read_to_string(out.join("invocations.csv")).map_err(|e| e.to_string())?;
+    let breakdown =
+        std::fs::read_to_string(out.join("breakdown.csv")).map_err(|e| e.to_string())?;
+    let svg = std::fs::read_to_string(out.join("latency.svg")).map_err(|e| e.to_string())?;
+    check(sent > 0 && invocations.lines().count() == sent + 1, || {
+        format!("{sent} sent; {invocations}")
+    })?;
+    check(
+        breakdown.starts_with("function,mode,LoadVMM,FetchState,InstallWS,ConnectFuncClient,FuncInvocation,ServeUnique,RecPages,Total\n")
+            && breakdown.lines().count() >= 2
+            && breakdown.lines().skip(1).all(|l| l.starts_with("hfile,file,")),
+        || breakdown.clone(),
+    )?;
+    check(svg.contains("<svg"), || "no chart".to_string())?;
     Ok(())
 }
 
@@ -352,8 +588,12 @@ fn main() -> ExitCode {
         vec![
             Trial::test("reap_life_cycle", reap_life_cycle),
             Trial::test(
-                "a_deploy_of_a_missing_function_fails_and_leaves_nothing",
-                a_deploy_of_a_missing_function_fails_and_leaves_nothing,
+                "file_lazy_boot_queue_and_bench",
+                file_lazy_boot_queue_and_bench,
+            ),
+            Trial::test(
+                "failed_deploys_leave_nothing_and_reapd_serves_on",
+                failed_deploys_leave_nothing_and_reapd_serves_on,
             ),
         ]
     })

@@ -106,19 +106,27 @@ impl Reapd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Runs `reapctl --socket SOCKET ARGS...`.
+    /// Runs `reapctl --socket SOCKET ARGS...`, killed after 15 minutes (a cold start in
+    /// the KVM lab takes seconds; a hang must end the test, not the CI job).
     pub fn ctl(&self, args: &[&str]) -> Ran {
-        let out = Command::new(&self.bins.reapctl)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("reapctl runs");
+        self.ctl_within(args, Duration::from_secs(900))
+    }
+
+    /// The same with a deadline of one's own.
+    pub fn ctl_within(&self, args: &[&str], deadline: Duration) -> Ran {
+        let mut cmd = Command::new(&self.bins.reapctl);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        let out = crate::run_command(&mut cmd, deadline);
+        let mut stderr = out.stderr;
+        if out.timed_out {
+            stderr.push_str(&format!(
+                "\n(reapctl killed: no answer within {deadline:?})"
+            ));
+        }
         Ran {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            ok: out.code == Some(0),
+            stdout: out.stdout,
+            stderr,
         }
     }
 

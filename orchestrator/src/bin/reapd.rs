@@ -3,6 +3,7 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -123,7 +124,13 @@ fn check_socket_free(path: &Path) -> Result<(), String> {
 
 /// Binds the API socket; a socket file left by a dead reapd is replaced.
 fn bind_socket(path: &Path) -> Result<UnixListener, String> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket: not replacing it",
+                path.display()
+            ));
+        }
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
     }
@@ -134,6 +141,11 @@ fn bind_socket(path: &Path) -> Result<UnixListener, String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    // Before anything is made: a SIGTERM from now on ends reapd through its clean-up.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| e.to_string())?;
     let (reapvm, kernel, rootfs) = default_paths(&args)?;
     if let Some(addr) = args.listen {
         if !addr.ip().is_loopback() {
@@ -175,12 +187,19 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let listener = bind_socket(&args.socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Stopped by the watch, never aborted: an abort in the middle of stopping an instance
+    // would leave its namespace.
     let keep_alive = {
         let daemon = Arc::downgrade(&daemon);
+        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 let Some(daemon) = daemon.upgrade() else {
                     return;
                 };
@@ -189,7 +208,6 @@ async fn run(args: Args) -> Result<(), String> {
         })
     };
     let app = api::router(daemon.clone());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -211,16 +229,12 @@ async fn run(args: Args) -> Result<(), String> {
         args.listen.map(|a| format!(" and {a}")).unwrap_or_default()
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| e.to_string())?;
     tokio::select! {
         _ = term.recv() => log::info!("SIGTERM: stopping every instance"),
         _ = int.recv() => log::info!("SIGINT: stopping every instance"),
     }
     let _ = stop_tx.send(true);
-    keep_alive.abort();
+    let _ = keep_alive.await;
     let stopped = daemon.stop_all().await;
     log::info!("stopped {stopped} instances");
     // Connections still open (an invocation waiting on a stopped instance) end with it.
