@@ -4,14 +4,15 @@
 # the KVM lab otherwise) with its root on virtio-block and its network on a tap inside a
 # network namespace the demo creates, invokes helloworld, snapshots it, restores it in fresh
 # reapvm processes (File, OnDemand, REAP record, REAP prefetch), invokes it again, and
-# prints the timings and fault counts.
+# prints the timings and fault counts; then runs the orchestrator (reapd and reapctl): a
+# deploy, a recording cold start, a warm start, scale to zero and a prefetching cold start.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup-host.sh
 scripts/build-guest.sh
-echo "[demo] building reapvm (release)" >&2
-cargo build -q --release -p vmm
+echo "[demo] building reapvm, reapd and reapctl (release)" >&2
+cargo build -q --release -p vmm -p orchestrator
 . target/guest/guest.env
 demo="$root/target/demo"
 mkdir -p "$demo"
@@ -31,11 +32,14 @@ cat > "$demo/vm.json" <<JSON
 }
 JSON
 run=("$root/scripts/demo-run.sh" "$root/target/release/reapvm" "$demo")
+orchestrate=("$root/scripts/demo-reapd.sh" "$root/target/release" "$REAPVM_KERNEL_DIR/vmlinux" "$REAPVM_ROOTFS")
 if [ "$(scripts/kvm-place.sh)" = direct ]; then
   echo "[demo] running on this host's hardware KVM" >&2
   "${run[@]}"
+  "${orchestrate[@]}"
 else
   echo "[demo] this host's KVM cannot boot Linux: running inside the KVM lab (lab timings, ~25x slower than hardware)" >&2
   resources/lab/build-lab.sh >/dev/null
   resources/lab/lab-run.sh --timeout 900 -- "${run[@]}"
+  resources/lab/lab-run.sh --timeout 900 -- "${orchestrate[@]}"
 fi

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use orchestrator::breakdown::FIELD_NAMES;
 use test_support::place::rerun_in_lab;
 use test_support::reapd::{Binaries, Ran, Reapd};
 use test_support::{detect_place, reapvm_bin, GuestArtifacts, Place, Scratch};
@@ -94,17 +95,6 @@ fn scale_to_zero(reapd: &Reapd, name: &str) -> Result<(), String> {
         Err(format!("scale-to-zero {name}: {}", ran.describe()))
     }
 }
-
-const PHASES: [&str; 8] = [
-    "LoadVMM",
-    "FetchState",
-    "InstallWS",
-    "ConnectFuncClient",
-    "FuncInvocation",
-    "ServeUnique",
-    "RecPages",
-    "Total",
-];
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
@@ -228,7 +218,7 @@ fn run() -> Result<(), String> {
         "{:<14} {:<9} {:>9} {:>9}",
         "function", "mode", "cold", "warm"
     );
-    for p in PHASES {
+    for p in FIELD_NAMES {
         print!(" {:>17}", p);
     }
     println!();
@@ -248,7 +238,7 @@ fn run() -> Result<(), String> {
             ms(med("latency")),
             warm.map(ms).unwrap_or_else(|| "-".into())
         );
-        for p in PHASES {
+        for p in FIELD_NAMES {
             let v = med(p);
             let shown = if p == "ServeUnique" || p == "RecPages" {
                 v.to_string()

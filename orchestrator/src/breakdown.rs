@@ -34,6 +34,18 @@ pub struct Breakdown {
     pub total_us: u64,
 }
 
+/// The fields' names (vHive's), in the CSV's column order.
+pub const FIELD_NAMES: [&str; 8] = [
+    "LoadVMM",
+    "FetchState",
+    "InstallWS",
+    "ConnectFuncClient",
+    "FuncInvocation",
+    "ServeUnique",
+    "RecPages",
+    "Total",
+];
+
 /// The CSV's column order (vHive's names).
 pub const CSV_HEADER: &str =
     "LoadVMM,FetchState,InstallWS,ConnectFuncClient,FuncInvocation,ServeUnique,RecPages,Total";
@@ -49,34 +61,38 @@ impl Breakdown {
         self.rec_pages = field("ws_pages_recorded");
     }
 
+    /// The fields in the CSV's order: vHive's name, the value, and its unit in `line`
+    /// (`us` for times, none for page counts).
+    pub fn fields(&self) -> [(&'static str, u64, &'static str); 8] {
+        [
+            ("LoadVMM", self.load_vmm_us, "us"),
+            ("FetchState", self.fetch_state_us, "us"),
+            ("InstallWS", self.install_ws_us, "us"),
+            ("ConnectFuncClient", self.connect_func_client_us, "us"),
+            ("FuncInvocation", self.func_invocation_us, "us"),
+            ("ServeUnique", self.serve_unique_pages, ""),
+            ("RecPages", self.rec_pages, ""),
+            ("Total", self.total_us, "us"),
+        ]
+    }
+
     pub fn csv_row(&self) -> String {
-        format!(
-            "{},{},{},{},{},{},{},{}",
-            self.load_vmm_us,
-            self.fetch_state_us,
-            self.install_ws_us,
-            self.connect_func_client_us,
-            self.func_invocation_us,
-            self.serve_unique_pages,
-            self.rec_pages,
-            self.total_us
-        )
+        let values: Vec<String> = self
+            .fields()
+            .iter()
+            .map(|(_, v, _)| v.to_string())
+            .collect();
+        values.join(",")
     }
 
     /// One line for people and for the `x-reapd-breakdown` header: `LoadVMM=12345us ...`.
     pub fn line(&self) -> String {
-        format!(
-            "LoadVMM={}us FetchState={}us InstallWS={}us ConnectFuncClient={}us \
-             FuncInvocation={}us ServeUnique={} RecPages={} Total={}us",
-            self.load_vmm_us,
-            self.fetch_state_us,
-            self.install_ws_us,
-            self.connect_func_client_us,
-            self.func_invocation_us,
-            self.serve_unique_pages,
-            self.rec_pages,
-            self.total_us
-        )
+        let words: Vec<String> = self
+            .fields()
+            .iter()
+            .map(|(name, v, unit)| format!("{name}={v}{unit}"))
+            .collect();
+        words.join(" ")
     }
 
     /// Reads back what `line` wrote; None when a field is missing or not a number.
@@ -135,6 +151,9 @@ mod tests {
         }
         assert!(b.line().starts_with("LoadVMM=1us FetchState=2us"));
         assert_eq!(Breakdown::parse_line(&b.line()), Some(b.clone()));
+        assert_eq!(CSV_HEADER, FIELD_NAMES.join(","));
+        let named: Vec<&str> = b.fields().iter().map(|(n, _, _)| *n).collect();
+        assert_eq!(named, FIELD_NAMES);
         assert_eq!(Breakdown::parse_line("LoadVMM=1us"), None);
     }
 }

@@ -648,14 +648,8 @@ impl Daemon {
             .get_or_create(&labels)
             .observe(outcome.latency.as_secs_f64());
         if let Some(b) = &outcome.breakdown {
-            for (phase, micros) in [
-                ("LoadVMM", b.load_vmm_us),
-                ("FetchState", b.fetch_state_us),
-                ("InstallWS", b.install_ws_us),
-                ("ConnectFuncClient", b.connect_func_client_us),
-                ("FuncInvocation", b.func_invocation_us),
-                ("Total", b.total_us),
-            ] {
+            // The times, not the page counts.
+            for (phase, micros, _) in b.fields().into_iter().filter(|(_, _, unit)| *unit == "us") {
                 self.metrics
                     .cold_start_phases
                     .get_or_create(&PhaseLabels {
@@ -1019,15 +1013,18 @@ impl Daemon {
         .map_err(|e| DaemonError::Internal(format!("the scale-to-zero task failed: {e}")))
     }
 
-    /// Stops the instances idle longer than their function's keep-alive.
-    pub async fn stop_expired(&self) {
-        let all: Vec<Arc<Deployed>> = self
-            .functions
+    fn deployed_all(&self) -> Vec<Arc<Deployed>> {
+        self.functions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Stops the instances idle longer than their function's keep-alive.
+    pub async fn stop_expired(&self) {
+        let all = self.deployed_all();
         for deployed in all {
             let keep_alive = Duration::from_secs(deployed.function.spec.keep_alive_s);
             for instance in deployed.pool.take_idle_for(keep_alive) {
@@ -1093,13 +1090,7 @@ impl Daemon {
 
     /// Stops every instance (reapd is ending). The functions stay deployed.
     pub async fn stop_all(&self) -> usize {
-        let all: Vec<Arc<Deployed>> = self
-            .functions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let all = self.deployed_all();
         self.stopping.store(true, Ordering::Relaxed);
         let mut stopped = 0;
         for deployed in &all {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use orchestrator::breakdown::FIELD_NAMES;
 use test_support::reapd::{Binaries, Ran, Reapd};
 use test_support::{check, reapvm_bin, run_kvm_suite, Failed, GuestArtifacts, Scratch, Trial};
 
@@ -161,15 +162,7 @@ fn reap_life_cycle() -> Result<(), Failed> {
     check(recorded > 100, || {
         format!("RecPages {recorded}: {}", first.describe())
     })?;
-    for name in [
-        "LoadVMM",
-        "FetchState",
-        "InstallWS",
-        "ConnectFuncClient",
-        "FuncInvocation",
-        "ServeUnique",
-        "Total",
-    ] {
+    for name in FIELD_NAMES {
         check(fields.contains_key(name), || {
             format!("no {name}: {}", first.describe())
         })?;
