@@ -26,9 +26,14 @@ pub enum BenchError {
     Duration(u64),
     #[error("--concurrency 0: at least 1")]
     Concurrency,
+    #[error("--rate {rate} for {secs} s is {arrivals:.0} arrivals: at most {MAX_ARRIVALS}")]
+    TooMany { rate: f64, secs: u64, arrivals: f64 },
     #[error("cannot write {path}: {reason}")]
     Write { path: String, reason: String },
 }
+
+/// The schedule is made up front, so a run is bounded: a million requests.
+pub const MAX_ARRIVALS: u64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 pub struct BenchSpec {
@@ -89,12 +94,22 @@ impl BenchSpec {
         if self.concurrency == 0 {
             return Err(BenchError::Concurrency);
         }
+        let arrivals = self.rate_per_s * secs as f64;
+        if arrivals > MAX_ARRIVALS as f64 {
+            return Err(BenchError::TooMany {
+                rate: self.rate_per_s,
+                secs,
+                arrivals,
+            });
+        }
         Ok(())
     }
 }
 
-async fn one(spec: &BenchSpec, at: Duration) -> Sample {
-    let sent = Instant::now();
+/// One request due at `due` (its place in the schedule): its latency counts from then, so
+/// a generator that falls behind shows as latency, not as missing load.
+async fn one(spec: &BenchSpec, at: Duration, due: Instant) -> Sample {
+    let sent = due;
     let answer = unix_request(
         &spec.socket,
         "POST",
@@ -144,14 +159,15 @@ pub async fn run(spec: BenchSpec) -> Report {
     let mut skipped = 0;
     let start = tokio::time::Instant::now();
     for at in schedule {
-        tokio::time::sleep_until(start + at).await;
+        let due = start + at;
+        tokio::time::sleep_until(due).await;
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             skipped += 1;
             continue;
         };
         let (spec, samples) = (spec.clone(), samples.clone());
         tasks.spawn(async move {
-            let sample = one(&spec, at).await;
+            let sample = one(&spec, at, due.into_std()).await;
             samples
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -185,10 +201,15 @@ fn ms(us: Option<u64>) -> String {
 }
 
 impl Report {
+    fn answered(s: &Sample) -> bool {
+        s.start != "error" && (200..300).contains(&s.status)
+    }
+
+    /// Latencies of the invocations the function answered with 2xx (of one start kind).
     fn latencies(&self, start: Option<&str>) -> Vec<u64> {
         self.samples
             .iter()
-            .filter(|s| s.start != "error" && start.is_none_or(|st| s.start == st))
+            .filter(|s| Self::answered(s) && start.is_none_or(|st| s.start == st))
             .map(|s| s.latency_us)
             .collect()
     }
@@ -196,11 +217,7 @@ impl Report {
     /// The summary table reapctl prints.
     pub fn table(&self, spec: &BenchSpec) -> String {
         let mut out = String::new();
-        let failed = self
-            .samples
-            .iter()
-            .filter(|s| s.start == "error" || !(200..300).contains(&s.status))
-            .count();
+        let failed = self.samples.iter().filter(|s| !Self::answered(s)).count();
         let _ = writeln!(
             out,
             "bench {}: Poisson arrivals at {}/s for {} s (seed {}), at most {} in flight; ran {:.1} s",
@@ -251,8 +268,12 @@ impl Report {
             let list: Vec<String> = modes.iter().map(|(m, n)| format!("{m} {n}")).collect();
             let _ = writeln!(out, "cold starts by mode: {}", list.join(", "));
         }
-        if let Some(e) = self.samples.iter().find_map(|s| s.error.as_ref()) {
-            let _ = writeln!(out, "first error: {e}");
+        if let Some(s) = self.samples.iter().find(|s| !Self::answered(s)) {
+            let why = match (&s.error, s.start.as_str()) {
+                (Some(e), _) => e.clone(),
+                (None, start) => format!("the function answered {} ({start} start)", s.status),
+            };
+            let _ = writeln!(out, "first failure: {why}");
         }
         out
     }
@@ -332,6 +353,12 @@ impl Report {
                 .iter()
                 .enumerate()
                 .map(|(i, us)| (*us as f64 / 1000.0, (i + 1) as f64 / n));
+            let points: Vec<(f64, f64)> = points.collect();
+            // A marker per invocation: a series of one (a run's single cold start) would
+            // otherwise be a line of no length.
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 3, colour.filled())))
+                .map_err(|e| e.to_string())?;
             chart
                 .draw_series(LineSeries::new(points, colour.stroke_width(2)))
                 .map_err(|e| e.to_string())?
@@ -406,6 +433,10 @@ mod tests {
             spec(5.0, 10, 0).check(),
             Err(BenchError::Concurrency)
         ));
+        assert!(matches!(
+            spec(10_000.0, 86_400, 4).check(),
+            Err(BenchError::TooMany { .. })
+        ));
     }
 
     #[test]
@@ -428,6 +459,11 @@ mod tests {
                 sample("cold", "record", 90_000),
                 sample("warm", "", 900),
                 sample("warm", "", 1100),
+                // The function's own error: a failure, and not in the percentiles.
+                Sample {
+                    status: 500,
+                    ..sample("warm", "", 50)
+                },
             ],
             skipped: 1,
             elapsed: Duration::from_secs(2),
@@ -440,7 +476,7 @@ mod tests {
             format!("function,mode,{CSV_HEADER}\nhello,record,10,0,0,0,0,0,0,90000\n")
         );
         let invocations = std::fs::read_to_string(&paths[0]).unwrap();
-        assert_eq!(invocations.lines().count(), 4);
+        assert_eq!(invocations.lines().count(), 5);
         let svg = std::fs::read_to_string(&paths[2]).unwrap();
         assert!(
             svg.contains("<svg")
@@ -458,10 +494,14 @@ mod tests {
         };
         let table = report.table(&spec);
         assert!(
-            table.contains("3 sent, 3 answered 2xx, 0 failed, 1 skipped"),
+            table.contains("4 sent, 3 answered 2xx, 1 failed, 1 skipped"),
             "{table}"
         );
         assert!(table.contains("cold starts by mode: record 1"), "{table}");
+        assert!(
+            table.contains("first failure: the function answered 500 (warm start)"),
+            "{table}"
+        );
         assert!(
             table
                 .lines()

@@ -208,19 +208,33 @@ pub struct Daemon {
 const STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// Counts an invocation attempt while it runs.
-struct Attempt<'a>(&'a Daemon);
+/// Counted from before its task is spawned, so `stop_all` cannot look between the lease
+/// and the task's first poll and miss it.
+struct Attempt(Arc<Daemon>);
 
-impl<'a> Attempt<'a> {
-    fn begin(daemon: &'a Daemon) -> Self {
+impl Attempt {
+    fn begin(daemon: Arc<Daemon>) -> Self {
         daemon.attempts.fetch_add(1, Ordering::SeqCst);
         Self(daemon)
     }
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
         self.0.attempts.fetch_sub(1, Ordering::SeqCst);
         self.0.attempts_done.notify_waiters();
+    }
+}
+
+/// Holds a name taken by `reserve` and gives it back when dropped, a panic included.
+struct Reserved {
+    daemon: Arc<Daemon>,
+    name: String,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.daemon.unreserve(&self.name);
     }
 }
 
@@ -364,7 +378,7 @@ impl Daemon {
     ) -> Result<FunctionView, DaemonError> {
         spec.check()?;
         self.check_guest_files()?;
-        self.reserve(&spec.name)?;
+        let reserved = self.reserve(&spec.name)?;
         // Its own task: a client that hangs up does not stop a deploy half-way.
         let daemon = self.clone();
         tokio::spawn(async move {
@@ -382,7 +396,7 @@ impl Daemon {
                     .insert(spec.name.clone(), deployed);
             }
             // Listed first, then let go: no moment where the name looks free.
-            daemon.unreserve(&spec.name);
+            drop(reserved);
             result.and_then(|_| daemon.show(&spec.name))
         })
         .await
@@ -395,7 +409,7 @@ impl Daemon {
 
     /// Takes `name` for a deploy: refused while it is deployed, or being deployed or
     /// removed.
-    fn reserve(&self, name: &str) -> Result<(), DaemonError> {
+    fn reserve(self: &Arc<Self>, name: &str) -> Result<Reserved, DaemonError> {
         let mut deploying = self.deploying.lock().unwrap_or_else(|p| p.into_inner());
         if deploying.iter().any(|n| n == name) {
             return Err(DaemonError::InProgress(name.to_string()));
@@ -404,7 +418,10 @@ impl Daemon {
             return Err(DaemonError::Exists(name.to_string()));
         }
         deploying.push(name.to_string());
-        Ok(())
+        Ok(Reserved {
+            daemon: self.clone(),
+            name: name.to_string(),
+        })
     }
 
     fn unreserve(&self, name: &str) {
@@ -595,10 +612,11 @@ impl Daemon {
                 PoolError::Closed => DaemonError::NotFound(name.to_string()),
                 other => other.into(),
             })?;
+            let counted = Attempt::begin(self.clone());
             let attempt = tokio::spawn({
                 let (daemon, deployed, data) = (self.clone(), deployed.clone(), data.clone());
                 async move {
-                    let _counted = Attempt::begin(&daemon);
+                    let _counted = counted;
                     let outcome = match lease {
                         Lease::Warm(instance) => {
                             daemon.invoke_warm(&deployed, instance, data, start).await
@@ -704,10 +722,10 @@ impl Daemon {
         start: Instant,
     ) -> Result<Outcome, DaemonError> {
         self.set_state(deployed, instance.id, InstanceState::Busy);
-        let result = async {
+        let result = agent::unless_exited(instance.vmm.exit_watch(), async {
             let (stream, _) = agent::connect(&instance.ns, self.limits.connect_timeout).await?;
             agent::invoke(stream, &deployed.function.spec.function, data.to_vec()).await
-        }
+        })
         .await;
         self.finish(deployed, instance, result, start, None, false)
             .await
@@ -771,19 +789,17 @@ impl Daemon {
             load_vmm_us: us(instance.vmm.started.elapsed()),
             ..Breakdown::default()
         };
-        let connected = agent::connect(&instance.ns, self.limits.connect_timeout).await;
-        let result = match connected {
-            Ok((stream, took)) => {
-                breakdown.connect_func_client_us = us(took);
-                let sent = Instant::now();
-                let answer =
-                    agent::invoke(stream, &deployed.function.spec.function, data.to_vec()).await;
-                breakdown.func_invocation_us = us(sent.elapsed());
-                breakdown.total_us = us(start.elapsed());
-                answer
-            }
-            Err(e) => Err(e),
-        };
+        let result = agent::unless_exited(instance.vmm.exit_watch(), async {
+            let (stream, took) = agent::connect(&instance.ns, self.limits.connect_timeout).await?;
+            breakdown.connect_func_client_us = us(took);
+            let sent = Instant::now();
+            let answer =
+                agent::invoke(stream, &deployed.function.spec.function, data.to_vec()).await;
+            breakdown.func_invocation_us = us(sent.elapsed());
+            breakdown.total_us = us(start.elapsed());
+            answer
+        })
+        .await;
         if result.is_ok() {
             self.read_restore_metrics(deployed, &instance, &mut breakdown)
                 .await;
@@ -802,7 +818,10 @@ impl Daemon {
     ) {
         if instance.mode == "record" {
             let waited = Instant::now();
-            while !deployed.ws().exists() && waited.elapsed() < Duration::from_secs(60) {
+            while !deployed.ws().exists()
+                && instance.vmm.exit_status().is_none()
+                && waited.elapsed() < Duration::from_secs(60)
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if !deployed.ws().exists() {
@@ -876,7 +895,10 @@ impl Daemon {
                 tokio::select! {
                     ready = agent::wait_ready(&ns, self.limits.boot_timeout) => ready
                         .map_err(|e| format!("{e}; reapvm's log ends:\n{}", vmm.log_tail(30))),
-                    _ = exit.wait_for(Option::is_some) => Err("the guest did not boot".to_string()),
+                    _ = exit.wait_for(Option::is_some) => Err(format!(
+                        "the guest did not boot; reapvm's log ends:\n{}",
+                        vmm.log_tail(30)
+                    )),
                 }
             } else {
                 vmm.load_snapshot(
@@ -930,7 +952,11 @@ impl Daemon {
         // close the pool before they retire what the map holds, so it is caught here.
         if deployed.pool.is_closed() {
             self.retire(deployed, instance).await;
-            return Err(DaemonError::NotFound(spec.name.clone()));
+            return Err(if self.stopping.load(Ordering::Relaxed) {
+                DaemonError::Stopping
+            } else {
+                DaemonError::NotFound(spec.name.clone())
+            });
         }
         Ok(instance)
     }
@@ -1056,13 +1082,17 @@ impl Daemon {
             deploying.push(name.to_string());
             deployed
         };
+        let reserved = Reserved {
+            daemon: self.clone(),
+            name: name.to_string(),
+        };
         let (daemon, name) = (self.clone(), name.to_string());
         tokio::spawn(async move {
+            let _reserved = reserved;
             deployed.pool.close();
             let stopped = daemon.retire_all(&deployed).await;
             let removed = daemon.db.remove_function(&name);
             let _ = std::fs::remove_dir_all(&deployed.function.dir);
-            daemon.unreserve(&name);
             removed.map(|_| stopped).map_err(DaemonError::from)
         })
         .await
@@ -1095,10 +1125,13 @@ impl Daemon {
         let mut stopped = 0;
         for deployed in &all {
             deployed.pool.close();
-            stopped += self.retire_all(deployed).await;
+            for instance in deployed.pool.take_idle_for(Duration::ZERO) {
+                self.retire(deployed, instance).await;
+                stopped += 1;
+            }
         }
-        // Attempts under way end soon: their instance was just stopped, or (a cold start
-        // not yet listed) they find the pool closed and stop it themselves.
+        // Invocations under way may finish (up to STOP_WAIT); a cold start not yet listed
+        // finds the pool closed and stops its instance itself. Then everything goes.
         let waited = Instant::now();
         while self.attempts.load(Ordering::SeqCst) > 0 && waited.elapsed() < STOP_WAIT {
             let done = self.attempts_done.notified();

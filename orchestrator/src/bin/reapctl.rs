@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
+
 use orchestrator::api::{BREAKDOWN_HEADER, LATENCY_HEADER, MODE_HEADER, START_HEADER};
 use orchestrator::bench::{self, BenchSpec};
 use orchestrator::http::{unix_request, Answer};
 use orchestrator::spec::{self, ColdStart, DeploySpec};
-use serde_json::Value;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tokio::net::{TcpListener, UnixListener};
+
 use orchestrator::api;
 use orchestrator::daemon::{Daemon, Limits, Paths};
-use tokio::net::{TcpListener, UnixListener};
 
 #[derive(Parser, Debug)]
 #[command(
