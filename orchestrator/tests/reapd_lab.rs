@@ -519,6 +519,64 @@ fn file_lazy_boot_queue_and_bench() -> Result<(), Failed> {
         },
     )?;
 
+    // A warm invocation whose VM is killed while the function runs (bigdata hashes 32 MiB,
+    // about a second in the lab): reapd sees the exit at once and retries on a new
+    // instance, well before the invocation's own timeout (600 s).
+    let ran = reapd.ctl(&[
+        "deploy",
+        "big",
+        "--function",
+        "bigdata",
+        "--cold-start",
+        "file",
+    ]);
+    check(ran.ok, || {
+        format!("deploy big: {}\n{}", ran.describe(), reapd.log_text())
+    })?;
+    let first = reapd.ctl(&["invoke", "big", "x"]);
+    check(first.ok && first.stderr.starts_with("cold"), || {
+        first.describe()
+    })?;
+    let pid = {
+        let (_, body) = reapd.raw("GET", "/functions/big", b"")?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        v["instances"][0]["pid"].as_u64().unwrap_or(0) as u32
+    };
+    check(pid > 0, || "no instance of big".to_string())?;
+    let retries_before = reapd.log_text().matches("retrying once").count();
+    let started = Instant::now();
+    let retried = std::thread::scope(|s| {
+        let invocation =
+            s.spawn(|| reapd.ctl_within(&["invoke", "big", "y"], Duration::from_secs(120)));
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) on the reapvm reapd reported as big's busy instance.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        invocation.join().unwrap()
+    });
+    // bigdata answers the SHA-256 of its data and the body: the same answer as a plain
+    // invocation with that body.
+    let again = reapd.ctl(&["invoke", "big", "y"]);
+    check(
+        retried.ok && retried.stdout.len() == 64 && again.ok && retried.stdout == again.stdout,
+        || {
+            format!(
+                "{}\n{}\n{}",
+                retried.describe(),
+                again.describe(),
+                reapd.log_text()
+            )
+        },
+    )?;
+    check(
+        reapd.log_text().matches("retrying once").count() == retries_before + 1,
+        || reapd.log_text(),
+    )?;
+    println!(
+        "a warm invocation whose VM was killed: answered after {:?}",
+        started.elapsed()
+    );
+    reapd.ctl(&["rm", "big"]);
+
     // bench: Poisson arrivals over 6 s, from zero instances: the first is a cold start.
     reapd.ctl(&["scale-to-zero", "hfile"]);
     let out = scratch.dir.join("bench");
