@@ -2,7 +2,7 @@
 //! status and a message naming what was wrong, a failed deploy leaves nothing behind, a
 //! live socket is not taken over, SIGTERM ends reapd cleanly.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use test_support::reapd::{Binaries, Reapd};
 
@@ -140,40 +140,31 @@ fn a_deploy_without_its_kernel_fails_naming_it() {
     }
 }
 
+/// Runs a reapd that must refuse to start; returns what it printed.
+fn refused(socket: &Path, state_dir: &Path) -> String {
+    let out = std::process::Command::new(bins().reapd)
+        .args(NO_GUEST)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "reapd started: {stderr}");
+    stderr
+}
+
 #[test]
 fn a_live_socket_is_not_taken_over_and_sigterm_ends_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = reapd(&dir);
-    let second = std::process::Command::new(bins().reapd)
-        .args(NO_GUEST)
-        .arg("--socket")
-        .arg(&first.socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state2"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        !second.status.success(),
-        "a second reapd took the socket over: {stderr}"
-    );
+    let stderr = refused(&first.socket, &dir.path().join("state2"));
     assert!(stderr.contains("another reapd listens on"), "{stderr}");
     assert!(first.ctl(&["ls"]).ok, "the first still serves");
     // Nor is its state dir, through another socket: it would take the first's VMs for
     // leftovers.
-    let third = std::process::Command::new(bins().reapd)
-        .args(NO_GUEST)
-        .arg("--socket")
-        .arg(dir.path().join("other.sock"))
-        .arg("--state-dir")
-        .arg(&first.state_dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&third.stderr);
-    assert!(
-        !third.status.success(),
-        "a second reapd took the state dir: {stderr}"
-    );
+    let stderr = refused(&dir.path().join("other.sock"), &first.state_dir);
     assert!(
         stderr.contains("another reapd uses the state dir"),
         "{stderr}"
@@ -183,15 +174,7 @@ fn a_live_socket_is_not_taken_over_and_sigterm_ends_cleanly() {
     // A path that is not a socket is never replaced.
     let not_socket = dir.path().join("precious.db");
     std::fs::write(&not_socket, b"data").unwrap();
-    let fourth = std::process::Command::new(bins().reapd)
-        .args(NO_GUEST)
-        .arg("--socket")
-        .arg(&not_socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state4"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&fourth.stderr);
+    let stderr = refused(&not_socket, &dir.path().join("state4"));
     assert!(stderr.contains("exists and is not a socket"), "{stderr}");
     assert_eq!(std::fs::read(&not_socket).unwrap(), b"data");
     // A socket file left by a killed reapd is replaced.

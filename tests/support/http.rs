@@ -77,27 +77,41 @@ pub fn unix_request(
     path: &str,
     body: &str,
 ) -> Result<(u16, String), String> {
+    unix_request_bytes(socket, method, path, body.as_bytes())
+}
+
+/// The same with any body. A server that answers before the whole body is in (a body over
+/// its limit) may close while it is still being written: its answer is read all the same.
+pub fn unix_request_bytes(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("connect {}: {e}", socket.display()))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut raw = String::new();
-    stream
-        .read_to_string(&mut raw)
-        .map_err(|e| format!("read the answer to {method} {path}: {e}"))?;
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("send {method} {path}: {e}"))?;
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let read = stream.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).into_owned();
     let status = raw
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad answer to {method} {path}: {raw:?}"))?;
+        .ok_or_else(|| match read {
+            Err(e) => format!("read the answer to {method} {path}: {e}"),
+            Ok(_) => format!("bad answer to {method} {path}: {raw:?}"),
+        })?;
     let body = raw
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())

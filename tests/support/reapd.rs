@@ -2,7 +2,6 @@
 //! command, raw HTTP for what reapctl never sends. The binaries' paths come from the
 //! orchestrator's tests (`env!("CARGO_BIN_EXE_...")` is theirs).
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -130,34 +129,10 @@ impl Reapd {
         }
     }
 
-    /// One raw HTTP/1.1 request; returns (status, body).
+    /// One HTTP/1.1 request to reapd, as written (reapctl never sends a malformed or
+    /// oversized one); returns (status, body).
     pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, String), String> {
-        let mut stream = UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        stream
-            .write_all(head.as_bytes())
-            .map_err(|e| e.to_string())?;
-        // A server that refuses a body early may close before all of it is written.
-        let _ = stream.write_all(body);
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
-        let text = String::from_utf8_lossy(&answer).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no status in {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        crate::http::unix_request_bytes(&self.socket, method, path, body)
     }
 
     /// Sends `signal` to reapd and waits for it to end; returns its exit code.
