@@ -48,8 +48,8 @@ cargo clippy -q --workspace --all-targets -- -D warnings
 (cd guest/replay && CARGO_TARGET_DIR="$root/target/replay" cargo clippy -q --release -- -D warnings)
 if [ "$tier" = full ]; then
   # Each fuzz target for a short, fixed time from its seeds (the long runs: docs/fuzzing.md).
-  step "fuzz targets, 20 s each (AddressSanitizer)"
-  scripts/fuzz.sh --time 20
+  step "fuzz targets, 10 s each (AddressSanitizer)"
+  scripts/fuzz.sh --time 10
 fi
 step "cargo test, $tier tier (KVM suites run: $place)"
 log="$(mktemp)"
