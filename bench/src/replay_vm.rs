@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use snapshot::replay_trace::{Touch, Trace, GUEST_RESERVED_PAGES};
 use test_support::http::unix_request;
-use test_support::{drop_from_page_cache, reapvm_bin, repo_root, wait_for_socket, Trial};
+use test_support::{
+    drop_from_page_cache, reapvm_bin, repo_root, resident_pages as resident_pages_of,
+    wait_for_socket, Trial,
+};
 
 /// The replay guest as scripts/build-replay-guest.sh builds it.
 pub fn replay_guest() -> Result<PathBuf, String> {
@@ -290,6 +293,17 @@ pub struct ReplayRun {
     pub bytes_read: u64,
     pub backend_mode: String,
     pub ws_error: Option<String>,
+    /// Where the load's time went, as the VMM measured it: the vmstate read and decoded,
+    /// the WS read and checked, the WS installed (before the resume unless chunked).
+    pub vmstate_load_us: u64,
+    pub ws_fetch_us: u64,
+    pub ws_install_us: u64,
+    /// The VMM's minor page faults from the restore to now (for File: the host faults that
+    /// mapped the memory file's pages).
+    pub minor_faults: u64,
+    /// Pages of the snapshot and WS files still in the page cache after a cold run's drop
+    /// (mincore): 0 when the run was really cold.
+    pub resident_pages: u64,
 }
 
 impl ReplayRun {
@@ -307,10 +321,22 @@ pub fn restore_and_replay(
     backend: serde_json::Value,
     cold: bool,
 ) -> Result<ReplayRun, String> {
+    let mut resident_pages = 0;
     if cold {
         for path in [&snap.vmstate, &snap.memory, &snap.ws()] {
             if path.exists() {
                 drop_from_page_cache(path)?;
+                let (resident, total) = resident_pages_of(path)?;
+                // A page or two may be read back at once by someone else (a backup, an
+                // indexer); more means the drop did not work and the run is not cold.
+                if resident * 100 > total {
+                    return Err(format!(
+                        "{}: {resident} of {total} pages still in the page cache after the drop: \
+                         this run would not be cold",
+                        path.display()
+                    ));
+                }
+                resident_pages += resident;
             }
         }
     }
@@ -339,6 +365,11 @@ pub fn restore_and_replay(
             .as_str()
             .filter(|s| !s.is_empty())
             .map(str::to_string),
+        vmstate_load_us: r["vmstate_load_us"].as_u64().unwrap_or(0),
+        ws_fetch_us: r["ws_fetch_us"].as_u64().unwrap_or(0),
+        ws_install_us: r["ws_install_us"].as_u64().unwrap_or(0),
+        minor_faults: r["minor_faults"].as_u64().unwrap_or(0),
+        resident_pages,
     };
     if run.replay_ms <= 0.0 {
         return Err(format!(

@@ -179,6 +179,13 @@ pub fn run(
     results: &Path,
     command: &str,
 ) -> Result<SuiteRun, String> {
+    if o.modes.contains(&Mode::Tmpfs) {
+        return Err(format!(
+            "mode {} is the replay benchmark's (scripts/bench-replay.sh): in the KVM lab every \
+             snapshot file is on a tmpfs already",
+            Mode::Tmpfs.label()
+        ));
+    }
     let guest = GuestArtifacts::locate_suite()?;
     let cache_state = if o.hot { "hot" } else { "cold" };
     let mut samples: Vec<Sample> = Vec::new();

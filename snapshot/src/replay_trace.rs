@@ -16,9 +16,7 @@
 //! Pages are guest-physical page numbers. The replay guest owns the first 2 MiB (its image,
 //! stacks, the boot structures) and its initrd; traces stay out of both.
 
-use std::collections::HashSet;
-
-use crate::ws::WorkingSet;
+use crate::ws::WsRegion;
 
 /// The page size as the trace's arithmetic on file offsets and addresses uses it.
 const PAGE: u64 = crate::PAGE_SIZE as u64;
@@ -204,40 +202,36 @@ pub struct ExportReport {
     pub write_touches: u64,
 }
 
-/// Makes a trace from a decoded WS, the function's memory file content (`memory`, as the
-/// snapshot wrote it), the pages the recording saw first touched by a write (memory-file
-/// offsets, from its touch log; empty without one: every touch a read), and
-/// `gap_iterations` of compute spread evenly before the touches.
+/// Makes a trace from a recording: its memory layout (`regions`, from the WS), the pages it
+/// touched (memory-file offsets, in order of first touch, each with whether that touch was
+/// a write: from its touch log), the function's memory file content (`memory`, as the
+/// snapshot wrote it), and `gap_iterations` of compute spread evenly before the touches.
 pub fn export(
-    ws: &WorkingSet<'_>,
+    regions: &[WsRegion],
+    touched: &[(u64, bool)],
     memory: &[u8],
-    first_writes: &HashSet<u64>,
     gap_iterations: u64,
 ) -> (Trace, ExportReport) {
     let page = crate::PAGE_SIZE;
     let to_guest_page = |file_offset: u64| {
-        ws.regions
+        regions
             .iter()
             .find(|r| file_offset >= r.file_offset && file_offset < r.file_offset + r.size)
             .map(|r| (r.guest_addr + (file_offset - r.file_offset)) / PAGE)
     };
     let mut report = ExportReport::default();
     let mut pages = Vec::new();
-    for run in &ws.runs {
-        for i in 0..u64::from(run.pages) {
-            report.ws_pages += 1;
-            let offset = run.file_offset + i * PAGE;
-            let Some(gp) = to_guest_page(offset) else {
-                continue;
-            };
-            if gp < GUEST_RESERVED_PAGES {
-                report.dropped_reserved += 1;
-                continue;
-            }
-            let write = first_writes.contains(&offset);
-            report.write_touches += u64::from(write);
-            pages.push((gp, write));
+    for &(offset, write) in touched {
+        report.ws_pages += 1;
+        let Some(gp) = to_guest_page(offset) else {
+            continue;
+        };
+        if gp < GUEST_RESERVED_PAGES {
+            report.dropped_reserved += 1;
+            continue;
         }
+        report.write_touches += u64::from(write);
+        pages.push((gp, write));
     }
     let per_touch = if pages.is_empty() {
         0
@@ -253,7 +247,7 @@ pub fn export(
         })
         .collect();
     let mut fills: Vec<(u64, u64)> = Vec::new();
-    for r in &ws.regions {
+    for r in regions {
         let start = r.file_offset as usize;
         let end = (r.file_offset + r.size).min(memory.len() as u64) as usize;
         let mut offset = start;
@@ -277,7 +271,6 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::{self, RunKind, SnapshotIdentity, WsRegion, WsRun};
 
     fn sample() -> Trace {
         Trace {
@@ -357,65 +350,21 @@ mod tests {
     }
 
     #[test]
-    fn exports_touch_order_fills_and_gaps_from_a_ws() {
-        // 1 MiB of memory: pages 600.. hold data; the WS touched 601, 600, then 10 (reserved).
+    fn exports_touch_order_writes_fills_and_gaps() {
+        // 1 MiB of memory: pages 600.. hold data; touched 601, 600 (a write), then 10 (in the
+        // replay guest's own region: dropped, though a write).
         let page = crate::PAGE_SIZE;
         let mut memory = vec![0u8; 1024 * page];
         for p in [600usize, 601, 602, 900] {
             memory[p * page + 17] = 1;
         }
-        let identity = SnapshotIdentity {
-            vmstate_checksum: 1,
-            memory_len: memory.len() as u64,
-        };
         let regions = [WsRegion {
             guest_addr: 0,
             size: memory.len() as u64,
             file_offset: 0,
         }];
-        let runs = [
-            WsRun {
-                file_offset: 601 * PAGE,
-                pages: 1,
-                kind: RunKind::Data,
-            },
-            WsRun {
-                file_offset: 600 * PAGE,
-                pages: 1,
-                kind: RunKind::Data,
-            },
-            WsRun {
-                file_offset: 10 * PAGE,
-                pages: 1,
-                kind: RunKind::Zero,
-            },
-        ];
-        let data = [
-            &memory[601 * page..602 * page],
-            &memory[600 * page..601 * page],
-        ]
-        .concat();
-        let bytes = ws::encode(identity, 4096, &regions, &runs, &data);
-        let decoded = ws::decode_any(&bytes).unwrap();
-        let (trace, report) = export(&decoded, &memory, &HashSet::new(), 1000);
-        assert_eq!(
-            trace.touches.iter().map(|t| t.page).collect::<Vec<_>>(),
-            vec![601, 600]
-        );
-        assert!(trace.touches.iter().all(|t| t.gap == 500 && !t.write));
-        assert_eq!(trace.fills, vec![(600, 3), (900, 1)]);
-        assert_eq!(
-            report,
-            ExportReport {
-                ws_pages: 3,
-                dropped_reserved: 1,
-                filled_pages: 4,
-                write_touches: 0,
-            }
-        );
-        // With a touch log: page 600 was first touched by a write (10 too, but it is dropped).
-        let writes = HashSet::from([600 * PAGE, 10 * PAGE]);
-        let (trace, report) = export(&decoded, &memory, &writes, 1000);
+        let touched = [(601 * PAGE, false), (600 * PAGE, true), (10 * PAGE, true)];
+        let (trace, report) = export(&regions, &touched, &memory, 1000);
         assert_eq!(
             trace
                 .touches
@@ -424,6 +373,16 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(601, false), (600, true)]
         );
-        assert_eq!(report.write_touches, 1);
+        assert!(trace.touches.iter().all(|t| t.gap == 500));
+        assert_eq!(trace.fills, vec![(600, 3), (900, 1)]);
+        assert_eq!(
+            report,
+            ExportReport {
+                ws_pages: 3,
+                dropped_reserved: 1,
+                filled_pages: 4,
+                write_touches: 1,
+            }
+        );
     }
 }

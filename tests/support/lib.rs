@@ -393,6 +393,52 @@ pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// How many of `path`'s pages are in the page cache now (mincore), and how many it has: a
+/// cold run checks that the drop above really emptied it.
+pub fn resident_pages(path: &Path) -> Result<(u64, u64), String> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len() as usize;
+    if len == 0 {
+        return Ok((0, 0));
+    }
+    let page = 4096usize;
+    let pages = len.div_ceil(page);
+    // SAFETY: a fresh read-only shared mapping of a file this function holds open; it is
+    // only passed to mincore and unmapped below, never read through.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(format!(
+            "mmap of {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `addr` maps `len` bytes (page-aligned by mmap); `vec` has one byte per page.
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+    if rc != 0 {
+        return Err(format!("mincore of {}: {err}", path.display()));
+    }
+    let resident = vec.iter().filter(|&&b| b & 1 != 0).count() as u64;
+    Ok((resident, pages as u64))
+}
+
 /// A tmpfs of a fixed size mounted on a folder (to run a writer out of space), unmounted
 /// when dropped. Needs root, as the KVM suites do.
 pub struct TmpfsMount {
@@ -426,5 +472,27 @@ impl Drop for TmpfsMount {
     fn drop(&mut self) {
         // Lazy: a process still holding a file there cannot keep the mount alive.
         let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+#[cfg(test)]
+mod page_cache_tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_file_has_no_resident_pages() {
+        // Under target/: a disk here, where a drop evicts (a tmpfs would keep every page).
+        let dir = repo_root().join("target/test-support-page-cache");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("file-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 64 * 4096]).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        let _ = std::fs::read(&path).unwrap();
+        let (resident, total) = resident_pages(&path).unwrap();
+        assert_eq!(total, 64);
+        assert!(resident > 0, "a file just read is cached");
+        drop_from_page_cache(&path).unwrap();
+        assert_eq!(resident_pages(&path).unwrap(), (0, 64));
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -154,11 +154,27 @@ pub trait FaultSource: Send + Sync {
         0
     }
 
-    /// A chunked REAP install as it progresses: (pages installed, install time in us once
-    /// done, of which faults answered from the WS).
-    fn prefetch_progress(&self) -> Option<(u64, u64, u64)> {
+    /// A chunked or streamed REAP install as it progresses.
+    fn prefetch_progress(&self) -> Option<PrefetchProgress> {
         None
     }
+}
+
+/// How far a REAP install that goes on while the guest runs has got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefetchProgress {
+    /// Pages installed, by the installer or for a fault.
+    pub pages: u64,
+    /// The install's time once it is done (0 before).
+    pub install_us: u64,
+    /// Of `pages`, those installed for a fault.
+    pub from_ws: u64,
+    /// The WS read's time once every chunk is read (0 before).
+    pub fetch_us: u64,
+    /// Bytes of the WS file read so far.
+    pub ws_bytes_read: u64,
+    /// Why the reading stopped early (the rest is served from the memory file).
+    pub error: Option<String>,
 }
 
 /// A restore's report and where its fault counts are read live.
@@ -221,10 +237,17 @@ impl MemoryRestoreMetrics {
             report.faults_on_demand = faults;
             report.bytes_read += bytes;
             report.ws_pages_recorded = live.recorded_pages();
-            if let Some((pages, install_us, from_ws)) = live.prefetch_progress() {
-                report.pages_prefetched = pages;
-                report.ws_install_us = install_us;
-                report.faults_from_ws = from_ws;
+            if let Some(p) = live.prefetch_progress() {
+                report.pages_prefetched = p.pages;
+                report.ws_install_us = p.install_us;
+                report.faults_from_ws = p.from_ws;
+                if p.fetch_us != 0 {
+                    report.ws_fetch_us = p.fetch_us;
+                }
+                report.bytes_read = report.bytes_read.max(p.ws_bytes_read + bytes);
+                if p.error.is_some() {
+                    report.ws_error = p.error;
+                }
             }
         }
         Some(report)

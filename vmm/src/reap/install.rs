@@ -1,120 +1,69 @@
 //! Installing a WS into userfaultfd-registered guest memory: all of it before the guest runs
-//! (the paper), or in order of first touch while the guest runs (chunked).
+//! (the paper), or chunk by chunk while the guest runs (chunked install, streaming).
+//!
+//! Runs are installed without waking anyone (UFFDIO_COPY_MODE_DONTWAKE), and each chunk ends
+//! with one wake over guest memory, as vHive's REAP does: a vCPU waiting on a page the chunk
+//! brought goes on, one waiting on another page faults again and is served then.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use snapshot::ws::{self, SnapshotIdentity, WsRegion};
+use snapshot::ws::Header;
 use snapshot::PAGE_SIZE;
 use userfaultfd::Uffd;
 
-use super::{FetchedWs, ReapError};
-use crate::metrics::FaultSource;
+use super::stream::{ChunkState, WsStream};
+use super::ReapError;
+use crate::metrics::{FaultSource, PrefetchProgress};
 use crate::uffd::{
     install_page, FaultError, FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault,
     PageSource, UffdRegions,
 };
 use crate::vcpu::ExitSignal;
 
-/// Installs every run of `ws` into the registered guest memory before the guest runs (the
+/// Installs every chunk of `stream` (all read and checked) before the guest runs (the
 /// paper's REAP); returns the pages installed.
-pub fn install_all(uffd: &Uffd, regions: &UffdRegions, ws: &WsPages) -> u64 {
-    let mut installed = 0u64;
-    for &(offset, pages, data) in &ws.runs {
-        // decode() checked that each run lies inside one region of this layout.
-        let Some(host) = regions.host_addr_of(offset) else {
+pub fn install_all(uffd: &Uffd, regions: &UffdRegions, stream: &WsStream) -> u64 {
+    let installed = (0..stream.header.chunks.len())
+        .map(|chunk| install_chunk(uffd, regions, stream, chunk))
+        .sum();
+    wake_all(uffd, regions);
+    installed
+}
+
+/// Installs chunk `chunk` (read and checked) without waking anyone; returns the pages this
+/// call installed.
+fn install_chunk(uffd: &Uffd, regions: &UffdRegions, stream: &WsStream, chunk: usize) -> u64 {
+    let Some(data) = stream.chunk_data(chunk) else {
+        return 0;
+    };
+    let mut installed = 0;
+    for (run, at) in stream.header.chunk_runs(chunk) {
+        // The header was checked: each run lies inside one region of this layout.
+        let Some(host) = regions.host_addr_of(run.file_offset) else {
             continue;
         };
-        let len = pages as usize * ws.page_size;
-        let src = data.map(|d| ws.fetched.bytes[d..].as_ptr());
-        // SAFETY: the run is registered guest memory alive for the process (checked against
-        // this layout by decode); `src` holds `len` bytes of the WS.
+        let len = run.pages as usize * PAGE_SIZE;
+        let src = at.map(|at| data[at..at + len].as_ptr());
+        // SAFETY: the run is registered guest memory that outlives the call (the handler
+        // threads are joined before guest memory goes); `src` holds `len` bytes of the chunk.
         installed += unsafe { install_range(uffd, host, src, len) };
     }
     installed
 }
 
-/// A checked WS kept in memory, with its runs looked up by memory-file offset.
-pub struct WsPages {
-    fetched: FetchedWs,
-    page_size: usize,
-    /// (file offset, pages, start of the run's data in `fetched.bytes`; None for zero runs),
-    /// in order of first touch.
-    runs: Vec<(u64, u32, Option<usize>)>,
-    /// Indexes into `runs`, sorted by file offset.
-    by_offset: Vec<usize>,
-}
-
-impl WsPages {
-    /// Every page of the WS (memory-file offsets), in order of first touch.
-    pub fn page_offsets(&self) -> Vec<u64> {
-        self.runs
-            .iter()
-            .flat_map(|&(start, pages, _)| {
-                (0..u64::from(pages)).map(move |i| start + i * self.page_size as u64)
-            })
-            .collect()
-    }
-}
-
-impl WsPages {
-    /// Checks `fetched` against the snapshot and indexes its runs.
-    pub fn new(
-        fetched: FetchedWs,
-        identity: SnapshotIdentity,
-        layout: &[WsRegion],
-    ) -> Result<Self, ws::WsError> {
-        let (page_size, runs) = {
-            let ws = ws::decode(&fetched.bytes, identity, layout)?;
-            let base = fetched.bytes.as_ptr() as usize;
-            let runs: Vec<_> = ws
-                .runs_with_data()
-                .map(|(run, data)| {
-                    (
-                        run.file_offset,
-                        run.pages,
-                        data.map(|d| d.as_ptr() as usize - base),
-                    )
-                })
-                .collect();
-            (ws.page_size as usize, runs)
-        };
-        let mut by_offset: Vec<usize> = (0..runs.len()).collect();
-        by_offset.sort_by_key(|&i| runs[i].0);
-        Ok(Self {
-            fetched,
-            page_size,
-            runs,
-            by_offset,
-        })
-    }
-
-    pub fn pages(&self) -> u64 {
-        self.runs.iter().map(|r| u64::from(r.1)).sum()
-    }
-
-    /// The page at memory-file `offset`, if the WS has it: Some(Some(bytes)) for data,
-    /// Some(None) for a zero page.
-    fn page(&self, offset: u64) -> Option<Option<&[u8]>> {
-        let at = self
-            .by_offset
-            .partition_point(|&i| self.runs[i].0 <= offset)
-            .checked_sub(1)?;
-        let (start, pages, data) = self.runs[self.by_offset[at]];
-        let end = start + u64::from(pages) * self.page_size as u64;
-        if offset >= end {
-            return None;
+/// Wakes whoever waits on a fault anywhere in guest memory.
+fn wake_all(uffd: &Uffd, regions: &UffdRegions) {
+    for m in regions.mappings() {
+        if let Err(e) = uffd.wake(m.base_host_virt_addr as *mut libc::c_void, m.size) {
+            log::warn!("REAP: waking faults in guest memory failed: {e}");
         }
-        Some(data.map(|d| {
-            let from = d + (offset - start) as usize;
-            &self.fetched.bytes[from..from + self.page_size]
-        }))
     }
 }
 
-/// Installs `len` bytes at `host` (from `src`, or zeroes), skipping pages already present;
-/// returns the pages this call installed.
+/// Installs `len` bytes at `host` (from `src`, or zeroes) without waking, skipping pages
+/// already present; returns the pages this call installed.
 ///
 /// # Safety
 /// `[host, host + len)` must be registered guest memory that outlives the call, and `src`
@@ -130,8 +79,8 @@ unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usi
         // SAFETY: within the caller's range and source, per the contract above.
         let result = unsafe {
             match src {
-                Some(p) => uffd.copy(p.add(done).cast(), dst, step, true),
-                None => uffd.zeropage(dst, step, true),
+                Some(p) => uffd.copy(p.add(done).cast(), dst, step, false),
+                None => uffd.zeropage(dst, step, false),
             }
         };
         let progress = match result {
@@ -159,10 +108,54 @@ unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usi
     installed
 }
 
+/// The WS's runs by memory-file offset: which chunk holds a page, and where in the chunk's
+/// data (None for a zero page).
+pub struct PageIndex {
+    /// (file offset, pages, chunk, start of the run's data in the chunk), by file offset.
+    runs: Vec<(u64, u32, usize, Option<usize>)>,
+}
+
+impl PageIndex {
+    pub fn new(header: &Header) -> Self {
+        let mut runs: Vec<_> = (0..header.chunks.len())
+            .flat_map(|chunk| {
+                header
+                    .chunk_runs(chunk)
+                    .map(move |(run, at)| (run.file_offset, run.pages, chunk, at))
+            })
+            .collect();
+        runs.sort_unstable_by_key(|r| r.0);
+        Self { runs }
+    }
+
+    /// The chunk holding memory-file `offset` and where its page is in the chunk's data.
+    fn find(&self, offset: u64) -> Option<(usize, Option<usize>)> {
+        let at = self
+            .runs
+            .partition_point(|r| r.0 <= offset)
+            .checked_sub(1)?;
+        let (start, pages, chunk, data) = self.runs[at];
+        let into = offset - start;
+        if into >= u64::from(pages) * PAGE_SIZE as u64 {
+            return None;
+        }
+        Some((chunk, data.map(|d| d + into as usize)))
+    }
+}
+
+/// Every page of the WS (memory-file offsets), in file order (chunks in order of first
+/// touch, by address within each).
+pub fn page_offsets(header: &Header) -> Vec<u64> {
+    header
+        .runs
+        .iter()
+        .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.file_offset + i * PAGE_SIZE as u64))
+        .collect()
+}
+
 /// What a chunked install did, read live by the metrics.
-#[derive(Debug, Default)]
 pub struct ChunkedInstallStats {
-    /// Pages read from the memory file because the WS lacked them.
+    /// Pages read from the memory file because the WS lacked them (or could not give them).
     pub file: Arc<FaultStats>,
     /// Faults answered from the WS before the installer got there.
     pub from_ws: AtomicU64,
@@ -170,6 +163,28 @@ pub struct ChunkedInstallStats {
     pub installed: AtomicU64,
     /// When the installer finished, in microseconds after it started (0 while it runs).
     pub install_us: AtomicU64,
+    /// The stream while it is in use (weak: the metrics must not keep the WS in memory once
+    /// it is installed), and what it said when the installer let go of it.
+    stream: Weak<WsStream>,
+    at_end: Mutex<Option<StreamEnd>>,
+}
+
+/// A stream's figures, kept once its buffer is freed.
+#[derive(Clone)]
+struct StreamEnd {
+    read_us: u64,
+    bytes_read: u64,
+    error: Option<String>,
+}
+
+impl StreamEnd {
+    fn of(stream: &WsStream) -> Self {
+        Self {
+            read_us: stream.read_us(),
+            bytes_read: stream.bytes_read(),
+            error: stream.error(),
+        }
+    }
 }
 
 impl FaultSource for ChunkedInstallStats {
@@ -177,59 +192,84 @@ impl FaultSource for ChunkedInstallStats {
         self.file.faults_and_bytes()
     }
 
-    fn prefetch_progress(&self) -> Option<(u64, u64, u64)> {
-        Some((
-            self.installed.load(Ordering::Relaxed) + self.from_ws.load(Ordering::Relaxed),
-            self.install_us.load(Ordering::Relaxed),
-            self.from_ws.load(Ordering::Relaxed),
-        ))
+    fn prefetch_progress(&self) -> Option<PrefetchProgress> {
+        let from_ws = self.from_ws.load(Ordering::Relaxed);
+        let stream = match self.stream.upgrade() {
+            Some(live) => StreamEnd::of(&live),
+            None => self
+                .at_end
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()?,
+        };
+        Some(PrefetchProgress {
+            pages: self.installed.load(Ordering::Relaxed) + from_ws,
+            install_us: self.install_us.load(Ordering::Relaxed),
+            from_ws,
+            fetch_us: stream.read_us,
+            ws_bytes_read: stream.bytes_read,
+            error: stream.error,
+        })
     }
 }
 
-/// Installs `ws` in order of first touch on one thread while the fault loop serves faults:
-/// from the WS when it has the page (the vCPU waits for that page only), from `file`
-/// otherwise.
+/// Installs `stream` chunk by chunk, in order of first touch, on one thread while the
+/// guest runs and the fault loop serves faults: a WS page from its chunk (waiting for that
+/// chunk to be read if need be, not for the whole WS; the one fault loop thread serves no
+/// other fault meanwhile, and the chunks come in order), any other page from `on_demand`.
+/// Chunks that could not be read are served from `on_demand` too.
 pub fn spawn_chunked_install(
     uffd: Arc<Uffd>,
     on_demand: FileSource,
     regions: Arc<UffdRegions>,
-    ws: WsPages,
+    stream: Arc<WsStream>,
     stop: Arc<HandlerStop>,
     exit: Option<Arc<ExitSignal>>,
 ) -> Result<Arc<ChunkedInstallStats>, ReapError> {
     let stats = Arc::new(ChunkedInstallStats {
         file: on_demand.stats(),
-        ..Default::default()
+        from_ws: AtomicU64::new(0),
+        installed: AtomicU64::new(0),
+        install_us: AtomicU64::new(0),
+        stream: Arc::downgrade(&stream),
+        at_end: Mutex::new(Some(StreamEnd::of(&stream))),
     });
-    let ws = Arc::new(ws);
+    let index = Arc::new(PageIndex::new(&stream.header));
     {
-        let (uffd, ws, regions, stats) = (uffd.clone(), ws.clone(), regions.clone(), stats.clone());
+        let (uffd, stream, regions, stats) =
+            (uffd.clone(), stream.clone(), regions.clone(), stats.clone());
         let installer_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("fc_ws_install".into())
             .spawn(move || {
                 if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd) {
-                    // The fault loop serves every page from the memory file instead.
+                    // The fault loop serves every page from the WS or the memory file.
                     log::error!("REAP: {e}; the WS is not installed ahead");
                     return;
                 }
                 let started = Instant::now();
-                for &(offset, pages, data) in &ws.runs {
-                    // A failed restore, or the VM gone: the memory may go next.
-                    if installer_stop.is_stopped() {
-                        return;
-                    }
-                    let Some(host) = regions.host_addr_of(offset) else {
-                        continue;
+                for chunk in 0..stream.header.chunks.len() {
+                    let state = loop {
+                        // A failed restore, or the VM gone: the memory may go next.
+                        if installer_stop.is_stopped() {
+                            stream.stop();
+                            return;
+                        }
+                        if let Some(state) = stream.wait_timeout(chunk, Duration::from_millis(50)) {
+                            break state;
+                        }
                     };
-                    let len = pages as usize * ws.page_size;
-                    let src = data.map(|d| ws.fetched.bytes[d..].as_ptr());
-                    // SAFETY: decode() checked the run lies in one region of this layout,
-                    // registered; the memory outlives this thread (the HandlerStop that
-                    // joins it is dropped before the guest memory); `src` has `len` bytes.
-                    let n = unsafe { install_range(&uffd, host, src, len) };
+                    if state == ChunkState::Unread {
+                        forget_damaged_ws(&stream);
+                        break;
+                    }
+                    let n = install_chunk(&uffd, &regions, &stream, chunk);
+                    wake_all(&uffd, &regions);
                     stats.installed.fetch_add(n, Ordering::Relaxed);
                 }
+                // The reading is over for good once the installer has every chunk's fate.
+                *stats.at_end.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(StreamEnd::of(&stream));
                 stats.install_us.store(
                     started.elapsed().as_micros().max(1) as u64,
                     Ordering::Release,
@@ -239,7 +279,8 @@ pub fn spawn_chunked_install(
         stop.track(thread);
     }
     let source = WsThenFile {
-        ws: Some(ws),
+        stream: Some(stream),
+        index,
         on_demand,
         stats: stats.clone(),
     };
@@ -247,30 +288,68 @@ pub fn spawn_chunked_install(
     Ok(stats)
 }
 
-/// A chunked install's page source: a WS page from the WS (the installer may not have got
-/// there yet), any other page from the memory file.
+/// A WS whose reading ended on a damaged chunk after the guest resumed is removed, so that
+/// the next restore records a sound one (a restore before the resume records at once). The
+/// guest gets the rest of its pages from the memory file. A chunk that could not be read
+/// (an I/O error) leaves the file: it may read well next time.
+fn forget_damaged_ws(stream: &WsStream) {
+    let Some(why) = stream.error() else {
+        return;
+    };
+    if !stream.is_damaged() {
+        return;
+    }
+    // Another recorder may have renamed a sound WS to this path since it was opened.
+    if !stream.is_same_file(&stream.path) {
+        return;
+    }
+    match std::fs::remove_file(&stream.path) {
+        Ok(()) => log::warn!(
+            "REAP: {} removed ({why}): the next restore records a new WS",
+            stream.path.display()
+        ),
+        Err(e) => log::warn!(
+            "REAP: {} ({why}) could not be removed: {e}",
+            stream.path.display()
+        ),
+    }
+}
+
+/// A chunked install's page source: a WS page from its chunk (the installer may not have
+/// got there yet), any other page from the memory file.
 struct WsThenFile {
-    /// Dropped once the installer is done: every WS page is in then.
-    ws: Option<Arc<WsPages>>,
+    /// Dropped once the installer is done: every WS page it could install is in then.
+    stream: Option<Arc<WsStream>>,
+    index: Arc<PageIndex>,
     on_demand: FileSource,
     stats: Arc<ChunkedInstallStats>,
 }
 
 impl PageSource for WsThenFile {
     fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError> {
-        if self.ws.is_some() && self.stats.install_us.load(Ordering::Acquire) != 0 {
-            self.ws = None;
+        if self.stream.is_some() && self.stats.install_us.load(Ordering::Acquire) != 0 {
+            self.stream = None;
         }
-        match self.ws.as_ref().and_then(|ws| ws.page(fault.offset)) {
-            Some(data) => {
-                let installed = install_page(uffd, fault.host_addr, fault.offset, data)?;
-                if installed == Installed::Now {
-                    self.stats.from_ws.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(installed)
-            }
-            None => self.on_demand.serve(uffd, fault),
+        let Some(stream) = self.stream.as_ref() else {
+            return self.on_demand.serve(uffd, fault);
+        };
+        let Some((chunk, at)) = self.index.find(fault.offset) else {
+            return self.on_demand.serve(uffd, fault);
+        };
+        if stream.wait(chunk) == ChunkState::Unread {
+            return self.on_demand.serve(uffd, fault);
         }
+        let data = stream
+            .chunk_data(chunk)
+            .map(|bytes| at.map(|at| &bytes[at..at + PAGE_SIZE]));
+        let Some(page) = data else {
+            return self.on_demand.serve(uffd, fault);
+        };
+        let installed = install_page(uffd, fault.host_addr, fault.offset, page)?;
+        if installed == Installed::Now {
+            self.stats.from_ws.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(installed)
     }
 
     fn on_loop_failed(&mut self, why: &str) {

@@ -9,8 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use snapshot::touch_log::{self, Touch, TouchLog};
-use snapshot::ws::{self, RunKind, SnapshotIdentity, WsRegion};
-use snapshot::PAGE_SIZE;
+use snapshot::ws::{self, SnapshotIdentity, WsRegion};
 use userfaultfd::Uffd;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -62,8 +61,8 @@ pub struct WsTarget {
     pub path: PathBuf,
     pub identity: SnapshotIdentity,
     pub layout: Vec<WsRegion>,
-    /// Merging misses into an existing WS: its pages, in order, come first.
-    pub base_pages: Vec<u64>,
+    /// Merging misses into an existing WS: its recorded touches, in order, come first.
+    pub base_touches: Vec<Touch>,
     /// Merging: past this many misses the WS is removed, so the next restore records anew.
     pub rerecord_above: Option<u64>,
 }
@@ -251,12 +250,12 @@ impl PageSource for RecordingSource {
 }
 
 /// What ending a recording writes: a WS of the touched pages and its touch log; when
-/// merging misses into an existing WS, that WS's pages then the misses (the touch log stays
-/// the first recording's), or no WS at all past the re-record threshold. Returns the pages in
-/// the WS written.
+/// merging misses into an existing WS, that WS's touches then the misses (in the touch log
+/// too), or no WS at all past the re-record threshold. Returns the pages recorded in the WS
+/// written.
 fn finish_ws(mem_file: &File, touched: &[Touch], target: &WsTarget) -> Result<u64, String> {
     let offsets: Vec<u64> = touched.iter().map(|t| t.file_offset).collect();
-    if target.base_pages.is_empty() {
+    if target.base_touches.is_empty() {
         // The log first: whoever sees the WS appear finds its log there too.
         write_touch_log(touched, target);
         write_ws(mem_file, &offsets, target)?;
@@ -274,10 +273,12 @@ fn finish_ws(mem_file: &File, touched: &[Touch], target: &WsTarget) -> Result<u6
         return Ok(0);
     }
     if misses == 0 {
-        return Ok(target.base_pages.len() as u64);
+        return Ok(target.base_touches.len() as u64);
     }
-    let mut pages = target.base_pages.clone();
-    pages.extend_from_slice(&offsets);
+    let mut all = target.base_touches.clone();
+    all.extend_from_slice(touched);
+    let pages: Vec<u64> = all.iter().map(|t| t.file_offset).collect();
+    write_touch_log(&all, target);
     write_ws(mem_file, &pages, target)?;
     log::info!("REAP: {misses} missed pages merged into the WS");
     Ok(pages.len() as u64)
@@ -310,35 +311,21 @@ fn write_touch_log(touched: &[Touch], target: &WsTarget) {
 /// their contents taken from the memory file as the snapshot has them.
 fn write_ws(mem_file: &File, offsets: &[u64], target: &WsTarget) -> Result<(), String> {
     let started = Instant::now();
-    let mut pages = Vec::with_capacity(offsets.len());
-    let mut data = Vec::new();
-    let mut page = vec![0u8; PAGE_SIZE];
-    for &offset in offsets {
+    let bytes = ws::build(target.identity, &target.layout, offsets, |offset, page| {
         mem_file
-            .read_exact_at(&mut page, offset)
-            .map_err(|e| format!("cannot read page {offset:#x} of the memory file: {e}"))?;
-        if page.iter().all(|&b| b == 0) {
-            pages.push((offset, RunKind::Zero));
-        } else {
-            pages.push((offset, RunKind::Data));
-            data.extend_from_slice(&page);
-        }
-    }
-    let runs = ws::coalesce(&pages, PAGE_SIZE as u32);
-    let bytes = ws::encode(
-        target.identity,
-        PAGE_SIZE as u32,
-        &target.layout,
-        &runs,
-        &data,
-    );
+            .read_exact_at(page, offset)
+            .map_err(|e| format!("cannot read page {offset:#x} of the memory file: {e}"))
+    })?;
     ws::write(&target.path, &bytes)
         .map_err(|e| format!("cannot write the WS file {}: {e}", target.path.display()))?;
+    let header = ws::Header::decode(&bytes).map_err(|e| format!("the WS just built: {e}"))?;
     log::info!(
-        "REAP: WS of {} pages ({} zero) in {} runs, {} KiB, written to {} in {} ms",
+        "REAP: WS of {} touched pages ({} installed with the gaps joined, {} stored) in {} chunks and {} runs, {} KiB, written to {} in {} ms",
         offsets.len(),
-        offsets.len() - data.len() / PAGE_SIZE,
-        runs.len(),
+        header.pages(),
+        header.data_pages(),
+        header.chunks.len(),
+        header.runs.len(),
         bytes.len() / 1024,
         target.path.display(),
         started.elapsed().as_millis()

@@ -119,7 +119,13 @@ fn restore_as(
 ) -> (GuestMemoryMmap, ReapMemory, StopHandlersOnDrop) {
     let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
     let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
-    let fetched = fetch(&scratch.ws_path(), false, u64::MAX);
+    let fetched = if options.reads_in_parallel() {
+        spawn_fetch(scratch.ws_path(), false, u64::MAX, options.streaming)
+            .unwrap()
+            .header_read()
+    } else {
+        fetch(&scratch.ws_path(), false, u64::MAX)
+    };
     let reap = restore_memory(
         ReapSetup {
             uffd: Arc::new(uffd),
@@ -197,26 +203,25 @@ fn a_recording_logs_first_touches_in_order_and_a_prefetch_installs_them() {
     let expected: Vec<(u64, bool)> = touched.iter().map(|&p| (p, written.contains(&p))).collect();
     assert_eq!(logged, expected);
 
-    for chunked_install in [false, true] {
+    for (chunked_install, streaming) in [(false, false), (true, false), (false, true)] {
         let options = ReapOptions {
             chunked_install,
+            streaming,
             ..Default::default()
         };
         let (mem, reap, _handlers) = restore(&scratch, options);
         assert_eq!(reap.report.mode, "prefetch");
         assert!(reap.recorder.is_none());
-        if !chunked_install {
-            assert_eq!(reap.report.pages_prefetched, touched.len() as u64);
+        if !options.installs_while_running() {
+            // The touched pages, and 7, 8 and 9: the gap between 6 and 10 is stored and
+            // installed with them (one copy instead of two).
+            assert_eq!(reap.report.pages_prefetched, touched.len() as u64 + 3);
         }
         for &page in touched.iter().chain(&[0, 40, 63]) {
             check_page(&mem, page);
         }
         // Only the three pages outside the WS came from the memory file.
-        assert_eq!(
-            reap.live.faults_and_bytes().0,
-            3,
-            "chunked {chunked_install}"
-        );
+        assert_eq!(reap.live.faults_and_bytes().0, 3, "{options:?}");
     }
 }
 
@@ -294,19 +299,18 @@ fn dropping_the_handlers_joins_every_handler_thread() {
         memory_len: REGION_PAGES * PAGE_SIZE as u64,
     };
     let ws_path = dir.join("mem.ws");
-    let pages: Vec<(u64, snapshot::ws::RunKind)> = (0..REGION_PAGES)
+    // One chunk of single-page runs, every other page (explicit runs: the writer would join
+    // them across their one-page gaps).
+    let runs: Vec<snapshot::ws::WsRun> = (0..REGION_PAGES)
         .step_by(2)
-        .map(|p| (p * PAGE_SIZE as u64, snapshot::ws::RunKind::Data))
+        .map(|p| snapshot::ws::WsRun {
+            file_offset: p * PAGE_SIZE as u64,
+            pages: 1,
+            kind: snapshot::ws::RunKind::Data,
+        })
         .collect();
-    let runs = snapshot::ws::coalesce(&pages, PAGE_SIZE as u32);
-    let data = vec![0x5au8; pages.len() * PAGE_SIZE];
-    let bytes = snapshot::ws::encode(
-        identity,
-        PAGE_SIZE as u32,
-        &ws_layout(&layout),
-        &runs,
-        &data,
-    );
+    let data = vec![0x5au8; runs.len() * PAGE_SIZE];
+    let bytes = snapshot::ws::v2::encode(identity, &ws_layout(&layout), &[(runs, data)]);
     snapshot::ws::write(&ws_path, &bytes).unwrap();
     for _ in 0..3 {
         let (_mem, uffd, regions) = uffd::register(&layout).unwrap();
@@ -333,7 +337,12 @@ fn dropping_the_handlers_joins_every_handler_thread() {
         assert_eq!(reap.report.mode, "prefetch");
         drop(handlers);
         // Joined: the installer puts nothing in any more (it was mid-way: 8192 copies).
-        let installed = || reap.live.prefetch_progress().expect("a chunked install").0;
+        let installed = || {
+            reap.live
+                .prefetch_progress()
+                .expect("a chunked install")
+                .pages
+        };
         let at_drop = installed();
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(
@@ -343,4 +352,152 @@ fn dropping_the_handlers_joins_every_handler_thread() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Streaming: the guest runs once the first chunk is in. A chunk that fails its checksum
+/// ends the streaming there: its pages and every later chunk's come from the memory file
+/// (the guest reads the snapshot's content either way), the restore reports why, and the
+/// damaged WS is removed so that the next restore records a sound one.
+#[test]
+fn a_damaged_chunk_while_streaming_falls_back_to_the_memory_file() {
+    const REGION_PAGES: u64 = 2048;
+    let dir = std::env::temp_dir().join(format!("reapvm-stream-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let byte_of = |page: u64| (page as u8).wrapping_mul(13) | 1;
+    let mem_path = dir.join("mem");
+    let content: Vec<u8> = (0..REGION_PAGES)
+        .flat_map(|p| std::iter::repeat_n(byte_of(p), PAGE_SIZE))
+        .collect();
+    std::fs::write(&mem_path, &content).unwrap();
+    let layout = vec![MemoryRegionState {
+        guest_addr: 0,
+        size: REGION_PAGES * PAGE_SIZE as u64,
+        file_offset: 0,
+    }];
+    let identity = SnapshotIdentity {
+        vmstate_checksum: 9,
+        memory_len: REGION_PAGES * PAGE_SIZE as u64,
+    };
+    // 600 pages, 3 apart: chunks of 64, 128, 256 and 152 touched pages.
+    let touched: Vec<u64> = (0..600).map(|i| i * 3 * PAGE_SIZE as u64).collect();
+    let mut bytes = snapshot::ws::build(identity, &ws_layout(&layout), &touched, |off, page| {
+        page.copy_from_slice(&content[off as usize..off as usize + PAGE_SIZE]);
+        Ok::<_, ()>(())
+    })
+    .unwrap();
+    let header = snapshot::ws::Header::decode(&bytes).unwrap();
+    assert_eq!(header.chunks.len(), 4);
+    bytes[header.chunks[2].data_offset as usize + 7] ^= 0x40;
+    let ws_path = dir.join("mem.ws");
+    snapshot::ws::write(&ws_path, &bytes).unwrap();
+
+    let (mem, uffd, regions) = uffd::register(&layout).unwrap();
+    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
+    let options = ReapOptions {
+        streaming: true,
+        ..Default::default()
+    };
+    let reap = restore_memory(
+        ReapSetup {
+            uffd: Arc::new(uffd),
+            regions: Arc::new(regions),
+            mem: FileSource::new(Arc::new(File::open(&mem_path).unwrap()), mem_path.clone()),
+            ws_path: ws_path.clone(),
+            options,
+            identity,
+            layout: ws_layout(&layout),
+            stop: handlers.0.clone(),
+            exit: None,
+        },
+        spawn_fetch(ws_path.clone(), false, u64::MAX, true)
+            .unwrap()
+            .header_read(),
+        MemoryRestoreReport::default(),
+    )
+    .unwrap();
+    assert_eq!(reap.report.mode, "prefetch");
+    for page in 0..REGION_PAGES {
+        let got: u8 = mem
+            .read_obj(GuestAddress(page * PAGE_SIZE as u64 + 5))
+            .unwrap();
+        assert_eq!(got, byte_of(page), "page {page}");
+    }
+    // The installer finishes (stopping at chunk 2), the reason is reported, the WS is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let progress = loop {
+        let p = reap.live.prefetch_progress().unwrap();
+        if p.install_us != 0 || std::time::Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_ne!(progress.install_us, 0, "the installer never finished");
+    let why = progress.error.expect("the damaged chunk is reported");
+    assert!(why.contains("chunk 2"), "{why}");
+    assert!(!ws_path.exists(), "the damaged WS is still there");
+    // The first two chunks were installed (or served from the WS), not read from the file:
+    // of the 1448 pages outside chunks 0 and 1's runs, the file served what the guest read.
+    let (from_file, _) = reap.live.faults_and_bytes();
+    let from_ws_chunks: u64 = header.runs[..header.chunks[2].runs.start]
+        .iter()
+        .map(|r| u64::from(r.pages))
+        .sum();
+    assert_eq!(from_file, REGION_PAGES - from_ws_chunks);
+    drop(handlers);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A merge of misses starts from the touches the WS was recorded from (its touch log), not
+/// from the WS's own pages, which are sorted within chunks and include the gaps the chunks
+/// join: the merged WS and log hold the recorded touches, then the misses, and nothing else.
+#[test]
+fn a_merge_adds_the_misses_to_the_recorded_touches() {
+    let scratch = Scratch::new("merge");
+    // 10 and 12 are one page apart: the WS joins them with 11 between.
+    let first = [10u64, 12, 30];
+    {
+        let (mem, reap, _handlers) = restore(&scratch, ReapOptions::default());
+        for &page in &first {
+            check_page(&mem, page);
+        }
+        let state = reap
+            .recorder
+            .unwrap()
+            .finish("the test ends it", Duration::from_secs(10));
+        assert!(
+            matches!(state, RecordingState::Written { pages: 3, .. }),
+            "{state:?}"
+        );
+    }
+    let options = ReapOptions {
+        merge_misses: true,
+        ..Default::default()
+    };
+    let (mem, reap, _handlers) = restore(&scratch, options);
+    assert_eq!(reap.report.pages_prefetched, 4, "10, 11, 12 and 30");
+    for page in [11, 50, 20] {
+        check_page(&mem, page);
+    }
+    let state = reap
+        .recorder
+        .expect("merging records the misses")
+        .finish("the test ends it", Duration::from_secs(10));
+    // 11 was installed with the WS: the misses are 50 and 20.
+    assert!(
+        matches!(state, RecordingState::Written { pages: 5, .. }),
+        "{state:?}"
+    );
+    let log =
+        TouchLog::decode(&std::fs::read(touch_log::path_for(&scratch.ws_path())).unwrap()).unwrap();
+    let logged: Vec<u64> = log
+        .touches
+        .iter()
+        .map(|t| t.file_offset / PAGE_SIZE as u64)
+        .collect();
+    assert_eq!(logged, vec![10, 12, 30, 50, 20]);
+    let bytes = std::fs::read(scratch.ws_path()).unwrap();
+    let header = snapshot::ws::Header::decode(&bytes).unwrap();
+    // The touches, and 11 joined between 10 and 12: no more.
+    assert_eq!(header.pages(), 6);
 }

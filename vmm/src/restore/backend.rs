@@ -173,6 +173,15 @@ mod tests {
         assert_eq!(ws_path, PathBuf::from("/m.ws"));
         assert!(options.chunked_install && !options.o_direct);
         let p = parse(
+            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m",
+                "reap_options": {"streaming": true}}}"#,
+        )
+        .unwrap();
+        let (_, options) = p.mem_backend.reap().unwrap();
+        assert!(
+            options.streaming && options.reads_in_parallel() && options.installs_while_running()
+        );
+        let p = parse(
             r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m", "ws_path": "/w"}}"#,
         )
         .unwrap();
@@ -201,6 +210,11 @@ mod tests {
                 r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m",
                     "reap_options": {"merge_misses": true, "chunked_install": true}}}"#,
                 "merge_misses does not work with chunked_install",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m",
+                    "reap_options": {"merge_misses": true, "streaming": true}}}"#,
+                "merge_misses does not work with streaming",
             ),
             (
                 r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m",

@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::GuestMemoryMmap;
@@ -15,7 +14,7 @@ use snapshot::PAGE_SIZE;
 use super::backend::MemoryBackend;
 use crate::metrics::{self, FaultSource, MemoryRestoreReport};
 use crate::persist::{MemoryRegionState, MicrovmState};
-use crate::reap::{self, FetchedWs, ReapError, Recorder};
+use crate::reap::{self, PendingWs, ReapError, Recorder};
 use crate::uffd::{self, FaultLoop, FileSource, HandlerStop, StopHandlersOnDrop, UffdError};
 use crate::vcpu::ExitSignal;
 
@@ -57,8 +56,6 @@ pub enum MemoryRestoreError {
     Uffd(#[from] UffdError),
     #[error(transparent)]
     Reap(#[from] ReapError),
-    #[error("the WS reader thread panicked")]
-    WsReaderPanicked,
 }
 
 /// What a restore knows about its snapshot when it sets up memory.
@@ -67,8 +64,9 @@ pub struct MemoryRestoreContext {
     pub vmstate_load: Duration,
     /// The vmstate's checksum: which snapshot this is (a WS file must belong to it).
     pub vmstate_checksum: u64,
-    /// `Reap`: the WS file read started before the vmstate was (fetch_in_parallel).
-    pub ws_prefetch: Option<JoinHandle<Result<Option<FetchedWs>, ReapError>>>,
+    /// `Reap`: the WS file read started before the vmstate was (fetch_in_parallel,
+    /// streaming).
+    pub ws_prefetch: Option<PendingWs>,
 }
 
 /// A restored VM's memory and what serves its faults.
@@ -153,9 +151,7 @@ pub fn guest_memory(
                 memory_len: state.memory_file_len(),
             };
             let fetched = match context.ws_prefetch {
-                Some(pending) => pending
-                    .join()
-                    .map_err(|_| MemoryRestoreError::WsReaderPanicked)?,
+                Some(pending) => pending.header_read(),
                 None => reap::fetch(
                     &ws_path,
                     options.o_direct,

@@ -97,16 +97,10 @@ pub fn load_snapshot(
     let started = Instant::now();
     // Beyond the paper: the WS file is read while the vmstate, KVM and devices are restored.
     let ws_prefetch = match params.mem_backend.reap() {
-        Some((ws_path, options)) if options.fetch_in_parallel => {
+        Some((ws_path, options)) if options.reads_in_parallel() => {
             let ws_limit = params.mem_backend.mem_path().map_or(0, reap::ws_size_limit);
             Some(
-                std::thread::Builder::new()
-                    .name("fc_ws_fetch".into())
-                    .spawn(move || {
-                        crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd)
-                            .map_err(|e| reap::ReapError::Seccomp(e.to_string()))?;
-                        reap::fetch(&ws_path, options.o_direct, ws_limit)
-                    })
+                reap::spawn_fetch(ws_path, options.o_direct, ws_limit, options.streaming)
                     .map_err(RestoreError::WsReader)?,
             )
         }

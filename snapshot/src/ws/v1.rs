@@ -1,6 +1,6 @@
-//! The working-set (WS) file of REAP: the guest pages one invocation touched after a restore,
-//! in the order it first touched them, stored compactly so a later restore can read them in
-//! one go and install them before the guest runs.
+//! WS format version 1 (reapvm before streamed REAP): read by tools (a recording's summary for
+//! the replay trace export, the fuzz target), refused by restores, which record anew. Pages in
+//! the order of first touch, one checksum over the whole file.
 //!
 //! Inside the envelope (magic `REAPWSET`, version, length, CRC-64), little-endian:
 //!
@@ -15,63 +15,16 @@
 //! A run is a stretch of pages contiguous in the memory file that were touched one after the
 //! other; zero runs hold pages that were all zeroes in the snapshot and store no data.
 
-use std::path::Path;
-
-use crate::envelope::{self, EnvelopeError};
-
-pub const WS_MAGIC: &[u8; 8] = b"REAPWSET";
-pub const WS_VERSION: u32 = 1;
+use super::{RunKind, SnapshotIdentity, WsError, WsRegion, WsRun, WS_MAGIC};
+use crate::envelope::{self};
 use crate::PAGE_SIZE;
+
+pub const VERSION: u32 = 1;
 
 const IDENTITY_LEN: usize = 16;
 const COUNTS_LEN: usize = 16;
 const REGION_LEN: usize = 24;
 const RUN_LEN: usize = 16;
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum WsError {
-    #[error("not a usable WS file: {0}")]
-    Envelope(#[from] EnvelopeError),
-    #[error("WS file is malformed: {0}")]
-    Malformed(String),
-    #[error("the WS file belongs to another snapshot (vmstate checksum {found:#018x}, memory {found_len} bytes; this snapshot: {expected:#018x}, {expected_len} bytes)")]
-    ForeignSnapshot {
-        found: u64,
-        found_len: u64,
-        expected: u64,
-        expected_len: u64,
-    },
-    #[error("the WS file's memory layout differs from the snapshot's")]
-    LayoutMismatch,
-}
-
-/// Which snapshot a WS belongs to: the checksum of its vmstate and the size of its memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnapshotIdentity {
-    pub vmstate_checksum: u64,
-    pub memory_len: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WsRegion {
-    pub guest_addr: u64,
-    pub size: u64,
-    pub file_offset: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunKind {
-    Data,
-    Zero,
-}
-
-/// `pages` pages from `file_offset` of the memory file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WsRun {
-    pub file_offset: u64,
-    pub pages: u32,
-    pub kind: RunKind,
-}
 
 /// A decoded WS: its runs, and where each data run's pages sit in `data`.
 #[derive(Debug)]
@@ -103,18 +56,6 @@ impl WorkingSet<'_> {
             }
         })
     }
-}
-
-/// The largest WS file a snapshot with `memory_len` bytes of memory file can have: every
-/// page in a run of its own with its data, and 64 regions (reapvm lays out two at most). A
-/// reader refuses a larger file before it reads (or allocates) anything.
-pub fn max_file_len(memory_len: u64) -> u64 {
-    let pages = memory_len.div_ceil(PAGE_SIZE as u64);
-    let fixed = (envelope::OVERHEAD + IDENTITY_LEN + COUNTS_LEN + 64 * REGION_LEN) as u64;
-    pages
-        .saturating_mul(RUN_LEN as u64)
-        .saturating_add(memory_len)
-        .saturating_add(fixed)
 }
 
 /// Groups pages (memory-file offsets, in first-touch order) into runs: consecutive entries
@@ -170,7 +111,7 @@ pub fn encode(
         p.extend_from_slice(&kind.to_le_bytes());
     }
     p.extend_from_slice(data);
-    envelope::encode(WS_MAGIC, WS_VERSION, &p)
+    envelope::encode(WS_MAGIC, VERSION, &p)
 }
 
 struct Cursor<'a> {
@@ -227,7 +168,7 @@ pub fn decode<'a>(
 /// Checks and decodes a WS file's bytes, whichever snapshot it belongs to (for tools that
 /// read recordings, such as the replay trace export).
 pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
-    let payload = envelope::decode(WS_MAGIC, WS_VERSION, bytes)?;
+    let payload = envelope::decode(WS_MAGIC, VERSION, bytes)?;
     let mut c = Cursor {
         bytes: payload,
         at: 0,
@@ -263,16 +204,12 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
             1 => RunKind::Zero,
             other => return Err(WsError::Malformed(format!("run {i} has kind {other}"))),
         };
-        let len = u64::from(pages) * u64::from(page_size);
-        let inside = regions.iter().any(|r| {
-            let region_end = r.file_offset.checked_add(r.size);
-            file_offset >= r.file_offset
-                && file_offset
-                    .checked_add(len)
-                    .zip(region_end)
-                    .is_some_and(|(end, region_end)| end <= region_end)
-        });
-        if pages == 0 || file_offset % u64::from(page_size) != 0 || !inside {
+        let run = WsRun {
+            file_offset,
+            pages,
+            kind,
+        };
+        if !super::run_inside(&run, &regions) {
             return Err(WsError::Malformed(format!(
                 "run {i} ({pages} pages at {file_offset:#x}) is not whole pages of one region"
             )));
@@ -280,11 +217,7 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
         if kind == RunKind::Data {
             data_pages += u64::from(pages);
         }
-        runs.push(WsRun {
-            file_offset,
-            pages,
-            kind,
-        });
+        runs.push(run);
     }
     let data_len = data_pages.checked_mul(u64::from(page_size));
     let rest = (payload.len() - c.at) as u64;
@@ -302,15 +235,11 @@ pub fn decode_any(bytes: &[u8]) -> Result<WorkingSet<'_>, WsError> {
     })
 }
 
-/// Writes a WS file atomically (temporary file, fsync, rename): readers see a complete file
-/// or none, whoever else records at the same time.
-pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::atomic::write_atomic(path, bytes)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::max_file_len;
     use super::*;
+    use crate::envelope::EnvelopeError;
 
     const ID: SnapshotIdentity = SnapshotIdentity {
         vmstate_checksum: 0xabcd,
