@@ -225,21 +225,27 @@ fn a_recording_logs_first_touches_in_order_and_a_prefetch_installs_them() {
     }
 }
 
+/// A recording restore of the scratch snapshot that touches `pages` and ends: its WS and
+/// touch log are written.
+fn record_pages(scratch: &Scratch, pages: &[u64]) {
+    let (mem, reap, _handlers) = restore(scratch, ReapOptions::default());
+    for &page in pages {
+        check_page(&mem, page);
+    }
+    let state = reap
+        .recorder
+        .expect("no WS: a recording")
+        .finish("the test ends it", Duration::from_secs(10));
+    assert!(
+        matches!(state, RecordingState::Written { pages: n, .. } if n == pages.len() as u64),
+        "{state:?}"
+    );
+}
+
 #[test]
 fn a_ws_of_another_snapshot_is_refused_and_recorded_anew() {
     let scratch = Scratch::new("foreign");
-    {
-        let (mem, reap, _handlers) = restore(&scratch, ReapOptions::default());
-        check_page(&mem, 1);
-        let state = reap
-            .recorder
-            .unwrap()
-            .finish("the test ends it", Duration::from_secs(10));
-        assert!(
-            matches!(state, RecordingState::Written { pages: 1, .. }),
-            "{state:?}"
-        );
-    }
+    record_pages(&scratch, &[1]);
     let foreign = SnapshotIdentity {
         vmstate_checksum: 1,
         ..identity()
@@ -455,21 +461,7 @@ fn a_damaged_chunk_while_streaming_falls_back_to_the_memory_file() {
 fn a_merge_adds_the_misses_to_the_recorded_touches() {
     let scratch = Scratch::new("merge");
     // 10 and 12 are one page apart: the WS joins them with 11 between.
-    let first = [10u64, 12, 30];
-    {
-        let (mem, reap, _handlers) = restore(&scratch, ReapOptions::default());
-        for &page in &first {
-            check_page(&mem, page);
-        }
-        let state = reap
-            .recorder
-            .unwrap()
-            .finish("the test ends it", Duration::from_secs(10));
-        assert!(
-            matches!(state, RecordingState::Written { pages: 3, .. }),
-            "{state:?}"
-        );
-    }
+    record_pages(&scratch, &[10, 12, 30]);
     let options = ReapOptions {
         merge_misses: true,
         ..Default::default()
