@@ -370,7 +370,7 @@ fn bad_ws_files_are_refused() -> Result<(), Failed> {
         (
             "truncated",
             good[..good.len() / 3].to_vec(),
-            "payload length",
+            "its header says",
         ),
         ("foreign", good.clone(), "another snapshot"),
     ];
