@@ -235,8 +235,9 @@ fn markdown(
             out,
             "Restore to replay done, ms ({title}), median (min-max):\n"
         );
-        let mut head =
-            String::from("| function | WS pages | writes | compute (ms) | lab estimate (ms) |");
+        let mut head = String::from(
+            "| function | touched pages | writes | compute (ms) | lab estimate (ms) |",
+        );
         for m in modes {
             let _ = write!(head, " {} |", m.label());
         }

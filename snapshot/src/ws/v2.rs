@@ -3,8 +3,8 @@
 //! The WS's pages are cut, in order of first touch, into chunks (the first small, each next
 //! one twice as large up to a cap), so a streaming restore can resume the guest once the first
 //! chunk is in and install the rest as it is read. Within a chunk the pages are sorted by
-//! address, and touched pages at most [`MAX_GAP_PAGES`] apart are joined into one run with
-//! the untouched pages between them (stored from the memory file as the snapshot has them):
+//! address, and touched pages with at most [`MAX_GAP_PAGES`] untouched pages between them are
+//! joined into one run with those pages (stored from the memory file as the snapshot has them):
 //! one install call for the lot instead of one per page. Every chunk has its own checksum
 //! (XXH3-64), checked as the chunk is read; the header has its own.
 //!
@@ -45,7 +45,8 @@ const MAX_REGIONS: usize = 64;
 /// Touched pages in the first chunk: small, so that a streaming restore waits little before
 /// the guest resumes.
 pub const FIRST_CHUNK_PAGES: usize = 64;
-/// The largest chunk, in touched pages (4 MiB): later chunks double up to it.
+/// The largest chunk, in touched pages (4 MiB of them; with the gap pages it joins, a chunk
+/// can store up to four times that): later chunks double up to it.
 pub const MAX_CHUNK_PAGES: usize = 1024;
 /// Untouched pages between two touched pages of a chunk that are stored to make one run of
 /// both: copying a few pages costs less than another install call.

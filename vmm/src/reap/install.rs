@@ -5,7 +5,7 @@
 //! with one wake over guest memory, as vHive's REAP does: a vCPU waiting on a page the chunk
 //! brought goes on, one waiting on another page faults again and is served then.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,9 @@ pub struct ChunkedInstallStats {
     pub installed: AtomicU64,
     /// When the installer finished, in microseconds after it started (0 while it runs).
     pub install_us: AtomicU64,
+    /// The installer has ended, whichever way (its thread could not start its filter, it
+    /// was stopped, or it is done): the fault loop lets go of the WS then.
+    installer_ended: AtomicBool,
     /// The stream while it is in use (weak: the metrics must not keep the WS in memory once
     /// it is installed), and what it said when the installer let go of it.
     stream: Weak<WsStream>,
@@ -231,6 +234,7 @@ pub fn spawn_chunked_install(
         from_ws: AtomicU64::new(0),
         installed: AtomicU64::new(0),
         install_us: AtomicU64::new(0),
+        installer_ended: AtomicBool::new(false),
         stream: Arc::downgrade(&stream),
         at_end: Mutex::new(Some(StreamEnd::of(&stream))),
     });
@@ -242,9 +246,18 @@ pub fn spawn_chunked_install(
         let thread = std::thread::Builder::new()
             .name("fc_ws_install".into())
             .spawn(move || {
+                /// However the installer ends, the fault loop stops waiting on chunks and
+                /// the WS buffer can go.
+                struct Ended<'a>(&'a ChunkedInstallStats);
+                impl Drop for Ended<'_> {
+                    fn drop(&mut self) {
+                        self.0.installer_ended.store(true, Ordering::Release);
+                    }
+                }
+                let _ended = Ended(&stats);
                 if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Uffd) {
-                    // The fault loop serves every page from the WS or the memory file.
-                    log::error!("REAP: {e}; the WS is not installed ahead");
+                    // The fault loop serves every page from the memory file.
+                    log::error!("REAP: {e}; the WS is not installed");
                     return;
                 }
                 let started = Instant::now();
@@ -318,7 +331,8 @@ fn forget_damaged_ws(stream: &WsStream) {
 /// A chunked install's page source: a WS page from its chunk (the installer may not have
 /// got there yet), any other page from the memory file.
 struct WsThenFile {
-    /// Dropped once the installer is done: every WS page it could install is in then.
+    /// Dropped once the installer has ended: every WS page it could install is in then
+    /// (and if it could not run, the memory file serves them).
     stream: Option<Arc<WsStream>>,
     index: Arc<PageIndex>,
     on_demand: FileSource,
@@ -327,7 +341,7 @@ struct WsThenFile {
 
 impl PageSource for WsThenFile {
     fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError> {
-        if self.stream.is_some() && self.stats.install_us.load(Ordering::Acquire) != 0 {
+        if self.stream.is_some() && self.stats.installer_ended.load(Ordering::Acquire) {
             self.stream = None;
         }
         let Some(stream) = self.stream.as_ref() else {

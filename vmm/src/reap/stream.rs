@@ -140,8 +140,9 @@ pub struct WsStream {
     /// names this file (another recorder may have renamed a new one there).
     file_id: (u64, u64),
     started: Instant,
-    /// Microseconds from the open to the end of the reading (every chunk read or the
-    /// reading ended); 0 while it goes on.
+    /// Microseconds from the open to the end of the reading (every chunk read, or the
+    /// reading ended early); 0 while it goes on. Set before the last chunk's fate is
+    /// published.
     read_us: AtomicU64,
 }
 
@@ -254,7 +255,6 @@ impl WsStream {
         impl Drop for Settle<'_> {
             fn drop(&mut self) {
                 self.0.end_from(0, None);
-                self.0.finish();
             }
         }
         let _settle = Settle(self);
@@ -287,6 +287,10 @@ impl WsStream {
                     self.end_from(i, Some(e.to_string()));
                     return;
                 }
+                if i + 1 == chunks {
+                    // Before the last chunk is published: whoever it wakes reads the time.
+                    self.finish();
+                }
                 self.publish(i, READY);
             }
             next = end;
@@ -308,6 +312,8 @@ impl WsStream {
     /// when the file is at fault (logged; the restore reports it), None when the reading
     /// was stopped on purpose.
     fn end_from(&self, from: usize, why: Option<String>) {
+        // Before any chunk's fate is published: whoever it wakes reads the time.
+        self.finish();
         if let Some(why) = why {
             log::warn!(
                 "REAP: {}: {why}; chunks {from}.. of {} are served from the memory file",
@@ -531,12 +537,18 @@ mod tests {
         let (stream, mut reader) = WsStream::open(&path, false, u64::MAX).unwrap().unwrap();
         // Waiters see each chunk's fate as it is decided.
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| [stream.wait(1), stream.wait(2), stream.wait(5)]);
+            let waiter = s.spawn(|| {
+                let states = [stream.wait(1), stream.wait(2), stream.wait(5)];
+                // The reading's time is set before the fates that end it are published.
+                (states, stream.read_us())
+            });
             stream.read(&mut reader, 1, || true);
+            let (states, read_us) = waiter.join().unwrap();
             assert_eq!(
-                waiter.join().unwrap(),
+                states,
                 [ChunkState::Ready, ChunkState::Unread, ChunkState::Unread]
             );
+            assert!(read_us > 0, "a waiter woken by the end saw no reading time");
         });
         assert!(stream.chunk_data(1).is_some() && stream.chunk_data(2).is_none());
         assert!(!stream.wait_all());
