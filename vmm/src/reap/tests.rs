@@ -117,8 +117,6 @@ fn restore_as(
     options: ReapOptions,
     identity: SnapshotIdentity,
 ) -> (GuestMemoryMmap, ReapMemory, StopHandlersOnDrop) {
-    let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
-    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
     let fetched = if options.reads_in_parallel() {
         spawn_fetch(scratch.ws_path(), false, u64::MAX, options.streaming)
             .unwrap()
@@ -126,23 +124,14 @@ fn restore_as(
     } else {
         fetch(&scratch.ws_path(), false, u64::MAX)
     };
-    let reap = restore_memory(
-        ReapSetup {
-            uffd: Arc::new(uffd),
-            regions: Arc::new(regions),
-            mem: FileSource::new(scratch.mem_file(), scratch.0.join("mem")),
-            ws_path: scratch.ws_path(),
-            options,
-            identity,
-            layout: ws_layout(&layout()),
-            stop: handlers.0.clone(),
-            exit: None,
-        },
+    restore_region(
+        &layout(),
+        &scratch.0.join("mem"),
+        &scratch.ws_path(),
+        identity,
+        options,
         fetched,
-        MemoryRestoreReport::default(),
     )
-    .unwrap();
-    (mem, reap, handlers)
 }
 
 #[test]
@@ -283,6 +272,64 @@ fn an_abandoned_recording_writes_no_ws() {
     assert!(!touch_log::path_for(&scratch.ws_path()).exists());
 }
 
+/// A snapshot of one region of `pages` pages whose page N holds `byte_of(N)` throughout, in
+/// a fresh folder named after `name`: (folder, memory file, layout, identity).
+fn one_region_snapshot(
+    name: &str,
+    pages: u64,
+    vmstate_checksum: u64,
+    byte_of: impl Fn(u64) -> u8,
+) -> (PathBuf, PathBuf, Vec<MemoryRegionState>, SnapshotIdentity) {
+    let dir = std::env::temp_dir().join(format!("reapvm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mem_path = dir.join("mem");
+    let content: Vec<u8> = (0..pages)
+        .flat_map(|p| std::iter::repeat_n(byte_of(p), PAGE_SIZE))
+        .collect();
+    std::fs::write(&mem_path, content).unwrap();
+    let layout = vec![MemoryRegionState {
+        guest_addr: 0,
+        size: pages * PAGE_SIZE as u64,
+        file_offset: 0,
+    }];
+    let identity = SnapshotIdentity {
+        vmstate_checksum,
+        memory_len: pages * PAGE_SIZE as u64,
+    };
+    (dir, mem_path, layout, identity)
+}
+
+/// A REAP restore of `layout` from the memory file `mem_path` with the WS `fetched`.
+fn restore_region(
+    layout: &[MemoryRegionState],
+    mem_path: &std::path::Path,
+    ws_path: &std::path::Path,
+    identity: SnapshotIdentity,
+    options: ReapOptions,
+    fetched: FetchedWs,
+) -> (GuestMemoryMmap, ReapMemory, StopHandlersOnDrop) {
+    let (mem, uffd, regions) = uffd::register(layout).unwrap();
+    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
+    let reap = restore_memory(
+        ReapSetup {
+            uffd: Arc::new(uffd),
+            regions: Arc::new(regions),
+            mem: FileSource::new(Arc::new(File::open(mem_path).unwrap()), mem_path.into()),
+            ws_path: ws_path.into(),
+            options,
+            identity,
+            layout: ws_layout(layout),
+            stop: handlers.0.clone(),
+            exit: None,
+        },
+        fetched,
+        MemoryRestoreReport::default(),
+    )
+    .unwrap();
+    (mem, reap, handlers)
+}
+
 /// Dropping a restore's handlers (a failed restore, the VM gone) ends and joins its
 /// threads, the chunked installer included, before the guest memory can go: none is left
 /// writing into memory that may be mapped again for another VM.
@@ -290,20 +337,7 @@ fn an_abandoned_recording_writes_no_ws() {
 fn dropping_the_handlers_joins_every_handler_thread() {
     // A WS of every other page of a 64 MiB region: 8192 runs, one copy each.
     const REGION_PAGES: u64 = 16384;
-    let dir = std::env::temp_dir().join(format!("reapvm-join-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mem_path = dir.join("mem");
-    std::fs::write(&mem_path, vec![0x5au8; (REGION_PAGES as usize) * PAGE_SIZE]).unwrap();
-    let layout = vec![MemoryRegionState {
-        guest_addr: 0,
-        size: REGION_PAGES * PAGE_SIZE as u64,
-        file_offset: 0,
-    }];
-    let identity = SnapshotIdentity {
-        vmstate_checksum: 7,
-        memory_len: REGION_PAGES * PAGE_SIZE as u64,
-    };
+    let (dir, mem_path, layout, identity) = one_region_snapshot("join", REGION_PAGES, 7, |_| 0x5a);
     let ws_path = dir.join("mem.ws");
     // One chunk of single-page runs, every other page (explicit runs: the writer would join
     // them across their one-page gaps).
@@ -319,27 +353,13 @@ fn dropping_the_handlers_joins_every_handler_thread() {
     let bytes = snapshot::ws::v2::encode(identity, &ws_layout(&layout), &[(runs, data)]);
     snapshot::ws::write(&ws_path, &bytes).unwrap();
     for _ in 0..3 {
-        let (_mem, uffd, regions) = uffd::register(&layout).unwrap();
-        let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
-        let reap = restore_memory(
-            ReapSetup {
-                uffd: Arc::new(uffd),
-                regions: Arc::new(regions),
-                mem: FileSource::new(Arc::new(File::open(&mem_path).unwrap()), mem_path.clone()),
-                ws_path: ws_path.clone(),
-                options: ReapOptions {
-                    chunked_install: true,
-                    ..Default::default()
-                },
-                identity,
-                layout: ws_layout(&layout),
-                stop: handlers.0.clone(),
-                exit: None,
-            },
-            fetch(&ws_path, false, u64::MAX),
-            MemoryRestoreReport::default(),
-        )
-        .unwrap();
+        let options = ReapOptions {
+            chunked_install: true,
+            ..Default::default()
+        };
+        let fetched = fetch(&ws_path, false, u64::MAX);
+        let (_mem, reap, handlers) =
+            restore_region(&layout, &mem_path, &ws_path, identity, options, fetched);
         assert_eq!(reap.report.mode, "prefetch");
         drop(handlers);
         // Joined: the installer puts nothing in any more (it was mid-way: 8192 copies).
@@ -367,24 +387,10 @@ fn dropping_the_handlers_joins_every_handler_thread() {
 #[test]
 fn a_damaged_chunk_while_streaming_falls_back_to_the_memory_file() {
     const REGION_PAGES: u64 = 2048;
-    let dir = std::env::temp_dir().join(format!("reapvm-stream-bad-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let byte_of = |page: u64| (page as u8).wrapping_mul(13) | 1;
-    let mem_path = dir.join("mem");
-    let content: Vec<u8> = (0..REGION_PAGES)
-        .flat_map(|p| std::iter::repeat_n(byte_of(p), PAGE_SIZE))
-        .collect();
-    std::fs::write(&mem_path, &content).unwrap();
-    let layout = vec![MemoryRegionState {
-        guest_addr: 0,
-        size: REGION_PAGES * PAGE_SIZE as u64,
-        file_offset: 0,
-    }];
-    let identity = SnapshotIdentity {
-        vmstate_checksum: 9,
-        memory_len: REGION_PAGES * PAGE_SIZE as u64,
-    };
+    let (dir, mem_path, layout, identity) =
+        one_region_snapshot("stream-bad", REGION_PAGES, 9, byte_of);
+    let content = std::fs::read(&mem_path).unwrap();
     // 600 pages, 3 apart: chunks of 64, 128, 256 and 152 touched pages.
     let touched: Vec<u64> = (0..600).map(|i| i * 3 * PAGE_SIZE as u64).collect();
     let mut bytes = snapshot::ws::build(identity, &ws_layout(&layout), &touched, |off, page| {
@@ -398,30 +404,15 @@ fn a_damaged_chunk_while_streaming_falls_back_to_the_memory_file() {
     let ws_path = dir.join("mem.ws");
     snapshot::ws::write(&ws_path, &bytes).unwrap();
 
-    let (mem, uffd, regions) = uffd::register(&layout).unwrap();
-    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
     let options = ReapOptions {
         streaming: true,
         ..Default::default()
     };
-    let reap = restore_memory(
-        ReapSetup {
-            uffd: Arc::new(uffd),
-            regions: Arc::new(regions),
-            mem: FileSource::new(Arc::new(File::open(&mem_path).unwrap()), mem_path.clone()),
-            ws_path: ws_path.clone(),
-            options,
-            identity,
-            layout: ws_layout(&layout),
-            stop: handlers.0.clone(),
-            exit: None,
-        },
-        spawn_fetch(ws_path.clone(), false, u64::MAX, true)
-            .unwrap()
-            .header_read(),
-        MemoryRestoreReport::default(),
-    )
-    .unwrap();
+    let fetched = spawn_fetch(ws_path.clone(), false, u64::MAX, true)
+        .unwrap()
+        .header_read();
+    let (mem, reap, handlers) =
+        restore_region(&layout, &mem_path, &ws_path, identity, options, fetched);
     assert_eq!(reap.report.mode, "prefetch");
     for page in 0..REGION_PAGES {
         let got: u8 = mem
