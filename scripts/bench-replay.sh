@@ -2,7 +2,7 @@
 # Real-speed cold starts on this machine's own KVM: replays the working sets the suite
 # benchmark recorded (~/.cache/reapvm/suite) in the no-Linux replay guest, restored with each
 # memory backend (docs/replay.md). Arguments go to tests/benches/replay.rs:
-#   --functions a,b  --modes File,Uffd,REAP,REAP+,File-tmpfs (default: all)  --runs N (default 10)
+#   --functions a,b  --modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa,File-tmpfs (default: File,Uffd,REAP,REAP+)  --runs N (default 10)
 # The compute between touches is each function's handler timed here in a chroot of the suite
 # rootfs, so the suite rootfs is built (cached) first.
 #   --out DIR (default target/replay-bench: replay-results.md, replay-runs.csv, replay-cold-latency.svg)

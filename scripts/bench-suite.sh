@@ -2,7 +2,7 @@
 # The REAP paper's experiment on the vSwarm function suite, with one command: builds the
 # guest (kernel and rootfs cached by recipe) and reapvm, then runs the suite benchmark
 # (tests/benches/suite.rs). Arguments go to the benchmark:
-#   --functions a,b   (default: all ten)     --modes File,Uffd,REAP,REAP+ (default: all)
+#   --functions a,b   (default: all ten)     --modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa (default: File,Uffd,REAP,REAP+)
 #   --runs N          (default 10)           --hot (leave the page cache warm)
 #   --out DIR         (default target/suite-bench: results.md, runs.csv, cold-latency.svg)
 set -euo pipefail

@@ -5,7 +5,7 @@
 //! and hot, modes interleaved run by run, timing the first "invocation" (the replay). The
 //! compute between touches is the function's handler timed here (bench/src/replay_compute.rs).
 //!
-//! `scripts/bench-replay.sh [--functions a,b] [--modes File,Uffd,REAP,REAP+,REAP-stream,File-tmpfs] [--runs N] [--out DIR]`
+//! `scripts/bench-replay.sh [--functions a,b] [--modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa,File-tmpfs] [--runs N] [--out DIR]`
 
 use reapvm_bench::suite as suite_bench;
 use reapvm_bench::{replay_compute, replay_vm};
@@ -193,11 +193,13 @@ fn csv(rows: &[Row]) -> String {
 
 /// The speed-ups the tables show: (mode, baseline). Against File-tmpfs, a memory-cached
 /// snapshot, they say how close a backend gets to the limit.
-const RATIOS: [(Mode, Mode); 6] = [
+const RATIOS: [(Mode, Mode); 8] = [
     (Mode::Reap, Mode::File),
     (Mode::ReapPlus, Mode::File),
     (Mode::ReapStream, Mode::File),
     (Mode::Reap, Mode::Uffd),
+    (Mode::UffdFaultAround, Mode::Uffd),
+    (Mode::ReapStreamFaultAround, Mode::ReapStream),
     (Mode::Reap, Mode::Tmpfs),
     (Mode::ReapStream, Mode::Tmpfs),
 ];

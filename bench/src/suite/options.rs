@@ -11,6 +11,8 @@ pub enum Mode {
     File,
     /// Every page on demand through userfaultfd (reapvm's OnDemand backend).
     Uffd,
+    /// `Uffd` with fault-around: each fault filled with the aligned 64 KiB around it.
+    UffdFaultAround,
     /// REAP as in the paper: one read of the WS file, installed before the guest runs.
     Reap,
     /// REAP with reapvm's improvements: parallel fetch, O_DIRECT, chunked install.
@@ -18,22 +20,30 @@ pub enum Mode {
     /// Streamed REAP: the guest resumes once the WS's first chunk is in; the rest is read
     /// and installed while it runs (O_DIRECT where the filesystem allows).
     ReapStream,
+    /// `ReapStream` with fault-around on the misses (64 KiB, less the WS's pages).
+    ReapStreamFaultAround,
     /// `File` with the memory file on a tmpfs: a memory-cached snapshot, the baseline
     /// FaaSnap compares against, and the limit for any backend reading from a file. The
     /// replay benchmark's only: in the KVM lab every snapshot file is on a tmpfs already.
     Tmpfs,
 }
 
+/// The fault-around modes' block: the host kernel's own fault-around for a mapped file
+/// (`fault_around_bytes`) is 64 KiB too.
+pub const FAULT_AROUND_KIB: u32 = 64;
+
 impl Mode {
     /// The suite benchmark's modes, and its default.
     pub const ALL: [Mode; 4] = [Mode::File, Mode::Uffd, Mode::Reap, Mode::ReapPlus];
     /// Every mode a command line may name.
-    pub const KNOWN: [Mode; 6] = [
+    pub const KNOWN: [Mode; 8] = [
         Mode::File,
         Mode::Uffd,
+        Mode::UffdFaultAround,
         Mode::Reap,
         Mode::ReapPlus,
         Mode::ReapStream,
+        Mode::ReapStreamFaultAround,
         Mode::Tmpfs,
     ];
 
@@ -41,9 +51,11 @@ impl Mode {
         match self {
             Mode::File => "File",
             Mode::Uffd => "Uffd",
+            Mode::UffdFaultAround => "Uffd-fa",
             Mode::Reap => "REAP",
             Mode::ReapPlus => "REAP+",
             Mode::ReapStream => "REAP-stream",
+            Mode::ReapStreamFaultAround => "REAP-stream-fa",
             Mode::Tmpfs => "File-tmpfs",
         }
     }
@@ -62,6 +74,10 @@ impl Mode {
                 serde_json::json!({"backend_type": "File", "backend_path": mem})
             }
             Mode::Uffd => serde_json::json!({"backend_type": "OnDemand", "backend_path": mem}),
+            Mode::UffdFaultAround => serde_json::json!({
+                "backend_type": "OnDemand", "backend_path": mem,
+                "fault_around_kib": FAULT_AROUND_KIB,
+            }),
             Mode::Reap => serde_json::json!({"backend_type": "Reap", "backend_path": mem}),
             Mode::ReapPlus => serde_json::json!({
                 "backend_type": "Reap", "backend_path": mem,
@@ -71,11 +87,18 @@ impl Mode {
                 "backend_type": "Reap", "backend_path": mem,
                 "reap_options": {"streaming": true, "o_direct": true},
             }),
+            Mode::ReapStreamFaultAround => serde_json::json!({
+                "backend_type": "Reap", "backend_path": mem,
+                "reap_options": {"streaming": true, "o_direct": true, "fault_around_kib": FAULT_AROUND_KIB},
+            }),
         }
     }
 
     pub fn is_reap(self) -> bool {
-        matches!(self, Mode::Reap | Mode::ReapPlus | Mode::ReapStream)
+        matches!(
+            self,
+            Mode::Reap | Mode::ReapPlus | Mode::ReapStream | Mode::ReapStreamFaultAround
+        )
     }
 }
 
@@ -92,7 +115,7 @@ pub struct Options {
     pub merge: bool,
 }
 
-pub const USAGE: &str = "usage: suite [--functions a,b,..] [--modes File,Uffd,REAP,REAP+,REAP-stream,File-tmpfs] [--runs N] [--hot] [--out DIR] [--merge]";
+pub const USAGE: &str = "usage: suite [--functions a,b,..] [--modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa,File-tmpfs] [--runs N] [--hot] [--out DIR] [--merge]";
 
 impl Options {
     pub fn parse(
@@ -132,7 +155,7 @@ impl Options {
                     o.modes = Vec::new();
                     for m in list.split(',').filter(|s| !s.is_empty()) {
                         let mode = Mode::parse(m).ok_or(format!(
-                            "unknown mode {m:?}; modes are File,Uffd,REAP,REAP+,REAP-stream,File-tmpfs"
+                            "unknown mode {m:?}; modes are File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa,File-tmpfs"
                         ))?;
                         if !o.modes.contains(&mode) {
                             o.modes.push(mode);

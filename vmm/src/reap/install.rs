@@ -17,8 +17,8 @@ use super::stream::{ChunkState, WsStream};
 use super::ReapError;
 use crate::metrics::{FaultSource, PrefetchProgress};
 use crate::uffd::{
-    install_page, FaultError, FaultLoop, FaultStats, FileSource, HandlerStop, Installed, PageFault,
-    PageSource, UffdRegions,
+    install_page, install_range, FaultError, FaultLoop, FaultStats, FileSource, HandlerStop,
+    Installed, PageFault, PageSource, UffdRegions,
 };
 use crate::vcpu::ExitSignal;
 
@@ -62,52 +62,6 @@ fn wake_all(uffd: &Uffd, regions: &UffdRegions) {
     }
 }
 
-/// Installs `len` bytes at `host` (from `src`, or zeroes) without waking, skipping pages
-/// already present; returns the pages this call installed.
-///
-/// # Safety
-/// `[host, host + len)` must be registered guest memory that outlives the call, and `src`
-/// (if given) must hold `len` readable bytes.
-unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usize) -> u64 {
-    let mut done = 0usize;
-    let mut installed = 0u64;
-    // After a failure, one page at a time until the page in the way is skipped.
-    let mut single_page = false;
-    while done < len {
-        let step = if single_page { PAGE_SIZE } else { len - done };
-        let dst = (host + done as u64) as *mut libc::c_void;
-        // SAFETY: within the caller's range and source, per the contract above.
-        let result = unsafe {
-            match src {
-                Some(p) => uffd.copy(p.add(done).cast(), dst, step, false),
-                None => uffd.zeropage(dst, step, false),
-            }
-        };
-        let progress = match result {
-            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => n,
-            Err(userfaultfd::Error::CopyFailed(_) | userfaultfd::Error::ZeropageFailed(_)) => 0,
-            Err(e) => {
-                log::warn!("REAP: installing at {dst:p} failed: {e}");
-                0
-            }
-        };
-        // The count comes from the kernel: never trust it past the step.
-        if progress > 0 && progress <= step && progress % PAGE_SIZE == 0 {
-            installed += (progress / PAGE_SIZE) as u64;
-            done += progress;
-            single_page = false;
-        } else if single_page {
-            // This page is there already (a fault got it first) or cannot be installed:
-            // skip it, then go back to whole-run copies.
-            done += PAGE_SIZE;
-            single_page = false;
-        } else {
-            single_page = true;
-        }
-    }
-    installed
-}
-
 /// The WS's runs by memory-file offset: which chunk holds a page, and where in the chunk's
 /// data (None for a zero page).
 pub struct PageIndex {
@@ -126,6 +80,11 @@ impl PageIndex {
             .collect();
         runs.sort_unstable_by_key(|r| r.0);
         Self { runs }
+    }
+
+    /// Whether memory-file `offset` is a page of the WS.
+    pub fn contains(&self, offset: u64) -> bool {
+        self.find(offset).is_some()
     }
 
     /// The chunk holding memory-file `offset` and where its page is in the chunk's data.
@@ -226,6 +185,7 @@ pub fn spawn_chunked_install(
     on_demand: FileSource,
     regions: Arc<UffdRegions>,
     stream: Arc<WsStream>,
+    index: Arc<PageIndex>,
     stop: Arc<HandlerStop>,
     exit: Option<Arc<ExitSignal>>,
 ) -> Result<Arc<ChunkedInstallStats>, ReapError> {
@@ -238,7 +198,6 @@ pub fn spawn_chunked_install(
         stream: Arc::downgrade(&stream),
         at_end: Mutex::new(Some(StreamEnd::of(&stream))),
     });
-    let index = Arc::new(PageIndex::new(&stream.header));
     {
         let (uffd, stream, regions, stats) =
             (uffd.clone(), stream.clone(), regions.clone(), stats.clone());

@@ -13,7 +13,9 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub use install::{install_all, page_offsets, spawn_chunked_install, ChunkedInstallStats};
+pub use install::{
+    install_all, page_offsets, spawn_chunked_install, ChunkedInstallStats, PageIndex,
+};
 pub use record::{Recorder, RecordingState, WsTarget};
 pub use stream::{ws_size_limit, ChunkState, WsStream};
 
@@ -66,6 +68,10 @@ pub enum ReapOptionsError {
     MergeWithStreaming,
     #[error("reap_options: rerecord_threshold needs merge_misses")]
     ThresholdWithoutMerge,
+    #[error("reap_options: merge_misses does not work with fault_around_kib (each miss must be seen to be merged)")]
+    MergeWithFaultAround,
+    #[error("reap_options: {0}")]
+    FaultAround(String),
 }
 
 /// How a REAP restore fetches and installs its working set (`reap_options` of
@@ -94,6 +100,10 @@ pub struct ReapOptions {
     /// With `merge_misses`: more misses than this remove the WS instead, so the next
     /// restore records a fresh one.
     pub rerecord_threshold: Option<u64>,
+    /// Fill each miss (a fault on a page outside the WS) with the aligned block of this many
+    /// KiB around it, less the WS's pages (0: the faulting page alone, as the paper does).
+    /// Recordings always take one page per fault.
+    pub fault_around_kib: u32,
 }
 
 impl ReapOptions {
@@ -108,6 +118,11 @@ impl ReapOptions {
         if self.rerecord_threshold.is_some() && !self.merge_misses {
             return Err(ReapOptionsError::ThresholdWithoutMerge);
         }
+        if self.merge_misses && self.fault_around_kib != 0 {
+            return Err(ReapOptionsError::MergeWithFaultAround);
+        }
+        crate::uffd::fault_around_pages(self.fault_around_kib)
+            .map_err(ReapOptionsError::FaultAround)?;
         Ok(())
     }
 
@@ -311,6 +326,15 @@ pub fn restore_memory(
                 report.bytes_read = stream.bytes_read();
                 report.ws_fetch_us = stream.read_us();
                 report.mode = "prefetch".into();
+                let ws_pages = Arc::new(PageIndex::new(&stream.header));
+                let misses = {
+                    // Checked when the request was parsed.
+                    let block =
+                        crate::uffd::fault_around_pages(options.fault_around_kib).unwrap_or(1);
+                    let ws_pages = ws_pages.clone();
+                    mem.with_fault_around(block, regions.clone())
+                        .keeping_out(Arc::new(move |offset| ws_pages.contains(offset)))
+                };
                 let live: Arc<dyn FaultSource> = if options.installs_while_running() {
                     log::info!(
                         "REAP: installing {} pages of {} while the guest runs{}",
@@ -322,7 +346,7 @@ pub fn restore_memory(
                             ""
                         }
                     );
-                    spawn_chunked_install(uffd, mem, regions, stream, stop, exit)?
+                    spawn_chunked_install(uffd, misses, regions, stream, ws_pages, stop, exit)?
                 } else {
                     let started = Instant::now();
                     report.pages_prefetched = install_all(&uffd, &regions, &stream);
@@ -343,15 +367,15 @@ pub fn restore_memory(
                             layout,
                             rerecord_above: options.rerecord_threshold,
                         };
-                        let recorder = Recorder::spawn(uffd, mem, regions, target, stop, exit)?;
+                        let recorder = Recorder::spawn(uffd, misses, regions, target, stop, exit)?;
                         return Ok(ReapMemory {
                             report,
                             live: recorder.clone(),
                             recorder: Some(recorder),
                         });
                     }
-                    let stats = mem.stats();
-                    FaultLoop::new(uffd, regions, stop, exit, mem).spawn("fc_uffd")?;
+                    let stats = misses.stats();
+                    FaultLoop::new(uffd, regions, stop, exit, misses).spawn("fc_uffd")?;
                     stats
                 };
                 return Ok(ReapMemory {

@@ -88,7 +88,8 @@ impl Recorder {
         });
         let source = RecordingSource {
             recorder: recorder.clone(),
-            pages,
+            // Fault-around would install pages no touch was recorded for.
+            pages: pages.one_page_per_fault(),
             touched: Vec::new(),
             target: Some(target),
         };

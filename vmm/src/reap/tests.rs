@@ -11,7 +11,7 @@ use devices::GuestMemoryMmap;
 use snapshot::touch_log::{self, TouchLog};
 use snapshot::ws::SnapshotIdentity;
 use snapshot::PAGE_SIZE;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
 use crate::metrics::{FaultSource, MemoryRestoreReport};
@@ -156,6 +156,65 @@ fn on_demand_fills_each_page_once_from_the_memory_file() {
     assert_eq!(stats.faults_and_bytes(), (4, 4 * PAGE_SIZE as u64));
 }
 
+/// Fault-around: one fault fills the aligned block around the faulting page, never past its
+/// region, and a page already there (put in by someone else) is left as it is.
+#[test]
+fn fault_around_fills_the_aligned_block_in_one_fault() {
+    let scratch = Scratch::new("fault-around");
+    let (mem, uffd, regions) = uffd::register(&layout()).unwrap();
+    let (uffd, regions) = (Arc::new(uffd), Arc::new(regions));
+    let handlers = StopHandlersOnDrop(HandlerStop::new().unwrap());
+    // 128 KiB: 32 pages. Region one is 48 pages (blocks 0-31 and 32-47), region two 16.
+    let source = FileSource::new(scratch.mem_file(), scratch.0.join("mem"))
+        .with_fault_around(uffd::fault_around_pages(128).unwrap(), regions.clone());
+    let stats = source.stats();
+    // Page 7 is put in first, with other content, as an installer would.
+    let page7 = mem
+        .get_host_address(guest_addr(7))
+        .map(|p| p as u64)
+        .unwrap();
+    uffd::install_page(&uffd, page7, 7 * PAGE_SIZE as u64, Some(&[0xee; PAGE_SIZE])).unwrap();
+    FaultLoop::new(uffd, regions, handlers.0.clone(), None, source)
+        .spawn("test_uffd")
+        .unwrap();
+    check_page(&mem, 3);
+    assert_eq!(stats.faults_and_bytes(), (1, 32 * PAGE_SIZE as u64));
+    for page in (0..32).filter(|&p| p != 7) {
+        check_page(&mem, page);
+    }
+    let kept: u8 = mem.read_obj(guest_addr(7)).unwrap();
+    assert_eq!(kept, 0xee, "fault-around overwrote a page already there");
+    // The second block of region one is clipped at its end (16 pages, not 32) ...
+    check_page(&mem, 40);
+    assert_eq!(stats.faults_and_bytes(), (2, 48 * PAGE_SIZE as u64));
+    // ... and region two is a block of its own, whose pages all come with one fault.
+    for page in (32..48).chain([60, 48, 63]) {
+        check_page(&mem, page);
+    }
+    assert_eq!(stats.faults_and_bytes(), (3, 64 * PAGE_SIZE as u64));
+}
+
+#[test]
+fn fault_around_sizes_are_checked() {
+    assert_eq!(uffd::fault_around_pages(0), Ok(1));
+    assert_eq!(uffd::fault_around_pages(4), Ok(1));
+    assert_eq!(uffd::fault_around_pages(64), Ok(16));
+    assert_eq!(uffd::fault_around_pages(2048), Ok(512));
+    for bad in [2, 48, 4096] {
+        let e = uffd::fault_around_pages(bad).unwrap_err();
+        assert!(e.contains(&format!("is {bad}")), "{e}");
+    }
+    let options = ReapOptions {
+        merge_misses: true,
+        fault_around_kib: 64,
+        ..Default::default()
+    };
+    assert_eq!(
+        options.validate(),
+        Err(ReapOptionsError::MergeWithFaultAround)
+    );
+}
+
 #[test]
 fn a_recording_logs_first_touches_in_order_and_a_prefetch_installs_them() {
     let scratch = Scratch::new("record");
@@ -211,6 +270,39 @@ fn a_recording_logs_first_touches_in_order_and_a_prefetch_installs_them() {
         }
         // Only the three pages outside the WS came from the memory file.
         assert_eq!(reap.live.faults_and_bytes().0, 3, "{options:?}");
+    }
+
+    // Misses with fault-around: the block around a miss, less the WS's pages (6 to 12 with
+    // the gap pages 7 to 9) and what lies beyond them, comes in one fault; the WS's pages
+    // come from the WS, never from the memory file.
+    for (chunked_install, streaming) in [(false, false), (true, false), (false, true)] {
+        let options = ReapOptions {
+            chunked_install,
+            streaming,
+            fault_around_kib: 64,
+            ..Default::default()
+        };
+        let (mem, reap, _handlers) = restore(&scratch, options);
+        assert_eq!(reap.report.mode, "prefetch");
+        // Page 2's block is 0-15: pages 0 to 4 (page 5 is the WS's).
+        check_page(&mem, 2);
+        assert_eq!(
+            reap.live.faults_and_bytes(),
+            (1, 5 * PAGE_SIZE as u64),
+            "{options:?}"
+        );
+        for page in (0..5).chain(touched.iter().copied()) {
+            check_page(&mem, page);
+        }
+        // Page 14's block: 13 to 15 (12 is the WS's).
+        check_page(&mem, 14);
+        check_page(&mem, 13);
+        check_page(&mem, 15);
+        assert_eq!(
+            reap.live.faults_and_bytes(),
+            (2, 8 * PAGE_SIZE as u64),
+            "{options:?}"
+        );
     }
 }
 

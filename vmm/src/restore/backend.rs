@@ -16,7 +16,13 @@ pub enum MemoryBackend {
     File { backend_path: PathBuf },
     /// Anonymous memory behind a userfaultfd; reapvm's own fault loop fills each faulting
     /// page from the memory file.
-    OnDemand { backend_path: PathBuf },
+    OnDemand {
+        backend_path: PathBuf,
+        /// Fill each fault with the aligned block of this many KiB around it (0: the
+        /// faulting page alone, the paper's lazy baseline).
+        #[serde(default)]
+        fault_around_kib: u32,
+    },
     /// Anonymous memory behind a userfaultfd handed to an external handler listening on this
     /// Unix socket (Firecracker's handshake).
     Uffd { backend_path: PathBuf },
@@ -47,7 +53,7 @@ impl MemoryBackend {
     pub fn mem_path(&self) -> Option<&Path> {
         match self {
             Self::File { backend_path }
-            | Self::OnDemand { backend_path }
+            | Self::OnDemand { backend_path, .. }
             | Self::Reap { backend_path, .. } => Some(backend_path),
             Self::Uffd { .. } => None,
         }
@@ -126,6 +132,12 @@ impl TryFrom<LoadSnapshotBody> for LoadSnapshotParams {
         if let Some((_, options)) = mem_backend.reap() {
             options.validate().map_err(|e| e.to_string())?;
         }
+        if let MemoryBackend::OnDemand {
+            fault_around_kib, ..
+        } = mem_backend
+        {
+            crate::uffd::fault_around_pages(fault_around_kib)?;
+        }
         Ok(Self {
             snapshot_path: body.snapshot_path,
             mem_backend,
@@ -161,6 +173,15 @@ mod tests {
         .unwrap();
         assert_eq!(p.mem_backend.name(), "File");
         assert!(p.track_dirty_pages);
+        let p = parse(r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "OnDemand", "backend_path": "/m", "fault_around_kib": 64}}"#)
+            .unwrap();
+        assert_eq!(
+            p.mem_backend,
+            MemoryBackend::OnDemand {
+                backend_path: "/m".into(),
+                fault_around_kib: 64
+            }
+        );
         let p = parse(r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/sock"}}"#)
             .unwrap();
         assert_eq!(p.mem_backend.mem_path(), None);
@@ -229,6 +250,20 @@ mod tests {
             (
                 r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
                 "not both",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "OnDemand", "backend_path": "/m", "fault_around_kib": 100}}"#,
+                "fault_around_kib is 100",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m",
+                    "reap_options": {"fault_around_kib": 4096}}}"#,
+                "fault_around_kib is 4096",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Reap", "backend_path": "/m",
+                    "reap_options": {"fault_around_kib": 64, "merge_misses": true}}}"#,
+                "merge_misses does not work with fault_around_kib",
             ),
             (r#"{"snapshot_path": "/s"}"#, "is missing"),
             (

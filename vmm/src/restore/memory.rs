@@ -120,19 +120,23 @@ pub fn guest_memory(
             let mem = map_memory_file(&file, backend_path, &state.memory)?;
             Ok(restored(mem, report, Some(live), None))
         }
-        (MemoryBackend::OnDemand { backend_path }, Some(file)) => {
+        (
+            MemoryBackend::OnDemand {
+                backend_path,
+                fault_around_kib,
+            },
+            Some(file),
+        ) => {
             report.mode = "on-demand".into();
             let (mem, uffd, regions) = uffd::register(&state.memory)?;
-            let source = FileSource::new(Arc::new(file), backend_path.clone());
+            let regions = Arc::new(regions);
+            // Checked when the request was parsed.
+            let block = uffd::fault_around_pages(*fault_around_kib).unwrap_or(1);
+            let source = FileSource::new(Arc::new(file), backend_path.clone())
+                .with_fault_around(block, regions.clone());
             let live: Arc<dyn FaultSource> = source.stats();
-            FaultLoop::new(
-                Arc::new(uffd),
-                Arc::new(regions),
-                stop,
-                Some(exit.clone()),
-                source,
-            )
-            .spawn("fc_uffd")?;
+            FaultLoop::new(Arc::new(uffd), regions, stop, Some(exit.clone()), source)
+                .spawn("fc_uffd")?;
             Ok(restored(mem, report, Some(live), None))
         }
         (MemoryBackend::Uffd { backend_path }, _) => {

@@ -150,31 +150,104 @@ impl crate::metrics::FaultSource for FaultStats {
     }
 }
 
-/// Fills each faulting page from the memory file.
+/// Fills each faulting page from the memory file: that page alone (the paper's lazy
+/// baseline), or with fault-around the aligned block of guest memory around it.
 pub struct FileSource {
     file: Arc<File>,
     path: PathBuf,
     stats: Arc<FaultStats>,
-    page: Vec<u8>,
+    /// One page, or one block with fault-around.
+    buf: Vec<u8>,
+    around: Option<FaultAround>,
+}
+
+/// Pages that must not be filled from the memory file by fault-around (the WS's, which
+/// come from the WS), by memory-file offset.
+pub type KeepOut = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// Serving a fault with the aligned block of guest memory around it, as the kernel's own
+/// fault-around does for a mapped file: one read and one UFFDIO_COPY for many pages where the
+/// guest touches neighbours, at the price of pages it may never touch.
+struct FaultAround {
+    /// The block's size in pages (a power of two).
+    pages: u64,
+    /// Where each region begins and ends: a block never crosses one.
+    regions: Arc<UffdRegions>,
+    keep_out: Option<KeepOut>,
+}
+
+/// The largest fault-around block: 2 MiB, a huge page.
+pub const MAX_FAULT_AROUND_KIB: u32 = 2048;
+
+/// `fault_around_kib` checked: 0 (one page per fault) or a power of two from one page
+/// (4 KiB) to [`MAX_FAULT_AROUND_KIB`]; the block in pages.
+pub fn fault_around_pages(kib: u32) -> Result<u64, String> {
+    let page_kib = (PAGE_SIZE / 1024) as u32;
+    if kib == 0 {
+        return Ok(1);
+    }
+    if !kib.is_power_of_two() || !(page_kib..=MAX_FAULT_AROUND_KIB).contains(&kib) {
+        return Err(format!(
+            "fault_around_kib is {kib}: it must be 0 (one page per fault) or a power of two from {page_kib} to {MAX_FAULT_AROUND_KIB}"
+        ));
+    }
+    Ok(u64::from(kib / page_kib))
 }
 
 impl FileSource {
-    /// `path` is `file`'s, for errors.
+    /// `path` is `file`'s, for errors. Serves one page per fault.
     pub fn new(file: Arc<File>, path: PathBuf) -> Self {
         Self {
             file,
             path,
             stats: Arc::new(FaultStats::default()),
-            page: vec![0u8; PAGE_SIZE],
+            buf: vec![0u8; PAGE_SIZE],
+            around: None,
         }
     }
 
-    /// Reads the page at `offset` into the page buffer, trying again a few times.
-    fn read(&mut self, offset: u64) -> Result<(), FaultError> {
+    /// Serves each fault with the aligned block of `pages` pages around it (clipped to its
+    /// region); 1 page is no fault-around.
+    pub fn with_fault_around(mut self, pages: u64, regions: Arc<UffdRegions>) -> Self {
+        if pages <= 1 {
+            self.around = None;
+            self.buf = vec![0u8; PAGE_SIZE];
+            return self;
+        }
+        self.buf = vec![0u8; pages as usize * PAGE_SIZE];
+        self.around = Some(FaultAround {
+            pages,
+            regions,
+            keep_out: None,
+        });
+        self
+    }
+
+    /// Fault-around leaves out the pages for which `keep_out` holds (and what lies beyond
+    /// them): the faulting page's neighbours up to the first such page on each side.
+    pub fn keeping_out(mut self, keep_out: KeepOut) -> Self {
+        if let Some(around) = &mut self.around {
+            around.keep_out = Some(keep_out);
+        }
+        self
+    }
+
+    /// One page per fault, whatever this source was set up with (a recording must see
+    /// every first touch).
+    pub fn one_page_per_fault(self) -> Self {
+        Self {
+            buf: vec![0u8; PAGE_SIZE],
+            around: None,
+            ..self
+        }
+    }
+
+    /// Reads `len` bytes at `offset` into the buffer, trying again a few times.
+    fn read(&mut self, offset: u64, len: usize) -> Result<(), FaultError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.file.read_exact_at(&mut self.page, offset) {
+            match self.file.read_exact_at(&mut self.buf[..len], offset) {
                 Ok(()) => return Ok(()),
                 Err(source) if attempts >= READ_ATTEMPTS => {
                     return Err(FaultError::Read {
@@ -204,15 +277,126 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// The block fault-around fills for `fault`: (host address, memory-file offset, pages),
+    /// the faulting page included.
+    fn block_around(&self, fault: &PageFault) -> (u64, u64, u64) {
+        let page = PAGE_SIZE as u64;
+        let Some(around) = &self.around else {
+            return (fault.host_addr, fault.offset, 1);
+        };
+        let Some(region) = around.regions.mapping_of(fault.host_addr) else {
+            return (fault.host_addr, fault.offset, 1);
+        };
+        // Aligned in guest-physical terms: a region starts on a block boundary of the guest.
+        let into = (fault.host_addr - region.base_host_virt_addr) / page;
+        let region_pages = region.size as u64 / page;
+        let mut first = into & !(around.pages - 1);
+        let mut end = (first + around.pages).min(region_pages);
+        if let Some(keep_out) = &around.keep_out {
+            let offset_of = |p: u64| region.offset + p * page;
+            if let Some(last_out) = (first..into).rev().find(|&p| keep_out(offset_of(p))) {
+                first = last_out + 1;
+            }
+            if let Some(next_out) = (into + 1..end).find(|&p| keep_out(offset_of(p))) {
+                end = next_out;
+            }
+        }
+        (
+            region.base_host_virt_addr + first * page,
+            region.offset + first * page,
+            end - first,
+        )
+    }
+}
+
 impl PageSource for FileSource {
     fn serve(&mut self, uffd: &Uffd, fault: PageFault) -> Result<Installed, FaultError> {
-        self.read(fault.offset)?;
+        let (host, offset, pages) = self.block_around(&fault);
+        let len = pages as usize * PAGE_SIZE;
+        self.read(offset, len)?;
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
-            .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-        install_page(uffd, fault.host_addr, fault.offset, Some(&self.page))
+            .fetch_add(len as u64, Ordering::Relaxed);
+        if pages == 1 {
+            return install_page(uffd, fault.host_addr, fault.offset, Some(&self.buf));
+        }
+        // The whole block in one copy, waking its waiters: the common case.
+        // SAFETY: the block lies inside one registered region of guest memory, which stays
+        // mapped while the fault loop runs; the buffer holds `len` bytes.
+        let copied = unsafe {
+            uffd.copy(
+                self.buf.as_ptr().cast(),
+                host as *mut libc::c_void,
+                len,
+                true,
+            )
+        };
+        if matches!(copied, Ok(n) if n == len) {
+            return Ok(Installed::Now);
+        }
+        // Some page of the block was there already: the rest around it, then the faulting
+        // page on its own so that it is served (or its failure stops the VM) exactly as
+        // without fault-around.
+        // SAFETY: as above.
+        unsafe { install_range(uffd, host, Some(self.buf.as_ptr()), len) };
+        let at = (fault.host_addr - host) as usize;
+        let installed = install_page(
+            uffd,
+            fault.host_addr,
+            fault.offset,
+            Some(&self.buf[at..at + PAGE_SIZE]),
+        );
+        let _ = uffd.wake(host as *mut libc::c_void, len);
+        installed
     }
+}
+
+/// Installs `len` bytes at `host` (from `src`, or zeroes) without waking, skipping pages
+/// already present; returns the pages this call installed.
+///
+/// # Safety
+/// `[host, host + len)` must be registered guest memory that outlives the call, and `src`
+/// (if given) must hold `len` readable bytes.
+pub unsafe fn install_range(uffd: &Uffd, host: u64, src: Option<*const u8>, len: usize) -> u64 {
+    let mut done = 0usize;
+    let mut installed = 0u64;
+    // After a failure, one page at a time until the page in the way is skipped.
+    let mut single_page = false;
+    while done < len {
+        let step = if single_page { PAGE_SIZE } else { len - done };
+        let dst = (host + done as u64) as *mut libc::c_void;
+        // SAFETY: within the caller's range and source, per the contract above.
+        let result = unsafe {
+            match src {
+                Some(p) => uffd.copy(p.add(done).cast(), dst, step, false),
+                None => uffd.zeropage(dst, step, false),
+            }
+        };
+        let progress = match result {
+            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => n,
+            Err(userfaultfd::Error::CopyFailed(_) | userfaultfd::Error::ZeropageFailed(_)) => 0,
+            Err(e) => {
+                log::warn!("installing at {dst:p} failed: {e}");
+                0
+            }
+        };
+        // The count comes from the kernel: never trust it past the step.
+        if progress > 0 && progress <= step && progress % PAGE_SIZE == 0 {
+            installed += (progress / PAGE_SIZE) as u64;
+            done += progress;
+            single_page = false;
+        } else if single_page {
+            // This page is there already (a fault got it first) or cannot be installed:
+            // skip it, then go back to whole-run copies.
+            done += PAGE_SIZE;
+            single_page = false;
+        } else {
+            single_page = true;
+        }
+    }
+    installed
 }
 
 /// Serves the page faults of one userfaultfd from one source, on a thread of its own, until

@@ -6,7 +6,8 @@
 mod fault_loop;
 
 pub use fault_loop::{
-    install_page, FaultError, FaultLoop, FaultStats, FileSource, Installed, PageFault, PageSource,
+    fault_around_pages, install_page, install_range, FaultError, FaultLoop, FaultStats, FileSource,
+    Installed, KeepOut, PageFault, PageSource, MAX_FAULT_AROUND_KIB,
 };
 
 use std::os::fd::AsRawFd;
@@ -81,10 +82,15 @@ impl UffdRegions {
     /// The memory-file offset of the page holding host address `host`.
     pub fn offset_of(&self, host: u64) -> Option<u64> {
         let page = host & !(PAGE_SIZE as u64 - 1);
+        self.mapping_of(host)
+            .map(|m| m.offset + (page - m.base_host_virt_addr))
+    }
+
+    /// The region holding host address `host`.
+    pub fn mapping_of(&self, host: u64) -> Option<&GuestRegionUffdMapping> {
         self.0
             .iter()
-            .find(|m| page >= m.base_host_virt_addr && page - m.base_host_virt_addr < m.size as u64)
-            .map(|m| m.offset + (page - m.base_host_virt_addr))
+            .find(|m| host >= m.base_host_virt_addr && host - m.base_host_virt_addr < m.size as u64)
     }
 
     /// The host address of memory-file offset `offset`, if a region holds it.
