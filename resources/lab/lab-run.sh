@@ -30,11 +30,26 @@ qpid=""
 # REAPVM_LAB_OUT_DIR (a host folder): the command gets a writable folder (REAPVM_LAB_OUT in
 # the lab, where the host's root is read-only) whose contents land there when the lab ends.
 out_dir="${REAPVM_LAB_OUT_DIR:-}"
+# Moves everything in $1 into $2, merging folders that are in both (a run tried again in a
+# fresh lab lands beside what the earlier attempt left); a file in both is replaced.
+merge_into() {
+  local src="$1" dst="$2" entry name
+  mkdir -p "$dst" || return 1
+  for entry in "$src"/* "$src"/.[!.]*; do
+    [ -e "$entry" ] || continue
+    name="$(basename "$entry")"
+    if [ -d "$entry" ] && [ -d "$dst/$name" ]; then
+      merge_into "$entry" "$dst/$name" || return 1
+    else
+      rm -rf "${dst:?}/$name" && mv "$entry" "$dst/$name" || return 1
+    fi
+  done
+}
 cleanup() {
   [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
   [ -n "${tailpid:-}" ] && kill "$tailpid" 2>/dev/null || true
   if [ -n "$out_dir" ] && [ -d "$run/out" ]; then
-    mkdir -p "$out_dir" && find "$run/out" -mindepth 1 -maxdepth 1 -exec mv -t "$out_dir" {} + ||
+    merge_into "$run/out" "$out_dir" ||
       echo "lab: cannot move the run's output to $out_dir" >&2
   fi
   rm -rf "$run"
