@@ -29,7 +29,7 @@ scripts/build-replay-guest.sh
 if [ "$tier" = fast ]; then
   place="this host's own KVM only"
   [ -e /dev/kvm ] || { echo "test.sh --fast: no /dev/kvm here; the replay tests need this host's own KVM" >&2; exit 1; }
-  tests=(--lib --bins --test replay --test hostile --test seccomp --test jail --test fuzz_seeds --test process --test reapd_api)
+  tests=(--lib --bins --test replay --test rate_limits --test hostile --test seccomp --test jail --test fuzz_seeds --test process --test reapd_api)
 else
   place="$(scripts/kvm-place.sh)"
   if [ "$place" = lab ]; then

@@ -154,6 +154,44 @@ fn network_64_mib_each_way() -> Result<(), Failed> {
     })
 }
 
+/// The network interface's rate limiters hold each direction to its bandwidth: 8 MiB into
+/// the guest under `rx_rate_limiter`, 8 MiB out of it under `tx_rate_limiter`, both 4 MiB/s
+/// (512 KiB every 125 ms). Frames carry TCP/IP and virtio-net headers on top of the
+/// payload, so the payload takes a little longer than its size alone says.
+fn network_rate_limiters_hold_each_direction_to_its_bandwidth() -> Result<(), Failed> {
+    const SIZE: usize = 8 << 20;
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("netrate");
+    let mut spec = VmSpec::read_only(&guest);
+    let (size, refill_ms) = (512u64 << 10, 125u64);
+    let bucket = serde_json::json!({"bandwidth": {"size": size, "refill_time": refill_ms}});
+    spec.net_rate_limiters = [bucket.clone(), bucket];
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let rate = size as f64 * 1000.0 / refill_ms as f64;
+    let expected = (SIZE as u64 - size) as f64 / rate;
+    let within = |what: &str, took: f64| {
+        check(took >= 0.8 * expected && took <= 1.5 * expected, || {
+            format!("{what}: {SIZE} bytes took {took:.2} s; at {rate} B/s, {expected:.2} s")
+        })
+    };
+    let payload = blob(SIZE);
+    let want = sha256_hex(&payload)?;
+    let started = std::time::Instant::now();
+    let (status, body) = vm.invoke("sha256", &payload)?;
+    let took = started.elapsed().as_secs_f64();
+    check(status == 200 && body == want.as_bytes(), || {
+        format!("host->guest: {status} {:?}", String::from_utf8_lossy(&body))
+    })?;
+    within("host->guest (the guest's receive limiter)", took)?;
+    let started = std::time::Instant::now();
+    let (status, body) = vm.invoke("blob", SIZE.to_string().as_bytes())?;
+    let took = started.elapsed().as_secs_f64();
+    check(status == 200 && body == blob(SIZE), || {
+        format!("guest->host: {status}, {} bytes", body.len())
+    })?;
+    within("guest->host (the guest's transmit limiter)", took)
+}
+
 fn several_drives_with_their_modes() -> Result<(), Failed> {
     let guest = GuestArtifacts::locate()?;
     let scratch = Scratch::new("drives");
@@ -165,11 +203,13 @@ fn several_drives_with_their_modes() -> Result<(), Failed> {
             id: "data1".into(),
             path: data_rw,
             read_only: false,
+            rate_limiter: None,
         },
         Drive {
             id: "data2".into(),
             path: data_ro,
             read_only: true,
+            rate_limiter: None,
         },
     ];
     let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
@@ -179,6 +219,110 @@ fn several_drives_with_their_modes() -> Result<(), Failed> {
     let want = format!("vda {root_sectors} ro\nvdb 6144 rw\nvdc 2048 ro");
     check(status == 200 && list == want, || {
         format!("guest block devices:\n{list}\nexpected:\n{want}")
+    })
+}
+
+/// Deterministic bytes for a drive: `len` bytes of a pattern seeded by `seed`.
+fn drive_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / 4096) as u8).wrapping_mul(31) ^ (i as u8) ^ seed)
+        .collect()
+}
+
+/// `PATCH /drives` after boot swaps a drive's backing file: the guest is told (a
+/// configuration change), sees the new size, and reads the new file's bytes.
+fn a_drive_swapped_after_boot_shows_its_new_contents() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("swap");
+    let before = drive_bytes(1 << 20, 0x11);
+    let after = drive_bytes(2 << 20, 0x5c);
+    let path_before = scratch.write("before.img", before.clone());
+    let path_after = scratch.write("after.img", after.clone());
+    let mut spec = VmSpec::read_only(&guest);
+    spec.api = true;
+    spec.extra_drives = vec![Drive {
+        id: "data".into(),
+        path: path_before,
+        read_only: true,
+        rate_limiter: None,
+    }];
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let read = |what: &str| -> Result<String, Failed> {
+        let (status, body) = vm.invoke("readblock", b"sha256 /dev/vdb")?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        check(status == 200, || {
+            format!("{what}: readblock {status} {text}")
+        })?;
+        Ok(text)
+    };
+    let want = format!("{} {}", before.len(), sha256_hex(&before)?);
+    let got = read("before")?;
+    check(got == want, || {
+        format!("before the swap the guest read {got}, expected {want}")
+    })?;
+    let body = serde_json::json!({"drive_id": "data", "path_on_host": path_after});
+    let (status, answer) = support::http::unix_request(
+        &scratch.path("api.sock"),
+        "PATCH",
+        "/drives/data",
+        &body.to_string(),
+    )?;
+    check(status == 204, || {
+        format!("PATCH /drives/data: {status} {answer}")
+    })?;
+    // The guest reads the new capacity in a work item after the interrupt.
+    let sectors = (after.len() / 512).to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = vm.invoke("blockdevs", b"")?;
+        let list = String::from_utf8_lossy(&body).into_owned();
+        if list
+            .lines()
+            .any(|l| l.split(' ').take(2).eq(["vdb", sectors.as_str()]))
+        {
+            break;
+        }
+        check(std::time::Instant::now() < deadline, || {
+            format!("30 s after the swap the guest still lists\n{list}")
+        })?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let want = format!("{} {}", after.len(), sha256_hex(&after)?);
+    let got = read("after")?;
+    check(got == want, || {
+        format!("after the swap the guest read {got}, expected {want}")
+    })
+}
+
+/// A drive's bandwidth bucket holds the guest's reads to the configured rate (within 20%):
+/// 16 MiB at 2 MiB/s (256 KiB refilled every 125 ms), the first 256 KiB at once.
+fn a_drive_rate_limiter_holds_guest_reads_to_its_bandwidth() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("rate");
+    let (len, size, refill_ms) = (16u64 << 20, 256u64 << 10, 125u64);
+    let data = scratch.write("data.img", drive_bytes(len as usize, 3));
+    let mut spec = VmSpec::read_only(&guest);
+    spec.extra_drives = vec![Drive {
+        id: "data".into(),
+        path: data,
+        read_only: true,
+        rate_limiter: Some(
+            serde_json::json!({"bandwidth": {"size": size, "refill_time": refill_ms}}),
+        ),
+    }];
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let (status, body) = vm.invoke("readblock", b"/dev/vdb")?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let mut words = text.split(' ');
+    let bytes: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let seconds: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0.0);
+    check(status == 200 && bytes == len, || {
+        format!("readblock: {status} {text} (expected {len} bytes)")
+    })?;
+    let rate = size as f64 * 1000.0 / refill_ms as f64;
+    let expected = (len - size) as f64 / rate;
+    check((seconds - expected).abs() <= expected / 5.0, || {
+        format!("the guest read {len} bytes in {seconds:.2} s; at {rate} B/s that is {expected:.2} s (within 20%)")
     })
 }
 
@@ -241,6 +385,7 @@ fn error_trials() -> Vec<Trial> {
                         id: "data".into(),
                         path: "/nonexistent/disk.img".into(),
                         read_only: false,
+                        rate_limiter: None,
                     });
                     None
                 },
@@ -256,6 +401,7 @@ fn error_trials() -> Vec<Trial> {
                         id: "data".into(),
                         path: dir,
                         read_only: false,
+                        rate_limiter: None,
                     });
                     None
                 },
@@ -294,6 +440,18 @@ fn main() -> ExitCode {
             Trial::test(
                 "several_drives_with_their_modes",
                 several_drives_with_their_modes,
+            ),
+            Trial::test(
+                "network_rate_limiters_hold_each_direction_to_its_bandwidth",
+                network_rate_limiters_hold_each_direction_to_its_bandwidth,
+            ),
+            Trial::test(
+                "a_drive_swapped_after_boot_shows_its_new_contents",
+                a_drive_swapped_after_boot_shows_its_new_contents,
+            ),
+            Trial::test(
+                "a_drive_rate_limiter_holds_guest_reads_to_its_bandwidth",
+                a_drive_rate_limiter_holds_guest_reads_to_its_bandwidth,
             ),
         ];
         trials.extend(error_trials());

@@ -251,7 +251,9 @@ fn virtio_block_dma_lands_only_in_its_buffers() -> Result<(), String> {
 
 /// reapvm's virtio-rng (`entropy`), driven by the replay guest's entropy check at real
 /// speed on this host's KVM: 16 requests at boot, then a snapshot, then 16 more in the
-/// restored VM on the restored queue; every buffer random, whole and in place.
+/// restored VM on the restored queue; every buffer random, whole and in place. The device
+/// has a rate limiter (4 requests at once, then 4 each time its timer fires, every 100 ms):
+/// requests wait for it, and the restored VM's configuration still has it.
 fn virtio_rng_serves_a_booted_and_a_restored_guest() -> Result<(), String> {
     let scratch = Scratch::new("entropy");
     let config = scratch.path("vm.json");
@@ -261,7 +263,7 @@ fn virtio_rng_serves_a_booted_and_a_restored_guest() -> Result<(), String> {
             "boot_args": "reapvm-entropy-check",
         },
         "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
-        "entropy": {"rate_limiter": null},
+        "entropy": {"rate_limiter": {"ops": {"size": 4, "refill_time": 50}}},
         "replay-control": true,
     });
     std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
@@ -282,6 +284,14 @@ fn virtio_rng_serves_a_booted_and_a_restored_guest() -> Result<(), String> {
         return Err(format!(
             "the guest checked {checked} entropy requests, expected 32\n{}",
             vmm.log_tail()
+        ));
+    }
+    let (_, body) = support::http::unix_request(&vmm.socket, "GET", "/vm/config", "")?;
+    let config: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    let ops = &config["entropy"]["rate_limiter"]["ops"];
+    if ops["size"] != 4 || ops["refill_time"] != 50 {
+        return Err(format!(
+            "the restored VM's configuration lost the rate limiter: {body}"
         ));
     }
     Ok(())

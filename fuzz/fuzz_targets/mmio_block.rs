@@ -60,7 +60,7 @@ fn machine(
 ) -> Option<Machine> {
     let (path, _) = disk();
     let block = match saved {
-        None => Block::new("fuzz", path, false).expect("open the fuzz disk"),
+        None => Block::new("fuzz", path, false, Default::default()).expect("open the fuzz disk"),
         Some((_, device)) => {
             let args = BlockArgs { path: path.clone() };
             Block::restore(args, device).expect("the saved drive is the live one")

@@ -57,6 +57,7 @@ fn run() -> Result<(), String> {
         id: "data".into(),
         path: data,
         read_only: true,
+        rate_limiter: None,
     });
 
     let mut ready_ms = Vec::new();

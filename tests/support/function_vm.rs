@@ -23,6 +23,8 @@ pub struct Drive {
     pub id: String,
     pub path: PathBuf,
     pub read_only: bool,
+    /// Firecracker's `rate_limiter` object (None: no limit).
+    pub rate_limiter: Option<serde_json::Value>,
 }
 
 pub struct VmSpec {
@@ -40,6 +42,8 @@ pub struct VmSpec {
     /// The tap does not exist when reapvm starts: reapvm makes it (as Firecracker does) and
     /// the test sets it up once it appears.
     pub tap_made_by_reapvm: bool,
+    /// `rx_rate_limiter` and `tx_rate_limiter` of the network interface (null: none).
+    pub net_rate_limiters: [serde_json::Value; 2],
 }
 
 impl VmSpec {
@@ -55,6 +59,7 @@ impl VmSpec {
             api: false,
             track_dirty_pages: false,
             tap_made_by_reapvm: false,
+            net_rate_limiters: [serde_json::Value::Null, serde_json::Value::Null],
         }
     }
 }
@@ -88,6 +93,7 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
     for d in &spec.extra_drives {
         drives.push(serde_json::json!({
             "drive_id": d.id, "path_on_host": d.path, "is_root_device": false, "is_read_only": d.read_only,
+            "rate_limiter": d.rate_limiter,
         }));
     }
     let mut extra = format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off");
@@ -97,7 +103,8 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
     serde_json::json!({
         "boot-source": {"kernel_image_path": kernel, "boot_args": test_boot_args(&extra)},
         "drives": drives,
-        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:ac:10:00:02"}],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:ac:10:00:02",
+            "rx_rate_limiter": spec.net_rate_limiters[0], "tx_rate_limiter": spec.net_rate_limiters[1]}],
         "machine-config": {
             "vcpu_count": spec.vcpus,
             "mem_size_mib": spec.mem_mib,

@@ -182,8 +182,8 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         let id = net.id().to_string();
         mmio.attach(&vm, &guest_memory, &id, Arc::new(Mutex::new(net)), None)?;
     }
-    if config.entropy.is_some() {
-        let rng = Rng::new()?;
+    if let Some(entropy) = &config.entropy {
+        let rng = Rng::new(entropy.rate_limiter.unwrap_or_default())?;
         mmio.attach(
             &vm,
             &guest_memory,
@@ -507,7 +507,12 @@ fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError>
     let mut blocks = Vec::with_capacity(drives.len());
     for d in drives {
         check_root_drive(d)?;
-        blocks.push(Block::new(&d.drive_id, &d.path_on_host, d.is_read_only)?);
+        blocks.push(Block::new(
+            &d.drive_id,
+            &d.path_on_host,
+            d.is_read_only,
+            d.rate_limiter.unwrap_or_default(),
+        )?);
     }
     let mut nets = Vec::with_capacity(config.network_interfaces.len());
     for n in &config.network_interfaces {
@@ -515,6 +520,8 @@ fn open_devices(config: &VmConfig) -> Result<(Vec<Block>, Vec<Net>), BuildError>
             &n.iface_id,
             &n.host_dev_name,
             n.guest_mac.as_deref(),
+            n.rx_rate_limiter.unwrap_or_default(),
+            n.tx_rate_limiter.unwrap_or_default(),
         )?);
     }
     Ok((blocks, nets))

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use devices::rate_limiter::RateLimiterConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::layout::MAX_VCPUS;
@@ -140,8 +141,9 @@ pub struct DriveConfig {
     pub cache_type: Option<String>,
     #[serde(default)]
     pub io_engine: Option<String>,
+    /// Firecracker's token buckets on the drive's bytes and requests.
     #[serde(default)]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     #[serde(default)]
     pub socket: Option<String>,
 }
@@ -155,9 +157,9 @@ pub struct NetworkInterfaceConfig {
     #[serde(default)]
     pub guest_mac: Option<String>,
     #[serde(default)]
-    pub rx_rate_limiter: Option<serde_json::Value>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default)]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -212,20 +214,9 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyConfig {
-    /// Firecracker's token buckets; not implemented yet, so only null is taken.
+    /// Firecracker's token buckets on the bytes handed out and the requests.
     #[serde(default)]
-    pub rate_limiter: Option<serde_json::Value>,
-}
-
-impl EntropyConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(ConfigError::Unsupported(
-                "the entropy device's rate_limiter",
-            ));
-        }
-        Ok(())
-    }
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Where metrics go (`metrics` in the config file, `PUT /metrics`).
@@ -263,9 +254,6 @@ impl VmConfig {
         if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ConfigError::Unsupported(key));
         }
-        if let Some(entropy) = &self.entropy {
-            entropy.validate()?;
-        }
         self.machine_config.validate(host_ram_bytes)
     }
 
@@ -289,10 +277,6 @@ impl VmConfig {
                 roots += 1;
             }
             let unsupported = [
-                (
-                    "rate_limiter",
-                    d.rate_limiter.as_ref().is_some_and(|v| !v.is_null()),
-                ),
                 ("socket (vhost-user)", d.socket.is_some()),
                 (
                     "io_engine other than Sync",
@@ -327,12 +311,6 @@ impl VmConfig {
                     kind: "host_dev_name",
                     id: n.host_dev_name.clone(),
                 });
-            }
-            let limited = [&n.rx_rate_limiter, &n.tx_rate_limiter]
-                .iter()
-                .any(|l| l.as_ref().is_some_and(|v| !v.is_null()));
-            if limited {
-                return Err(ConfigError::Unsupported("network rate limiters"));
             }
         }
         Ok(())
@@ -456,11 +434,18 @@ mod tests {
             Err(ConfigError::DuplicateId { .. })
         ));
         let limited = r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [
+            {"drive_id": "a", "path_on_host": "/a", "is_root_device": false,
+             "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100}, "ops": null}}]}"#;
+        let cfg = parse(limited).unwrap();
+        cfg.validate(HOST).unwrap();
+        assert_eq!(
+            cfg.drives[0].rate_limiter.unwrap().bandwidth.unwrap().size,
+            1048576
+        );
+        let bad = r#"{"boot-source": {"kernel_image_path": "k"}, "drives": [
             {"drive_id": "a", "path_on_host": "/a", "is_root_device": false, "rate_limiter": {"bandwidth": {}}}]}"#;
-        assert!(matches!(
-            parse(limited).unwrap().validate(HOST),
-            Err(ConfigError::DriveOption { .. })
-        ));
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(e.contains("missing field `size`"), "{e}");
         assert!(
             parse(r#"{"drives": [{"drive_id": "a"}]}"#).is_err(),
             "path_on_host is required"
@@ -484,7 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn entropy_takes_no_rate_limiter_yet_and_no_unknown_keys() {
+    fn entropy_takes_a_rate_limiter_and_no_unknown_keys() {
         let with = |entropy: &str| {
             parse(&format!(
                 r#"{{"boot-source": {{"kernel_image_path": "k"}}, "entropy": {entropy}}}"#
@@ -497,12 +482,8 @@ mod tests {
             .is_ok());
         let limited =
             with(r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#).unwrap();
-        assert!(matches!(
-            limited.validate(HOST),
-            Err(ConfigError::Unsupported(
-                "the entropy device's rate_limiter"
-            ))
-        ));
+        limited.validate(HOST).unwrap();
+        assert!(limited.entropy.unwrap().rate_limiter.unwrap().limits());
         assert!(with(r#"{"rate": 1}"#).is_err(), "unknown keys are refused");
     }
 }

@@ -2,6 +2,7 @@
 //! ioeventfd per queue on QueueNotify, an irqfd for the interrupt, and the kernel
 //! command-line entry (`virtio_mmio.device=4K@ADDR:IRQ`) that tells the guest where it is.
 
+use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::{
@@ -63,12 +64,19 @@ pub struct AttachedDevice {
     pub slot: MmioSlot,
     pub transport: Arc<Mutex<MmioTransport>>,
     save_device: Arc<dyn Fn() -> VirtioDeviceState + Send + Sync>,
+    /// The device itself (an `Arc<Mutex<D>>`), for the API's updates of a running VM.
+    device: Arc<dyn Any + Send + Sync>,
 }
 
 impl AttachedDevice {
     /// The device's own state (taken while the VM is paused).
     pub fn device_state(&self) -> VirtioDeviceState {
         (self.save_device)()
+    }
+
+    /// The device, if it is a `D`.
+    pub fn device_as<D: Send + 'static>(&self) -> Option<Arc<Mutex<D>>> {
+        self.device.clone().downcast::<Mutex<D>>().ok()
     }
 }
 
@@ -170,6 +178,7 @@ impl MmioDeviceManager {
                 .save()
                 .into()
         });
+        let any: Arc<dyn Any + Send + Sync> = device.clone();
         self.devices.push(device);
         let slot = MmioSlot {
             id: id.to_string(),
@@ -181,6 +190,7 @@ impl MmioDeviceManager {
             slot: slot.clone(),
             transport,
             save_device,
+            device: any,
         });
         self.next_addr += MMIO_LEN;
         self.next_irq += 1;

@@ -12,6 +12,7 @@ use virtio_queue::{DescriptorChain, Reader, Writer};
 
 /// The dirty bitmap of a slice of guest memory, as the descriptor readers and writers carry it.
 type GuestSliceBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 use crate::{GuestMemoryMmap, Persist};
 
 use super::one_queue::OneQueue;
@@ -49,6 +50,11 @@ pub enum BlockError {
     },
     #[error("cannot create the activation event of drive {0}: {1}")]
     Event(String, std::io::Error),
+    #[error("drive {id}: {source}")]
+    RateLimiter {
+        id: String,
+        source: RateLimiterError,
+    },
     #[error("drive {id} at {path} holds {now} sectors; the snapshot's guest saw {saved}: give it the drive it had")]
     CapacityChanged {
         id: String,
@@ -65,6 +71,9 @@ pub struct BlockState {
     pub id: String,
     pub read_only: bool,
     pub capacity_sectors: u64,
+    /// Its rate limiter's buckets and what they held (absent from older snapshots: none).
+    #[serde(default)]
+    pub rate_limiter: RateLimiterState,
 }
 
 /// What a restored drive needs besides its state: the file backing it now.
@@ -82,13 +91,20 @@ impl Persist for Block {
             id: self.id.clone(),
             read_only: self.read_only,
             capacity_sectors: self.capacity_sectors,
+            rate_limiter: self.queue.limiter().save(),
         }
     }
 
     /// The guest keeps the capacity it read at boot: a backing file of another size would
     /// have it read past the end or miss data, so it is refused.
     fn restore(args: BlockArgs, state: &BlockState) -> Result<Self, BlockError> {
-        let block = Self::new(&state.id, &args.path, state.read_only)?;
+        let limiter = RateLimiter::restore(&state.rate_limiter).map_err(|source| {
+            BlockError::RateLimiter {
+                id: state.id.clone(),
+                source,
+            }
+        })?;
+        let block = Self::with_limiter(&state.id, &args.path, state.read_only, limiter)?;
         if block.capacity_sectors != state.capacity_sectors {
             return Err(BlockError::CapacityChanged {
                 id: state.id.clone(),
@@ -99,6 +115,43 @@ impl Persist for Block {
         }
         Ok(block)
     }
+}
+
+/// Opens a drive's backing file (or block device): the file and its size in sectors.
+fn open_backing(id: &str, path: &Path, read_only: bool) -> Result<(File, u64), BlockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| BlockError::Open {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // The end of the file, not its metadata: a block device (a loop device, a devmapper
+    // volume as vHive's container drives) has a metadata length of 0.
+    let size = (&file)
+        .seek(SeekFrom::End(0))
+        .map_err(|source| BlockError::Open {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if size % SECTOR_SIZE != 0 {
+        return Err(BlockError::Size {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok((file, size / SECTOR_SIZE))
+}
+
+/// The bytes a request moves, for the rate limiter: its descriptors' lengths less the
+/// header and the status byte (a flush: none, one operation only).
+fn data_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+    total.saturating_sub(HEADER_LEN as u64 + 1)
 }
 
 /// Why a request failed; decides the status byte.
@@ -129,42 +182,60 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(id: &str, path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                id: id.to_string(),
-                path: path.to_path_buf(),
-                source,
-            })?;
-        // The end of the file, not its metadata: a block device (a loop device, a devmapper
-        // volume as vHive's container drives) has a metadata length of 0.
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Open {
-                id: id.to_string(),
-                path: path.to_path_buf(),
-                source,
-            })?;
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                id: id.to_string(),
-                path: path.to_path_buf(),
-                size,
-            });
-        }
+    pub fn new(
+        id: &str,
+        path: &Path,
+        read_only: bool,
+        rate_limiter: RateLimiterConfig,
+    ) -> Result<Self, BlockError> {
+        let limiter = RateLimiter::new(rate_limiter).map_err(|source| BlockError::RateLimiter {
+            id: id.to_string(),
+            source,
+        })?;
+        Self::with_limiter(id, path, read_only, limiter)
+    }
+
+    fn with_limiter(
+        id: &str,
+        path: &Path,
+        read_only: bool,
+        limiter: RateLimiter,
+    ) -> Result<Self, BlockError> {
+        let (file, capacity_sectors) = open_backing(id, path, read_only)?;
         Ok(Self {
             id: id.to_string(),
             path: path.to_path_buf(),
             file,
             read_only,
-            capacity_sectors: size / SECTOR_SIZE,
-            queue: OneQueue::new(format!("virtio-block {id}"))
+            capacity_sectors,
+            queue: OneQueue::new(format!("virtio-block {id}"), limiter)
                 .map_err(|e| BlockError::Event(id.to_string(), e))?,
             buffer: Vec::new(),
         })
+    }
+
+    /// `PATCH /drives` after boot: the drive is now backed by `path` (opened as this drive
+    /// was: read-only or not), with that file's size. The caller tells the guest through the
+    /// transport (a configuration change) so that it reads the new capacity.
+    pub fn swap_file(&mut self, path: &Path) -> Result<(), BlockError> {
+        let (file, capacity_sectors) = open_backing(&self.id, path, self.read_only)?;
+        self.file = file;
+        self.capacity_sectors = capacity_sectors;
+        self.path = path.to_path_buf();
+        Ok(())
+    }
+
+    /// `PATCH /drives`: new buckets for the rate limiter (those not given stay).
+    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) {
+        self.queue.update_limiter(config);
+    }
+
+    pub fn rate_limiter(&self) -> RateLimiterConfig {
+        self.queue.limiter().config()
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
     }
 
     pub fn id(&self) -> &str {
@@ -388,7 +459,7 @@ impl MutEventSubscriber for Block {
             &self.id,
             &mut self.buffer,
         );
-        self.queue.process(events, ops, |chain| {
+        self.queue.process(events, ops, data_bytes, |chain| {
             let mem = chain.memory();
             serve_request(file, read_only, capacity, id, buffer, mem, chain.clone())
         });
@@ -609,7 +680,7 @@ mod tests {
     #[test]
     fn config_reports_capacity_and_features() {
         let f = fixture("cfg", 8);
-        let rw = Block::new("d", &f.path, false).unwrap();
+        let rw = Block::new("d", &f.path, false, RateLimiterConfig::default()).unwrap();
         let mut cap = [0u8; 8];
         rw.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);
@@ -617,15 +688,20 @@ mod tests {
         rw.read_config(6, &mut tail);
         assert_eq!(tail, [0, 0, 0, 0]);
         assert_eq!(rw.offered_features() & VIRTIO_BLK_F_RO, 0);
-        let ro = Block::new("d", &f.path, true).unwrap();
+        let ro = Block::new("d", &f.path, true, RateLimiterConfig::default()).unwrap();
         assert_ne!(ro.offered_features() & VIRTIO_BLK_F_RO, 0);
         std::fs::write(&f.path, [0u8; 700]).unwrap();
         assert!(matches!(
-            Block::new("d", &f.path, false),
+            Block::new("d", &f.path, false, RateLimiterConfig::default()),
             Err(BlockError::Size { .. })
         ));
         assert!(matches!(
-            Block::new("d", Path::new("/nonexistent/disk"), false),
+            Block::new(
+                "d",
+                Path::new("/nonexistent/disk"),
+                false,
+                RateLimiterConfig::default()
+            ),
             Err(BlockError::Open { .. })
         ));
     }
@@ -663,7 +739,7 @@ mod tests {
     fn a_block_device_is_a_drive_of_its_own_size() {
         let f = fixture("loop", 64);
         let device = LoopDevice::over(&f.path);
-        let block = Block::new("rootfs", &device.0, false).unwrap();
+        let block = Block::new("rootfs", &device.0, false, RateLimiterConfig::default()).unwrap();
         let mut cap = [0u8; 8];
         block.read_config(0, &mut cap);
         assert_eq!(
@@ -696,14 +772,33 @@ mod tests {
     #[test]
     fn saved_state_restores_the_drive_the_guest_saw_and_refuses_another_size() {
         let f = fixture("persist", 8);
-        let saved = Block::new("data", &f.path, true).unwrap().save();
+        let limiter: RateLimiterConfig = serde_json::from_str(
+            r#"{"bandwidth": {"size": 4096, "refill_time": 100}, "ops": {"size": 10, "one_time_burst": 5, "refill_time": 1000}}"#,
+        )
+        .unwrap();
+        let saved = Block::new("data", &f.path, true, limiter).unwrap().save();
         let json = serde_json::to_string(&saved).unwrap();
         let state: BlockState = serde_json::from_str(&json).unwrap();
+        // A snapshot from before rate limiters: none.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("rate_limiter");
+        let old: BlockState = serde_json::from_value(old).unwrap();
+        assert!(Block::restore(
+            BlockArgs {
+                path: f.path.clone()
+            },
+            &old
+        )
+        .unwrap()
+        .rate_limiter()
+        .bandwidth
+        .is_none());
         let args = || BlockArgs {
             path: f.path.clone(),
         };
         let restored = Block::restore(args(), &state).unwrap();
         assert_eq!(restored.save(), saved);
+        assert_eq!(restored.rate_limiter(), limiter);
         assert_eq!(restored.id(), "data");
         assert_ne!(restored.offered_features() & VIRTIO_BLK_F_RO, 0);
         std::fs::write(&f.path, vec![0u8; 16 * SECTOR_SIZE as usize]).unwrap();

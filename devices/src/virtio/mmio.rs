@@ -253,6 +253,16 @@ impl MmioTransport {
         })
     }
 
+    /// The device's configuration changed on the host's side (a drive swapped for another):
+    /// a new configuration generation, and a configuration-change interrupt once the driver
+    /// is up (virtio 1.2, 4.2.2 and 2.5.1).
+    pub fn signal_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.device_status & status::DRIVER_OK != 0 {
+            self.interrupt.signal_config_change();
+        }
+    }
+
     /// The notification event of each queue, for the VMM to bind as ioeventfds.
     pub fn queue_evts(&self) -> &[EventFd] {
         &self.queue_evts

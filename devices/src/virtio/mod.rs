@@ -186,12 +186,28 @@ pub fn pop_checked<'m>(
 pub fn serve_available<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
+    serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+) -> Result<bool, QueueError> {
+    serve_admitted(queue, mem, |_| true, serve)
+}
+
+/// [`serve_available`] for a device that may hold requests back (a rate limiter): a chain
+/// `admit` refuses stays first in the queue, and serving stops there, with notifications
+/// off: whoever refused it wakes the device to try again.
+pub fn serve_admitted<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    mut admit: impl FnMut(&DescriptorChain<&'m GuestMemoryMmap>) -> bool,
     mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
 ) -> Result<bool, QueueError> {
     let mut used_any = false;
     loop {
         queue.disable_notification(mem)?;
         while let Some(chain) = pop_checked(queue, mem)? {
+            if !admit(&chain) {
+                virtio_queue::QueueOwnedT::go_to_previous_position(queue);
+                return Ok(used_any);
+            }
             let head = chain.head_index();
             let written = serve(chain);
             // Only a head outside the ring fails here (the rings were checked at
@@ -327,6 +343,44 @@ mod tests {
         let (result, served) = serve_with_deadline(&mem, mock.create_queue().unwrap());
         assert!(matches!(result, Ok(true)));
         assert_eq!(served, 3);
+        assert_eq!(mock.used().idx().load(), 3);
+    }
+
+    /// A chain the rate limiter refuses stays first in the queue: served next time, once,
+    /// in order.
+    #[test]
+    fn a_refused_chain_waits_in_the_queue() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mock = queue_with_chains(&mem, 3);
+        let mut queue = mock.create_queue().unwrap();
+        let mut heads = Vec::new();
+        let mut allowed = 1;
+        let admit = |_: &DescriptorChain<&GuestMemoryMmap>| {
+            if allowed == 0 {
+                return false;
+            }
+            allowed -= 1;
+            true
+        };
+        let used = serve_admitted(&mut queue, &mem, admit, |c| {
+            heads.push(c.head_index());
+            0
+        })
+        .unwrap();
+        assert!(used);
+        assert_eq!(heads, [0]);
+        assert_eq!(mock.used().idx().load(), 1);
+        serve_admitted(
+            &mut queue,
+            &mem,
+            |_| true,
+            |c| {
+                heads.push(c.head_index());
+                0
+            },
+        )
+        .unwrap();
+        assert_eq!(heads, [0, 1, 2]);
         assert_eq!(mock.used().idx().load(), 3);
     }
 

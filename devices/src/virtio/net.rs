@@ -1,7 +1,9 @@
 //! virtio-net over a host tap. Frames carry the virtio-net header both ways, so checksum and
 //! TSO offloads pass through untouched. When the guest has posted no receive buffers the
 //! device stops watching the tap (no spinning) and keeps the frame it already read (no
-//! silent drop) until the guest posts buffers again.
+//! silent drop) until the guest posts buffers again. Each direction may have a rate limiter
+//! (Firecracker's `rx_rate_limiter`, `tx_rate_limiter`): a frame over budget waits, in the
+//! tap or in the transmit queue, for the limiter's timer.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -13,9 +15,10 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    pop_checked, serve_available, ActivateContext, ActivateError, Interrupt, QueueError,
+    pop_checked, serve_admitted, ActivateContext, ActivateError, Interrupt, QueueError,
     RetiredEvents, VirtioDevice, TYPE_NET,
 };
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
@@ -40,6 +43,11 @@ pub enum NetError {
     Mac { id: String, mac: String },
     #[error("cannot create the activation event of network interface {0}: {1}")]
     Event(String, std::io::Error),
+    #[error("network interface {id}: {source}")]
+    RateLimiter {
+        id: String,
+        source: RateLimiterError,
+    },
 }
 
 pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
@@ -82,6 +90,11 @@ impl Active {
 pub struct NetState {
     pub id: String,
     pub mac: Option<[u8; 6]>,
+    /// Its rate limiters' buckets and what they held (absent from older snapshots: none).
+    #[serde(default)]
+    pub rx_rate_limiter: RateLimiterState,
+    #[serde(default)]
+    pub tx_rate_limiter: RateLimiterState,
 }
 
 /// What a restored interface needs besides its state: the tap it uses now.
@@ -98,11 +111,23 @@ impl Persist for Net {
         NetState {
             id: self.id.clone(),
             mac: self.mac,
+            rx_rate_limiter: self.rx_limiter.save(),
+            tx_rate_limiter: self.tx_limiter.save(),
         }
     }
 
     fn restore(args: NetArgs, state: &NetState) -> Result<Self, NetError> {
-        Self::open(&state.id, &args.tap_name, state.mac)
+        let limiter = |s: &RateLimiterState| {
+            RateLimiter::restore(s).map_err(|source| NetError::RateLimiter {
+                id: state.id.clone(),
+                source,
+            })
+        };
+        let limiters = [
+            limiter(&state.rx_rate_limiter)?,
+            limiter(&state.tx_rate_limiter)?,
+        ];
+        Self::open(&state.id, &args.tap_name, state.mac, limiters)
     }
 }
 
@@ -122,10 +147,18 @@ pub struct Net {
     /// Frames the guest's buffers were too small for (counted, logged once).
     rx_truncated: u64,
     paused: bool,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
 }
 
 impl Net {
-    pub fn new(id: &str, tap_name: &str, mac: Option<&str>) -> Result<Self, NetError> {
+    pub fn new(
+        id: &str,
+        tap_name: &str,
+        mac: Option<&str>,
+        rx_rate_limiter: RateLimiterConfig,
+        tx_rate_limiter: RateLimiterConfig,
+    ) -> Result<Self, NetError> {
         let mac = match mac {
             Some(m) => Some(parse_mac(m).ok_or_else(|| NetError::Mac {
                 id: id.to_string(),
@@ -133,10 +166,22 @@ impl Net {
             })?),
             None => None,
         };
-        Self::open(id, tap_name, mac)
+        let limiter = |config| {
+            RateLimiter::new(config).map_err(|source| NetError::RateLimiter {
+                id: id.to_string(),
+                source,
+            })
+        };
+        let limiters = [limiter(rx_rate_limiter)?, limiter(tx_rate_limiter)?];
+        Self::open(id, tap_name, mac, limiters)
     }
 
-    fn open(id: &str, tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+    fn open(
+        id: &str,
+        tap_name: &str,
+        mac: Option<[u8; 6]>,
+        [rx_limiter, tx_limiter]: [RateLimiter; 2],
+    ) -> Result<Self, NetError> {
         let tap = Tap::open(tap_name).map_err(|source| NetError::Tap {
             id: id.to_string(),
             source,
@@ -155,6 +200,8 @@ impl Net {
             tap_watched: false,
             rx_truncated: 0,
             paused: false,
+            rx_limiter,
+            tx_limiter,
         })
     }
 
@@ -162,8 +209,30 @@ impl Net {
         &self.id
     }
 
-    /// Moves frames from the tap into the guest's receive buffers until either runs out.
-    /// Returns (interrupt needed, receive buffers ran out).
+    /// The rate limiters' buckets: (receive, transmit).
+    pub fn rate_limiters(&self) -> (RateLimiterConfig, RateLimiterConfig) {
+        (self.rx_limiter.config(), self.tx_limiter.config())
+    }
+
+    /// `PATCH /network-interfaces`: the buckets given replace the current ones; frames held
+    /// back are tried again at once.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) {
+        if let Some(rx) = rx {
+            self.rx_limiter.update(rx);
+        }
+        if let Some(tx) = tx {
+            self.tx_limiter.update(tx);
+        }
+        let _ = self.activate_evt.write(1);
+    }
+
+    /// Moves frames from the tap into the guest's receive buffers until either runs out or
+    /// the receive rate limiter says wait. Returns (interrupt needed, stop watching the tap:
+    /// no receive buffers, or the limiter's timer will bring us back).
     fn process_rx(&mut self) -> (bool, bool) {
         let Some(active) = self.active.as_mut() else {
             return (false, false);
@@ -199,6 +268,13 @@ impl Net {
                     return (true, true);
                 }
             };
+            if !self.rx_limiter.is_unlimited() && !self.rx_limiter.consume_request(len as u64) {
+                // The buffer stays the guest's, the frame ours, until the timer fires.
+                virtio_queue::QueueOwnedT::go_to_previous_position(&mut active.queues[RX]);
+                self.pending_rx = Some(len);
+                let notify = used && active.queues[RX].needs_notification(&mem).unwrap_or(true);
+                return (notify, true);
+            }
             let head = chain.head_index();
             // Without mergeable buffers there is exactly one buffer per frame.
             self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
@@ -241,7 +317,12 @@ impl Net {
             return false;
         };
         let mem = active.mem.clone();
-        let sent = serve_available(&mut active.queues[TX], &mem, |chain| {
+        let limiter = &mut self.tx_limiter;
+        let admit = |chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>| {
+            let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+            limiter.is_unlimited() || limiter.consume_request(bytes)
+        };
+        let sent = serve_admitted(&mut active.queues[TX], &mem, admit, |chain| {
             match Reader::new(&mem, chain) {
                 Ok(mut r) => {
                     let len = r.available_bytes();
@@ -293,12 +374,13 @@ impl Net {
     }
 
     fn on_rx_ready(&mut self, ops: &mut EventOps) {
-        let (notify, starved) = self.process_rx();
+        let (notify, held) = self.process_rx();
         if notify {
             self.signal();
         }
-        // Out of buffers: stop watching the tap until the guest posts more.
-        self.watch_tap(ops, !starved);
+        // Out of buffers, or over the limit: stop watching the tap until the guest posts
+        // more, or the limiter's timer fires.
+        self.watch_tap(ops, !held);
     }
 }
 
@@ -405,11 +487,37 @@ impl MutEventSubscriber for Net {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
             log::error!("virtio-net {}: cannot watch activation: {e}", self.id);
         }
+        for timer in [self.rx_limiter.timer_fd(), self.tx_limiter.timer_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(timer, EventSet::IN)) {
+                log::error!(
+                    "virtio-net {}: cannot watch a rate limiter's timer: {e}",
+                    self.id
+                );
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         self.retired.unregister(ops);
         let fd = events.fd();
+        if fd == self.rx_limiter.timer_fd() || fd == self.tx_limiter.timer_fd() {
+            let rx = fd == self.rx_limiter.timer_fd();
+            if rx {
+                self.rx_limiter.on_timer();
+            } else {
+                self.tx_limiter.on_timer();
+            }
+            // While paused, resume serves what waits.
+            if self.paused || self.active.is_none() {
+                return;
+            }
+            if rx {
+                self.on_rx_ready(ops);
+            } else if self.process_tx() {
+                self.signal();
+            }
+            return;
+        }
         if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
             let Some(active) = self.active.as_mut() else {

@@ -1,6 +1,7 @@
 //! What a device with one queue (block, rng) does besides serving its requests: keeps the
-//! queue the driver handed over, watches its notifications on the event loop, stops serving
-//! a queue the driver broke (until it resets the device), and holds still while paused.
+//! queue the driver handed over, watches its notifications on the event loop, holds requests
+//! back while its rate limiter says so, stops serving a queue the driver broke (until it
+//! resets the device), and holds still while paused.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{serve_available, ActivateContext, ActivateError, Interrupt, RetiredEvents};
+use super::{serve_admitted, ActivateContext, ActivateError, Interrupt, RetiredEvents};
+use crate::rate_limiter::RateLimiter;
 use crate::GuestMemoryMmap;
 
 struct Active {
@@ -30,17 +32,29 @@ pub struct OneQueue {
     active: Option<Active>,
     retired: RetiredEvents,
     paused: bool,
+    limiter: RateLimiter,
 }
 
 impl OneQueue {
-    pub fn new(name: String) -> std::io::Result<Self> {
+    pub fn new(name: String, limiter: RateLimiter) -> std::io::Result<Self> {
         Ok(Self {
             name,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             active: None,
             retired: RetiredEvents::default(),
             paused: false,
+            limiter,
         })
+    }
+
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// `PATCH`: new buckets; requests held back are tried again at once.
+    pub fn update_limiter(&mut self, config: crate::rate_limiter::RateLimiterConfig) {
+        self.limiter.update(config);
+        let _ = self.activate_evt.write(1);
     }
 
     pub fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -88,17 +102,30 @@ impl OneQueue {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
             log::error!("{}: cannot watch activation: {e}", self.name);
         }
+        let timer = self.limiter.timer_fd();
+        if let Err(e) = ops.add(Events::new_raw(timer, EventSet::IN)) {
+            log::error!("{}: cannot watch the rate limiter's timer: {e}", self.name);
+        }
     }
 
     /// MutEventSubscriber::process of the device: `serve` handles one chain and returns the
-    /// bytes it wrote to the guest.
+    /// bytes it wrote to the guest; `cost` says how many bytes a chain counts for against
+    /// the rate limiter (each chain is also one operation).
     pub fn process(
         &mut self,
         events: Events,
         ops: &mut EventOps,
+        cost: impl Fn(&DescriptorChain<&GuestMemoryMmap>) -> u64,
         serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
     ) {
         self.retired.unregister(ops);
+        if events.fd() == self.limiter.timer_fd() {
+            self.limiter.on_timer();
+            if !self.paused {
+                self.serve_and_signal(cost, serve);
+            }
+            return;
+        }
         if events.fd() == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
             let Some(active) = self.active.as_mut() else {
@@ -112,7 +139,7 @@ impl OneQueue {
             }
             // Requests queued before the queue was watched, or while paused.
             if !self.paused {
-                self.serve_and_signal(serve);
+                self.serve_and_signal(cost, serve);
             }
             return;
         }
@@ -130,16 +157,24 @@ impl OneQueue {
             // Served on resume.
             return;
         }
-        self.serve_and_signal(serve);
+        self.serve_and_signal(cost, serve);
     }
 
     /// Serves every available chain and interrupts the driver when it asked to be.
-    fn serve_and_signal(&mut self, serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32) {
+    fn serve_and_signal(
+        &mut self,
+        cost: impl Fn(&DescriptorChain<&GuestMemoryMmap>) -> u64,
+        serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+    ) {
         let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
             return;
         };
         let mem = active.mem.clone();
-        let signal = match serve_available(&mut active.queue, &mem, serve) {
+        let limiter = &mut self.limiter;
+        let admit = |chain: &DescriptorChain<&GuestMemoryMmap>| {
+            limiter.is_unlimited() || limiter.consume_request(cost(chain))
+        };
+        let signal = match serve_admitted(&mut active.queue, &mem, admit, serve) {
             Ok(used) => used && active.queue.needs_notification(&mem).unwrap_or(true),
             Err(e) => {
                 log::error!(

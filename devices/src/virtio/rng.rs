@@ -9,6 +9,7 @@ use virtio_queue::{DescriptorChain, Writer};
 
 use super::one_queue::OneQueue;
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_RNG};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 use crate::{GuestMemoryMmap, Persist};
 
 const QUEUE_SIZE: u16 = 256;
@@ -19,11 +20,17 @@ const MAX_REQUEST: usize = 64 << 10;
 pub enum RngError {
     #[error("cannot create the activation event of the entropy device: {0}")]
     Event(std::io::Error),
+    #[error("the entropy device: {0}")]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// The entropy device in a snapshot: it has no state beyond its transport's.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RngState {}
+pub struct RngState {
+    /// Its rate limiter's buckets and what they held (absent from older snapshots: none).
+    #[serde(default)]
+    pub rate_limiter: RateLimiterState,
+}
 
 pub struct Rng {
     queue: OneQueue,
@@ -31,9 +38,13 @@ pub struct Rng {
 }
 
 impl Rng {
-    pub fn new() -> Result<Self, RngError> {
+    pub fn new(rate_limiter: RateLimiterConfig) -> Result<Self, RngError> {
+        Self::with_limiter(RateLimiter::new(rate_limiter)?)
+    }
+
+    fn with_limiter(limiter: RateLimiter) -> Result<Self, RngError> {
         Ok(Self {
-            queue: OneQueue::new("virtio-rng".into()).map_err(RngError::Event)?,
+            queue: OneQueue::new("virtio-rng".into(), limiter).map_err(RngError::Event)?,
             buffer: Vec::new(),
         })
     }
@@ -45,12 +56,24 @@ impl Persist for Rng {
     type Error = RngError;
 
     fn save(&self) -> RngState {
-        RngState {}
+        RngState {
+            rate_limiter: self.queue.limiter().save(),
+        }
     }
 
-    fn restore(_args: (), _state: &RngState) -> Result<Self, RngError> {
-        Self::new()
+    fn restore(_args: (), state: &RngState) -> Result<Self, RngError> {
+        Self::with_limiter(RateLimiter::restore(&state.rate_limiter)?)
     }
+}
+
+/// The bytes a request asks for, for the rate limiter (as many as `fill` would give).
+fn requested_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    let writable: u64 = chain
+        .clone()
+        .filter(|d| d.is_write_only())
+        .map(|d| u64::from(d.len()))
+        .sum();
+    writable.min(MAX_REQUEST as u64)
 }
 
 /// Fills the chain's writable buffers with random bytes; returns how many it wrote.
@@ -126,7 +149,8 @@ impl MutEventSubscriber for Rng {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let buffer = &mut self.buffer;
-        self.queue.process(events, ops, |chain| fill(buffer, chain));
+        self.queue
+            .process(events, ops, requested_bytes, |chain| fill(buffer, chain));
     }
 }
 
@@ -149,6 +173,21 @@ mod tests {
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    /// A snapshot keeps the entropy device's rate limiter, buckets and budget; one from
+    /// before rate limiters restores with none.
+    #[test]
+    fn a_snapshot_keeps_the_rate_limiter() {
+        let config: RateLimiterConfig =
+            serde_json::from_str(r#"{"ops": {"size": 4, "refill_time": 50}}"#).unwrap();
+        let saved = Rng::new(config).unwrap().save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let restored = Rng::restore((), &serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(restored.queue.limiter().config(), config);
+        assert_eq!(restored.save(), saved);
+        let old = Rng::restore((), &serde_json::from_str("{}").unwrap()).unwrap();
+        assert!(old.queue.limiter().is_unlimited());
     }
 
     #[test]
@@ -190,7 +229,7 @@ mod tests {
         let mem = memory();
         let mock = MockSplitQueue::new(&mem, 16);
         let transport_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let rng = Arc::new(Mutex::new(Rng::new(RateLimiterConfig::default()).unwrap()));
         let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
         events.add_subscriber(rng.clone());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));

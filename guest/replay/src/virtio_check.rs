@@ -109,9 +109,8 @@ impl FreeList {
     }
 }
 
-/// Number of requests from the command line (`requests=N`), else `default`.
-fn requests_from(cmdline: &[u8], default: u32) -> u32 {
-    let key = b"requests=";
+/// The number after `key` (e.g. `requests=`) on the command line, else `default`.
+fn number_from(cmdline: &[u8], key: &[u8], default: u32) -> u32 {
     let Some(at) = cmdline.windows(key.len()).position(|w| w == key) else {
         return default;
     };
@@ -127,7 +126,10 @@ fn requests_from(cmdline: &[u8], default: u32) -> u32 {
 
 /// Runs the check; never returns.
 pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
-    let total = requests_from(cmdline, 70_000);
+    let total = number_from(cmdline, b"requests=", 70_000);
+    // `sectors=N` (1 to MAX_SECTORS): every read that long, so that a host test knows the
+    // bytes moved (a rate limiter's); else mostly small reads with now and then a large one.
+    let fixed_sectors = u64::from(number_from(cmdline, b"sectors=", 0)).min(MAX_SECTORS);
     if info.ram_end > MAPPED_END || info.ram_end < RAM_NEEDED {
         stop(ERR_MEMORY, info.ram_end / PAGE);
     }
@@ -153,7 +155,9 @@ pub fn run(info: &BootInfo, cmdline: &[u8]) -> ! {
                 break;
             };
             // Mostly small reads, now and then a large one.
-            let sectors = if rng.below(16) == 0 {
+            let sectors = if fixed_sectors > 0 {
+                fixed_sectors
+            } else if rng.below(16) == 0 {
                 1 + rng.below(MAX_SECTORS)
             } else {
                 1 + rng.below(8)

@@ -6,10 +6,14 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::I8042Device;
+use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::json;
 
-use super::request::{Action, ApiRequest, MachineConfigUpdate, VmStateChange};
+use super::request::{
+    Action, ApiRequest, DriveUpdate, MachineConfigUpdate, NetworkInterfaceUpdate, VmStateChange,
+};
 use super::server::{ApiInbox, ApiResponse};
 use crate::builder::{build_and_start, StartOptions};
 use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
@@ -132,6 +136,49 @@ fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiRespo
 const LOAD_AFTER_BOOT_CONFIG: &str =
     "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
 
+/// A `PATCH /drives` on the configuration: false when it names no drive there.
+fn patch_drive_config(drives: &mut [DriveConfig], update: &DriveUpdate) -> bool {
+    let Some(drive) = drives.iter_mut().find(|d| d.drive_id == update.drive_id) else {
+        return false;
+    };
+    if let Some(path) = &update.path_on_host {
+        drive.path_on_host = path.clone();
+    }
+    if let Some(limiter) = update.rate_limiter {
+        drive.rate_limiter = Some(drive.rate_limiter.unwrap_or_default().patched(limiter));
+    }
+    true
+}
+
+/// A `PATCH /network-interfaces` on the configuration: false when it names no interface.
+fn patch_interface_config(
+    ifaces: &mut [NetworkInterfaceConfig],
+    update: &NetworkInterfaceUpdate,
+) -> bool {
+    let Some(iface) = ifaces.iter_mut().find(|n| n.iface_id == update.iface_id) else {
+        return false;
+    };
+    if let Some(rx) = update.rx_rate_limiter {
+        iface.rx_rate_limiter = Some(iface.rx_rate_limiter.unwrap_or_default().patched(rx));
+    }
+    if let Some(tx) = update.tx_rate_limiter {
+        iface.tx_rate_limiter = Some(iface.tx_rate_limiter.unwrap_or_default().patched(tx));
+    }
+    true
+}
+
+fn no_drive(id: &str) -> ApiResponse {
+    ApiResponse::fault(format!(
+        "Invalid block device ID: no drive {id:?} is attached."
+    ))
+}
+
+fn no_interface(id: &str) -> ApiResponse {
+    ApiResponse::fault(format!(
+        "Invalid network interface ID: no network interface {id:?} is attached."
+    ))
+}
+
 /// Whether `request` configures what a boot uses (Firecracker's "boot path"); the logger
 /// and metrics do not.
 fn configures_boot(request: &ApiRequest) -> bool {
@@ -141,7 +188,9 @@ fn configures_boot(request: &ApiRequest) -> bool {
             | ApiRequest::PatchMachineConfig(_)
             | ApiRequest::PutBootSource(_)
             | ApiRequest::PutDrive(_)
+            | ApiRequest::PatchDrive(_)
             | ApiRequest::PutNetworkInterface(_)
+            | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
     )
 }
@@ -248,13 +297,32 @@ fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiRe
                 Err(e) => ApiResponse::fault(e),
             }
         }
-        ApiRequest::PutEntropy(entropy) => match entropy.validate() {
-            Ok(()) => {
-                config.entropy = Some(entropy);
-                ApiResponse::no_content()
+        ApiRequest::PatchDrive(update) => {
+            if !config.drives.iter().any(|d| d.drive_id == update.drive_id) {
+                return no_drive(&update.drive_id);
             }
-            Err(e) => ApiResponse::fault(e),
-        },
+            if let Some(path) = &update.path_on_host {
+                if let Err(r) = check_readable(&format!("drive {}", update.drive_id), path) {
+                    return r;
+                }
+            }
+            if patch_drive_config(&mut config.drives, &update) {
+                ApiResponse::no_content()
+            } else {
+                no_drive(&update.drive_id)
+            }
+        }
+        ApiRequest::PatchNetworkInterface(update) => {
+            if patch_interface_config(&mut config.network_interfaces, &update) {
+                ApiResponse::no_content()
+            } else {
+                no_interface(&update.iface_id)
+            }
+        }
+        ApiRequest::PutEntropy(entropy) => {
+            config.entropy = Some(entropy);
+            ApiResponse::no_content()
+        }
         ApiRequest::PutLogger(cfg) => put_logger(&cfg),
         ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
         ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
@@ -382,6 +450,8 @@ impl RunningApi {
                     Err(e) => ApiResponse::fault(e),
                 }
             }
+            ApiRequest::PatchDrive(update) => self.patch_drive(&update),
+            ApiRequest::PatchNetworkInterface(update) => self.patch_interface(&update),
             ApiRequest::LoadSnapshot(_) => ApiResponse::fault(NOT_AFTER_START),
             ApiRequest::PutMachineConfig(_)
             | ApiRequest::PatchMachineConfig(_)
@@ -391,6 +461,66 @@ impl RunningApi {
             | ApiRequest::PutEntropy(_) => ApiResponse::fault(NOT_AFTER_START),
         }
     }
+}
+
+impl RunningApi {
+    /// The attached device `id`, if it is a `D`.
+    fn device<D: Send + 'static>(
+        &self,
+        id: &str,
+    ) -> Option<(Arc<Mutex<D>>, &crate::device_manager::AttachedDevice)> {
+        // A drive and a network interface may share an id: the one of type D.
+        self.snapshots
+            .attached
+            .iter()
+            .filter(|a| a.slot.id == id)
+            .find_map(|a| Some((a.device_as::<D>()?, a)))
+    }
+
+    /// `PATCH /drives/{id}` on a running (or paused) VM: a new backing file, which the guest
+    /// learns of through a configuration change (it reads the new capacity), and new rate
+    /// limiter buckets. What changed is what later snapshots and `GET /vm/config` show.
+    fn patch_drive(&mut self, update: &DriveUpdate) -> ApiResponse {
+        let Some((block, attached)) = self.device::<Block>(&update.drive_id) else {
+            return no_drive(&update.drive_id);
+        };
+        if let Some(path) = &update.path_on_host {
+            // The device first, then the transport: never both locks at once (a vCPU
+            // reading the configuration takes them the other way round).
+            let swapped = lock(&block).swap_file(path);
+            if let Err(e) = swapped {
+                return ApiResponse::fault(e);
+            }
+            lock(&attached.transport).signal_config_change();
+            log::info!(
+                "drive {} is now backed by {}",
+                update.drive_id,
+                path.display()
+            );
+        }
+        if let Some(limiter) = update.rate_limiter {
+            lock(&block).update_rate_limiter(limiter);
+        }
+        patch_drive_config(&mut self.config.drives, update);
+        patch_drive_config(&mut self.snapshots.config.drives, update);
+        ApiResponse::no_content()
+    }
+
+    /// `PATCH /network-interfaces/{id}` on a running (or paused) VM: new rate limiter
+    /// buckets.
+    fn patch_interface(&mut self, update: &NetworkInterfaceUpdate) -> ApiResponse {
+        let Some((net, _)) = self.device::<Net>(&update.iface_id) else {
+            return no_interface(&update.iface_id);
+        };
+        lock(&net).update_rate_limiters(update.rx_rate_limiter, update.tx_rate_limiter);
+        patch_interface_config(&mut self.config.network_interfaces, update);
+        patch_interface_config(&mut self.snapshots.config.network_interfaces, update);
+        ApiResponse::no_content()
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MutEventSubscriber for RunningApi {
@@ -497,5 +627,76 @@ mod tests {
         assert_eq!(body["drives"][0]["drive_id"], "d1");
         let r = handle_preboot(&mut config, "vm-7", ApiRequest::GetInstanceInfo);
         assert_eq!(r.body.unwrap()["state"], "Not started");
+    }
+
+    fn patch(config: &mut VmConfig, path: &str, body: &str) -> ApiResponse {
+        handle_preboot(config, "t", parse("PATCH", path, body.as_bytes()).unwrap())
+    }
+
+    /// Before boot a PATCH edits the configured drive or interface: the fields given, and
+    /// of a rate limiter the buckets given; what names nothing configured is refused.
+    #[test]
+    fn preboot_patches_change_what_they_name() {
+        let mut config = VmConfig::default();
+        let drive = r#"{"drive_id": "d1", "path_on_host": "/proc/self/exe", "is_root_device": false,
+            "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#;
+        assert_eq!(put(&mut config, "/drives/d1", drive).status, 204);
+        let r = patch(
+            &mut config,
+            "/drives/d1",
+            r#"{"drive_id": "d1", "path_on_host": "/proc/self/cmdline", "rate_limiter": {"ops": {"size": 5, "refill_time": 10}}}"#,
+        );
+        assert_eq!(r.status, 204);
+        let d = &config.drives[0];
+        assert_eq!(d.path_on_host, std::path::Path::new("/proc/self/cmdline"));
+        let limiter = d.rate_limiter.unwrap();
+        assert_eq!(limiter.bandwidth.unwrap().size, 1000, "kept");
+        assert_eq!(limiter.ops.unwrap().size, 5, "added");
+        let r = patch(
+            &mut config,
+            "/drives/d1",
+            r#"{"drive_id": "d1", "path_on_host": "/nonexistent/disk"}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert!(r.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/disk"));
+        assert_eq!(
+            config.drives[0].path_on_host,
+            std::path::Path::new("/proc/self/cmdline"),
+            "a refused PATCH changes nothing"
+        );
+        let r = patch(&mut config, "/drives/d9", r#"{"drive_id": "d9"}"#);
+        assert_eq!(r.status, 400);
+        assert!(r.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("\"d9\""));
+
+        let iface = r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#;
+        assert_eq!(
+            put(&mut config, "/network-interfaces/eth0", iface).status,
+            204
+        );
+        let r = patch(
+            &mut config,
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 100, "refill_time": 1}}}"#,
+        );
+        assert_eq!(r.status, 204);
+        let n = &config.network_interfaces[0];
+        assert!(n.rx_rate_limiter.is_none());
+        assert_eq!(n.tx_rate_limiter.unwrap().bandwidth.unwrap().size, 100);
+        let r = patch(
+            &mut config,
+            "/network-interfaces/eth1",
+            r#"{"iface_id": "eth1"}"#,
+        );
+        assert_eq!(r.status, 400);
+        // A PATCH configures the boot: a snapshot load is refused after it.
+        assert!(configures_boot(
+            &parse("PATCH", "/drives/d1", br#"{"drive_id": "d1"}"#).unwrap()
+        ));
     }
 }

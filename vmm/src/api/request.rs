@@ -1,6 +1,7 @@
 //! Turns an HTTP method, path and body into an [`ApiRequest`], with Firecracker's paths,
 //! bodies and error messages (`400 {"fault_message": ...}`).
 
+use devices::rate_limiter::RateLimiterConfig;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -65,6 +66,28 @@ pub struct MachineConfigUpdate {
     pub huge_pages: Option<String>,
 }
 
+/// `PATCH /drives/{id}`: a new backing file, new rate limiter buckets, or both.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PATCH /network-interfaces/{id}`: new rate limiter buckets either way.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiRequest {
     GetInstanceInfo,
@@ -75,7 +98,9 @@ pub enum ApiRequest {
     PatchMachineConfig(MachineConfigUpdate),
     PutBootSource(BootSource),
     PutDrive(DriveConfig),
+    PatchDrive(DriveUpdate),
     PutNetworkInterface(NetworkInterfaceConfig),
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     PutLogger(LoggerConfig),
     PutEntropy(EntropyConfig),
     PutMetrics(MetricsConfig),
@@ -144,6 +169,16 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiEr
             let drive: DriveConfig = body(m, path, bytes)?;
             same_id(id, &drive.drive_id)?;
             ApiRequest::PutDrive(drive)
+        }
+        ("PATCH", ["drives", id]) if !id.is_empty() => {
+            let update: DriveUpdate = body(m, path, bytes)?;
+            same_id(id, &update.drive_id)?;
+            ApiRequest::PatchDrive(update)
+        }
+        ("PATCH", ["network-interfaces", id]) if !id.is_empty() => {
+            let update: NetworkInterfaceUpdate = body(m, path, bytes)?;
+            same_id(id, &update.iface_id)?;
+            ApiRequest::PatchNetworkInterface(update)
         }
         ("PUT", ["network-interfaces", id]) if !id.is_empty() => {
             let iface: NetworkInterfaceConfig = body(m, path, bytes)?;
@@ -215,6 +250,65 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(r, ApiRequest::LoadSnapshot(_)));
+        let r = parse(
+            "PATCH",
+            "/drives/data",
+            br#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PatchDrive(u)
+            if u.path_on_host.is_none() && u.rate_limiter.unwrap().ops.unwrap().size == 100));
+        let r = parse(
+            "PATCH",
+            "/network-interfaces/eth0",
+            br#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1, "one_time_burst": 5, "refill_time": 10}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PatchNetworkInterface(u)
+            if u.rx_rate_limiter.is_none() && u.tx_rate_limiter.unwrap().bandwidth.unwrap().one_time_burst == Some(5)));
+    }
+
+    #[test]
+    fn patches_name_the_bad_field() {
+        for (path, body, reason) in [
+            (
+                "/drives/a",
+                r#"{"drive_id": "a", "is_read_only": true}"#,
+                "unknown field `is_read_only`",
+            ),
+            (
+                "/drives/a",
+                r#"{"drive_id": "a", "rate_limiter": {"bandwidth": {"size": 1}}}"#,
+                "missing field `refill_time`",
+            ),
+            (
+                "/drives/a",
+                r#"{"drive_id": "a", "rate_limiter": {"bandwidth": {"size": -1, "refill_time": 1}}}"#,
+                "invalid value: integer `-1`",
+            ),
+            (
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "host_dev_name": "tap1"}"#,
+                "unknown field `host_dev_name`",
+            ),
+            (
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1, "burst": 2}}}"#,
+                "unknown field `burst`",
+            ),
+        ] {
+            let e = parse("PATCH", path, body.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(reason), "{body}: {e}");
+        }
+        assert_eq!(
+            parse("PATCH", "/drives/a", br#"{"drive_id": "b"}"#),
+            Err(ApiError::IdMismatch {
+                path_id: "a".into(),
+                body_id: "b".into()
+            })
+        );
     }
 
     #[test]

@@ -361,9 +361,13 @@ fn restore_devices<'a>(
                 Block::restore(args, s).map_err(BuildError::from)?
             }
             // A vmstate from before devices saved their own state.
-            None => {
-                Block::new(id, &drive.path_on_host, drive.is_read_only).map_err(BuildError::from)?
-            }
+            None => Block::new(
+                id,
+                &drive.path_on_host,
+                drive.is_read_only,
+                drive.rate_limiter.unwrap_or_default(),
+            )
+            .map_err(BuildError::from)?,
             Some(other) => return Err(device_mismatch(id, "drive", other)),
         };
         blocks.push((block, dev));
@@ -379,19 +383,25 @@ fn restore_devices<'a>(
                 };
                 Net::restore(args, s).map_err(BuildError::from)?
             }
-            None => Net::new(id, &iface.host_dev_name, iface.guest_mac.as_deref())
-                .map_err(BuildError::from)?,
+            None => Net::new(
+                id,
+                &iface.host_dev_name,
+                iface.guest_mac.as_deref(),
+                iface.rx_rate_limiter.unwrap_or_default(),
+                iface.tx_rate_limiter.unwrap_or_default(),
+            )
+            .map_err(BuildError::from)?,
             Some(other) => return Err(device_mismatch(id, "network interface", other)),
         };
         nets.push((net, dev));
     }
     let rng = match &config.entropy {
         None => None,
-        Some(_) => {
+        Some(entropy) => {
             let dev = next_saved(&mut saved, builder::ENTROPY_ID)?;
             let rng = match &dev.device {
                 Some(VirtioDeviceState::Rng(s)) => Rng::restore((), s),
-                None => Rng::new(),
+                None => Rng::new(entropy.rate_limiter.unwrap_or_default()),
                 Some(other) => {
                     return Err(device_mismatch(
                         builder::ENTROPY_ID,
