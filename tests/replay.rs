@@ -297,6 +297,70 @@ fn virtio_rng_serves_a_booted_and_a_restored_guest() -> Result<(), String> {
     Ok(())
 }
 
+/// vHive's `container_snapshot_path`: the container's drive is backed by another file at
+/// load time (in vHive a devmapper device whose snapshot-time path is gone). The load gives
+/// it to the one drive besides the root drive: without it the gone file fails the load, with
+/// it the VM runs and its configuration names the new file; a file of another size is
+/// refused, naming it (the guest saw the old size).
+fn container_snapshot_path_backs_the_container_drive() -> Result<(), String> {
+    let scratch = Scratch::new("container-drive");
+    let trace = synthetic_trace();
+    let trace_path = write_trace(&scratch.dir, &trace)?;
+    let at_snapshot = scratch.path("ctr-at-snapshot.img");
+    replay_vm::write_pattern_disk(&at_snapshot, 1)?;
+    let config = scratch.path("vm.json");
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": replay_vm::replay_guest()?, "initrd_path": trace_path, "boot_args": "reapvm-replay"},
+        "drives": [{"drive_id": "ctr", "path_on_host": at_snapshot, "is_root_device": false, "is_read_only": true}],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
+        "replay-control": true,
+    });
+    std::fs::write(&config, body.to_string()).map_err(|e| e.to_string())?;
+    let snap = replay_vm::boot_config_and_snapshot(&scratch.dir, &config)?;
+    let now = scratch.path("ctr-now.img");
+    std::fs::rename(&at_snapshot, &now).map_err(|e| e.to_string())?;
+    let other_size = scratch.path("ctr-other-size.img");
+    replay_vm::write_pattern_disk(&other_size, 2)?;
+    let load = |vmm: &ReplayVmm, container: Option<&Path>| {
+        let mut body = serde_json::json!({
+            "snapshot_path": snap.vmstate,
+            "mem_backend": {"backend_type": "File", "backend_path": snap.memory},
+            "resume_vm": true,
+        });
+        if let Some(path) = container {
+            body["container_snapshot_path"] = serde_json::json!(path);
+        }
+        support::http::unix_request(&vmm.socket, "PUT", "/snapshot/load", &body.to_string())
+    };
+    let vmm = ReplayVmm::start(&scratch.dir, "load", None)?;
+    for (container, gone_or_wrong) in [(None, &at_snapshot), (Some(&other_size), &other_size)] {
+        let (status, answer) = load(&vmm, container.map(|p| p.as_path()))?;
+        if status != 400 || !answer.contains(&gone_or_wrong.display().to_string()) {
+            return Err(format!(
+                "a load with container_snapshot_path {container:?} answered {status} {answer}, expected 400 naming {}",
+                gone_or_wrong.display()
+            ));
+        }
+    }
+    let (status, answer) = load(&vmm, Some(&now))?;
+    if status != 204 {
+        return Err(format!(
+            "the load with the new file answered {status} {answer}"
+        ));
+    }
+    let m = vmm.wait_for("done", std::time::Duration::from_secs(60))?;
+    let checksum = m["replay"]["checksum"].as_u64().unwrap_or(0) as u32;
+    if checksum != trace.expected_checksum() {
+        return Err(format!("the restored VM replayed to {checksum:#x}"));
+    }
+    let (_, body) = support::http::unix_request(&vmm.socket, "GET", "/vm/config", "")?;
+    let config: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    if config["drives"][0]["path_on_host"] != serde_json::json!(now) {
+        return Err(format!("GET /vm/config after the load: {body}"));
+    }
+    Ok(())
+}
+
 /// A memory file that cannot be read any more while a restored VM runs (truncated under
 /// it) stops the VM with the file and the offset named, for each backend whose fault loop
 /// reads it: the guest never runs on with a zero page where its data was.
@@ -476,6 +540,9 @@ fn main() -> ExitCode {
         ),
         Trial::test("a_write_touch_faults_once_with_file", || {
             a_write_touch_faults_once_with_file().map_err(Failed::from)
+        }),
+        Trial::test("container_snapshot_path_backs_the_container_drive", || {
+            container_snapshot_path_backs_the_container_drive().map_err(Failed::from)
         }),
         Trial::test("a_trace_outside_guest_memory_is_refused", || {
             a_trace_outside_guest_memory_is_refused().map_err(Failed::from)

@@ -46,6 +46,10 @@ pub struct Cli {
     /// Show the source file and line in log lines.
     #[arg(long)]
     pub show_log_origin: bool,
+    /// Write only the log records of modules whose path starts with this (e.g.
+    /// `vmm::api`).
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
     /// Where to write metrics.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
@@ -95,9 +99,12 @@ mod tests {
             "Debug",
             "--start-time-us",
             "123",
+            "--module",
+            "vmm::api",
         ])
         .unwrap();
         assert!(cli.no_api && cli.boot_timer);
+        assert_eq!(cli.module.as_deref(), Some("vmm::api"));
         assert_eq!(cli.config_file.unwrap(), PathBuf::from("/tmp/vm.json"));
         assert_eq!((cli.id.as_str(), cli.start_time_us), ("fn-1", Some(123)));
         assert_eq!(cli.api_sock, PathBuf::from("/run/firecracker.socket"));

@@ -120,6 +120,9 @@ impl SiteBudget {
 struct Options {
     show_level: bool,
     show_origin: bool,
+    /// Only records of modules whose path starts with this are written (Firecracker's
+    /// `--module` and `PUT /logger` `module`).
+    module: Option<String>,
     sink: Sink,
     /// Keyed by source file and line.
     sites: HashMap<(&'static str, u32), SiteBudget>,
@@ -161,6 +164,7 @@ pub fn init(
     path: Option<&Path>,
     show_level: bool,
     show_origin: bool,
+    module: Option<String>,
 ) -> Result<(), LoggerError> {
     let sink = open_sink(path)?;
     let logger = LOGGER.get_or_init(|| Logger {
@@ -168,6 +172,7 @@ pub fn init(
         options: Mutex::new(Options {
             show_level,
             show_origin,
+            module,
             sink,
             sites: HashMap::new(),
             lost: 0,
@@ -184,6 +189,7 @@ pub fn reconfigure(
     path: Option<&Path>,
     show_level: Option<bool>,
     show_origin: Option<bool>,
+    module: Option<String>,
 ) -> Result<(), LoggerError> {
     let new_sink = path.map(|p| open_sink(Some(p))).transpose()?;
     if let Some(logger) = LOGGER.get() {
@@ -196,6 +202,10 @@ pub fn reconfigure(
         }
         if let Some(v) = show_origin {
             options.show_origin = v;
+        }
+        if let Some(m) = module {
+            // An empty module lifts the filter.
+            options.module = Some(m).filter(|m| !m.is_empty());
         }
     }
     if let Some(level) = level {
@@ -252,6 +262,15 @@ impl Log for Logger {
             return;
         }
         let mut options = self.options.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(module) = &options.module {
+            if !record
+                .module_path()
+                .unwrap_or("")
+                .starts_with(module.as_str())
+            {
+                return;
+            }
+        }
         let now = Instant::now();
         let site = (
             record.file_static().unwrap_or("?"),
@@ -388,6 +407,7 @@ mod tests {
             options: Mutex::new(Options {
                 show_level: true,
                 show_origin: false,
+                module: None,
                 sink,
                 sites: HashMap::new(),
                 lost: 0,
@@ -428,6 +448,37 @@ mod tests {
             lines[SITE_BURST as usize - 1].contains("further lines from this place are suppressed")
         );
         assert!(lines.last().unwrap().contains("another place still logs"));
+    }
+
+    /// `--module` (and `PUT /logger` `module`): only the records of modules whose path
+    /// starts with it; an empty module lifts the filter.
+    #[test]
+    fn a_module_filter_keeps_that_module_s_records_only() {
+        let path = scratch("module").join("log");
+        let logger = test_logger(open_sink(Some(&path)).unwrap());
+        logger.options.lock().unwrap().module = Some("vmm::api".into());
+        let from = |module: &'static str, line: u32, message: &str| {
+            logger.log(
+                &Record::builder()
+                    .level(Level::Warn)
+                    .module_path_static(Some(module))
+                    .file_static(Some("m.rs"))
+                    .line(Some(line))
+                    .args(format_args!("{message}"))
+                    .build(),
+            );
+        };
+        from("vmm::api::server", 1, "kept: the API's");
+        from("devices::virtio::block", 2, "dropped: a device's");
+        from("vmm::builder", 3, "dropped: the builder's");
+        logger.options.lock().unwrap().module = None;
+        from("devices::virtio::block", 4, "kept: no filter any more");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("kept: the API's") && text.contains("kept: no filter"),
+            "{text}"
+        );
+        assert!(!text.contains("dropped"), "{text}");
     }
 
     /// Runs `f` on a thread; a call that blocks fails the test instead of hanging it.

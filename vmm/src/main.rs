@@ -71,7 +71,18 @@ fn main() -> ExitCode {
         .as_ref()
         .and_then(|l| l.show_log_origin)
         .unwrap_or(cli.show_log_origin);
-    if let Err(e) = logger::init(&cli.id, level, log_path.as_deref(), show_level, show_origin) {
+    let module = logger_config
+        .as_ref()
+        .and_then(|l| l.module.clone())
+        .or_else(|| cli.module.clone());
+    if let Err(e) = logger::init(
+        &cli.id,
+        level,
+        log_path.as_deref(),
+        show_level,
+        show_origin,
+        module,
+    ) {
         return fail(exit_code::ARG_PARSING, e);
     }
     if let Err(e) = vmm::seccomp::init(cli.no_seccomp, cli.seccomp_filter.as_deref()) {

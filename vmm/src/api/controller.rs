@@ -63,6 +63,7 @@ fn put_logger(cfg: &crate::config::LoggerConfig) -> ApiResponse {
         cfg.log_path.as_deref(),
         cfg.show_level,
         cfg.show_log_origin,
+        cfg.module.clone(),
     ) {
         Ok(()) => ApiResponse::no_content(),
         Err(e) => ApiResponse::fault(e),

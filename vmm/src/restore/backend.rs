@@ -97,6 +97,10 @@ pub struct LoadSnapshotParams {
     /// Run the vCPUs at once (else they wait for PATCH /vm Resumed).
     pub resume_vm: bool,
     pub network_overrides: Vec<NetworkOverride>,
+    /// vHive's field: the file (a devmapper device, in vHive) now backing the container's
+    /// drive, whose path at snapshot time is gone. reapvm gives it to the one drive that is
+    /// not the root drive.
+    pub container_snapshot_path: Option<PathBuf>,
 }
 
 /// `PUT /snapshot/load` as sent.
@@ -117,6 +121,9 @@ struct LoadSnapshotBody {
     resume_vm: bool,
     #[serde(default)]
     network_overrides: Vec<NetworkOverride>,
+    /// vHive's Firecracker fork sends it on every load (empty: none).
+    #[serde(default)]
+    container_snapshot_path: Option<PathBuf>,
 }
 
 impl TryFrom<LoadSnapshotBody> for LoadSnapshotParams {
@@ -144,6 +151,9 @@ impl TryFrom<LoadSnapshotBody> for LoadSnapshotParams {
             track_dirty_pages: body.enable_diff_snapshots || body.track_dirty_pages,
             resume_vm: body.resume_vm,
             network_overrides: body.network_overrides,
+            container_snapshot_path: body
+                .container_snapshot_path
+                .filter(|p| !p.as_os_str().is_empty()),
         })
     }
 }
@@ -167,6 +177,18 @@ mod tests {
             }
         );
         assert!(!p.resume_vm && !p.track_dirty_pages);
+        assert_eq!(p.container_snapshot_path, None);
+        let p = parse(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "container_snapshot_path": "/dev/mapper/snap-1"}"#)
+            .unwrap();
+        assert_eq!(
+            p.container_snapshot_path,
+            Some(PathBuf::from("/dev/mapper/snap-1"))
+        );
+        let p = parse(
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "container_snapshot_path": ""}"#,
+        )
+        .unwrap();
+        assert_eq!(p.container_snapshot_path, None, "empty: none");
         let p = parse(
             r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#,
         )

@@ -51,6 +51,11 @@ pub enum RestoreError {
     },
     #[error("network_overrides names {iface_id}, which the snapshot does not have")]
     UnknownOverride { iface_id: String },
+    #[error("container_snapshot_path {path} needs exactly one drive besides the root drive; the snapshot has {drives}")]
+    ContainerDrive {
+        path: std::path::PathBuf,
+        drives: usize,
+    },
     #[error("the snapshot holds {saved} vCPU states for {configured} vCPUs")]
     VcpuCount { saved: usize, configured: u8 },
     #[error("the snapshot was taken on a {snapshot} CPU, this host is {host}")]
@@ -244,6 +249,18 @@ fn restored_config(
                 iface_id: o.iface_id.clone(),
             })?;
         iface.host_dev_name = o.host_dev_name.clone();
+    }
+    if let Some(path) = &params.container_snapshot_path {
+        let mut container = config.drives.iter_mut().filter(|d| !d.is_root_device);
+        match (container.next(), container.next()) {
+            (Some(drive), None) => drive.path_on_host = path.clone(),
+            _ => {
+                return Err(RestoreError::ContainerDrive {
+                    path: path.clone(),
+                    drives: config.drives.iter().filter(|d| !d.is_root_device).count(),
+                })
+            }
+        }
     }
     Ok(config)
 }
