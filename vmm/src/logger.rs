@@ -193,20 +193,7 @@ pub fn reconfigure(
 ) -> Result<(), LoggerError> {
     let new_sink = path.map(|p| open_sink(Some(p))).transpose()?;
     if let Some(logger) = LOGGER.get() {
-        let mut options = logger.options.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sink) = new_sink {
-            options.sink = sink;
-        }
-        if let Some(v) = show_level {
-            options.show_level = v;
-        }
-        if let Some(v) = show_origin {
-            options.show_origin = v;
-        }
-        if let Some(m) = module {
-            // An empty module lifts the filter.
-            options.module = Some(m).filter(|m| !m.is_empty());
-        }
+        logger.change(new_sink, show_level, show_origin, module);
     }
     if let Some(level) = level {
         log::set_max_level(level);
@@ -249,6 +236,32 @@ fn level_name(level: Level) -> &'static str {
         Level::Info => "INFO",
         Level::Debug => "DEBUG",
         Level::Trace => "TRACE",
+    }
+}
+
+impl Logger {
+    /// What `reconfigure` changes of a logger: `None` keeps a setting; an empty module
+    /// lifts the module filter.
+    fn change(
+        &self,
+        sink: Option<Sink>,
+        show_level: Option<bool>,
+        show_origin: Option<bool>,
+        module: Option<String>,
+    ) {
+        let mut options = self.options.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sink) = sink {
+            options.sink = sink;
+        }
+        if let Some(v) = show_level {
+            options.show_level = v;
+        }
+        if let Some(v) = show_origin {
+            options.show_origin = v;
+        }
+        if let Some(m) = module {
+            options.module = Some(m).filter(|m| !m.is_empty());
+        }
     }
 }
 
@@ -456,7 +469,7 @@ mod tests {
     fn a_module_filter_keeps_that_module_s_records_only() {
         let path = scratch("module").join("log");
         let logger = test_logger(open_sink(Some(&path)).unwrap());
-        logger.options.lock().unwrap().module = Some("vmm::api".into());
+        logger.change(None, None, None, Some("vmm::api".into()));
         let from = |module: &'static str, line: u32, message: &str| {
             logger.log(
                 &Record::builder()
@@ -471,7 +484,10 @@ mod tests {
         from("vmm::api::server", 1, "kept: the API's");
         from("devices::virtio::block", 2, "dropped: a device's");
         from("vmm::builder", 3, "dropped: the builder's");
-        logger.options.lock().unwrap().module = None;
+        // A PUT /logger without a module keeps the filter; an empty one lifts it.
+        logger.change(None, Some(true), None, None);
+        from("vmm::builder", 5, "dropped: still filtered");
+        logger.change(None, None, None, Some(String::new()));
         from("devices::virtio::block", 4, "kept: no filter any more");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(

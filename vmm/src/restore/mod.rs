@@ -51,7 +51,7 @@ pub enum RestoreError {
     },
     #[error("network_overrides names {iface_id}, which the snapshot does not have")]
     UnknownOverride { iface_id: String },
-    #[error("container_snapshot_path {path} needs exactly one drive besides the root drive; the snapshot has {drives}")]
+    #[error("container_snapshot_path {path} is for the one drive besides the root drive, but the snapshot has {drives} drives besides it")]
     ContainerDrive {
         path: std::path::PathBuf,
         drives: usize,
@@ -251,18 +251,24 @@ fn restored_config(
         iface.host_dev_name = o.host_dev_name.clone();
     }
     if let Some(path) = &params.container_snapshot_path {
-        let mut container = config.drives.iter_mut().filter(|d| !d.is_root_device);
-        match (container.next(), container.next()) {
-            (Some(drive), None) => drive.path_on_host = path.clone(),
-            _ => {
-                return Err(RestoreError::ContainerDrive {
-                    path: path.clone(),
-                    drives: config.drives.iter().filter(|d| !d.is_root_device).count(),
-                })
-            }
-        }
+        back_container_drive(&mut config, path)?;
     }
     Ok(config)
+}
+
+/// vHive's `container_snapshot_path`: `path` backs the one drive that is not the root drive.
+fn back_container_drive(config: &mut VmConfig, path: &std::path::Path) -> Result<(), RestoreError> {
+    let mut container = config.drives.iter_mut().filter(|d| !d.is_root_device);
+    match (container.next(), container.next()) {
+        (Some(drive), None) => {
+            drive.path_on_host = path.to_path_buf();
+            Ok(())
+        }
+        _ => Err(RestoreError::ContainerDrive {
+            path: path.to_path_buf(),
+            drives: config.drives.iter().filter(|d| !d.is_root_device).count(),
+        }),
+    }
 }
 
 /// A vmstate is untrusted input: its configuration is checked as a new one would be, its
@@ -512,6 +518,45 @@ mod tests {
         let mut config = VmConfig::default();
         config.machine_config.mem_size_mib = mem_size_mib;
         config
+    }
+
+    #[test]
+    fn the_container_path_backs_the_one_drive_besides_the_root() {
+        let drive = |id: &str, root: bool| crate::config::DriveConfig {
+            drive_id: id.into(),
+            path_on_host: format!("/old/{id}").into(),
+            is_root_device: root,
+            is_read_only: false,
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+            socket: None,
+        };
+        let new = std::path::Path::new("/dev/mapper/snap-7");
+        let mut one = config(128);
+        one.drives = vec![drive("rootfs", true), drive("ctr", false)];
+        back_container_drive(&mut one, new).unwrap();
+        assert_eq!(one.drives[1].path_on_host, new);
+        assert_eq!(
+            one.drives[0].path_on_host,
+            std::path::Path::new("/old/rootfs")
+        );
+        for drives in [
+            vec![drive("rootfs", true)],
+            vec![drive("rootfs", true), drive("a", false), drive("b", false)],
+        ] {
+            let mut c = config(128);
+            c.drives = drives;
+            let before = c.clone();
+            let e = back_container_drive(&mut c, new).unwrap_err().to_string();
+            let others = before.drives.len() - 1;
+            assert!(
+                e.contains("/dev/mapper/snap-7") && e.contains(&format!("has {others} drives")),
+                "{e}"
+            );
+            assert_eq!(c, before, "a refused path changes nothing");
+        }
     }
 
     #[test]
