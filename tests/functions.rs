@@ -192,6 +192,47 @@ fn network_rate_limiters_hold_each_direction_to_its_bandwidth() -> Result<(), Fa
     within("guest->host (the guest's transmit limiter)", took)
 }
 
+/// The entropy device in a Linux guest: the kernel's hw_random core takes virtio-rng as its
+/// source, and /dev/hwrng hands out bytes that differ from read to read. Without the device
+/// there is no /dev/hwrng source (the read fails with the reason).
+fn the_entropy_device_is_the_guest_s_hwrng() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("hwrng");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.entropy = true;
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = vm.invoke("hwrng", b"64")?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let words: Vec<&str> = text.split(' ').collect();
+        check(
+            status == 200
+                && words.len() == 3
+                && words[0].starts_with("virtio_rng")
+                && words[1] == "64"
+                && words[2].len() == 128,
+            || format!("hwrng: {status} {text}"),
+        )?;
+        seen.push(words[2].to_string());
+    }
+    check(
+        seen[0] != seen[1] && !seen[0].chars().all(|c| c == '0'),
+        || format!("two reads of /dev/hwrng gave {seen:?}"),
+    )?;
+    drop(vm);
+    let scratch = Scratch::new("no-hwrng");
+    let spec = VmSpec::read_only(&guest);
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let (status, body) = vm.invoke("hwrng", b"64")?;
+    check(status == 500, || {
+        format!(
+            "without an entropy device hwrng answered {status} {}",
+            String::from_utf8_lossy(&body)
+        )
+    })
+}
+
 fn several_drives_with_their_modes() -> Result<(), Failed> {
     let guest = GuestArtifacts::locate()?;
     let scratch = Scratch::new("drives");
@@ -444,6 +485,10 @@ fn main() -> ExitCode {
             Trial::test(
                 "network_rate_limiters_hold_each_direction_to_its_bandwidth",
                 network_rate_limiters_hold_each_direction_to_its_bandwidth,
+            ),
+            Trial::test(
+                "the_entropy_device_is_the_guest_s_hwrng",
+                the_entropy_device_is_the_guest_s_hwrng,
             ),
             Trial::test(
                 "a_drive_swapped_after_boot_shows_its_new_contents",

@@ -44,6 +44,8 @@ pub struct VmSpec {
     pub tap_made_by_reapvm: bool,
     /// `rx_rate_limiter` and `tx_rate_limiter` of the network interface (null: none).
     pub net_rate_limiters: [serde_json::Value; 2],
+    /// The entropy device (`entropy` in the config file).
+    pub entropy: bool,
 }
 
 impl VmSpec {
@@ -60,6 +62,7 @@ impl VmSpec {
             track_dirty_pages: false,
             tap_made_by_reapvm: false,
             net_rate_limiters: [serde_json::Value::Null, serde_json::Value::Null],
+            entropy: false,
         }
     }
 }
@@ -100,7 +103,7 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
     if let Some(f) = &spec.function {
         extra.push_str(&format!(" reapvm.function={f}"));
     }
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "boot-source": {"kernel_image_path": kernel, "boot_args": test_boot_args(&extra)},
         "drives": drives,
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:ac:10:00:02",
@@ -110,8 +113,11 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
             "mem_size_mib": spec.mem_mib,
             "track_dirty_pages": spec.track_dirty_pages,
         },
-    })
-    .to_string()
+    });
+    if spec.entropy {
+        config["entropy"] = serde_json::json!({});
+    }
+    config.to_string()
 }
 
 fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
