@@ -89,6 +89,7 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
     let mem = std::env::var("REAPVM_LAB_MEM_MIB").unwrap_or_else(|_| "6144".into());
     let mut verdicts = TestVerdicts::default();
     let mut attempt = 1;
+    let mut runs_without_progress = 0;
     loop {
         let mut skips = Vec::new();
         if retry == Retry::UnfinishedTests && attempt > 1 {
@@ -171,8 +172,14 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let progressed = verdicts.finished().count() > finished_before;
-        if attempt >= LAB_ATTEMPTS || (attempt > 1 && !progressed) {
+        // A lab fault that keeps the suite from any new verdict twice in a row (a test that
+        // may be what kills the lab) ends it; one after some progress is tried again.
+        if verdicts.finished().count() > finished_before {
+            runs_without_progress = 0;
+        } else {
+            runs_without_progress += 1;
+        }
+        if attempt >= LAB_ATTEMPTS || runs_without_progress >= 2 {
             eprintln!(
                 "{what}: {fault}, before the run finished, in {attempt} lab run(s); giving up"
             );
