@@ -318,9 +318,10 @@ impl Net {
         };
         let mem = active.mem.clone();
         let limiter = &mut self.tx_limiter;
+        // The frame's length is summed only when a limit needs it: this runs per frame.
         let admit = |chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>| {
-            let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
-            limiter.is_unlimited() || limiter.consume_request(bytes)
+            limiter.is_unlimited()
+                || limiter.consume_request(chain.clone().map(|d| u64::from(d.len())).sum())
         };
         let sent = serve_admitted(&mut active.queues[TX], &mem, admit, |chain| {
             match Reader::new(&mem, chain) {
