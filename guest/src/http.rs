@@ -1,8 +1,9 @@
 //! A small HTTP/1.1 server for the invocation path: persistent connections, Content-Length
-//! and chunked request bodies, one thread per connection.
+//! and chunked request bodies, one thread per connection, over TCP or vsock.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,13 +210,9 @@ pub fn write_response(
 
 pub type Handler = dyn Fn(&Request) -> Response + Send + Sync;
 
-fn serve_connection(stream: TcpStream, handler: &Handler) {
-    let _ = stream.set_nodelay(true);
-    // An idle client must not pin a thread forever.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
-    let Ok(write_half) = stream.try_clone() else {
-        return;
-    };
+/// Serves one connection's requests in turn. `stream` is a TCP socket or, for vsock (whose
+/// descriptors read and write like any stream socket), a `UnixStream` over the descriptor.
+fn serve_connection<S: Read + Write>(stream: S, write_half: S, handler: &Handler) {
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut writer = std::io::BufWriter::with_capacity(64 << 10, write_half);
     loop {
@@ -239,21 +236,65 @@ fn serve_connection(stream: TcpStream, handler: &Handler) {
     }
 }
 
-/// Accepts connections forever, each served on its own thread.
+/// Accepts TCP connections forever, each served on its own thread.
 pub fn serve(listener: TcpListener, handler: Arc<Handler>) {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                let handler = handler.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("http-conn".into())
-                    .spawn(move || serve_connection(stream, &*handler));
-                if let Err(e) = spawned {
-                    eprintln!("reapvm-agent: cannot start a connection thread: {e}");
+                let _ = stream.set_nodelay(true);
+                // An idle client must not pin a thread forever.
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+                if let Ok(write_half) = stream.try_clone() {
+                    spawn_connection("http-conn", stream, write_half, handler.clone());
                 }
             }
             Err(e) => eprintln!("reapvm-agent: accept failed: {e}"),
         }
+    }
+}
+
+/// Accepts connections on a listening stream socket of another family (vsock) forever.
+pub fn serve_fd(listener: std::os::fd::OwnedFd, handler: Arc<Handler>) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    loop {
+        // SAFETY: accept4 on a listening socket we own; null address pointers are allowed.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                eprintln!("reapvm-agent: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        // SAFETY: fd was just returned by accept4 and is ours alone.
+        let stream = unsafe { UnixStream::from_raw_fd(fd) };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+        if let Ok(write_half) = stream.try_clone() {
+            spawn_connection("vsock-conn", stream, write_half, handler.clone());
+        }
+    }
+}
+
+/// Serves one connection on a thread of its own.
+fn spawn_connection<S: Read + Write + Send + 'static>(
+    name: &str,
+    stream: S,
+    write_half: S,
+    handler: Arc<Handler>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || serve_connection(stream, write_half, &*handler));
+    if let Err(e) = spawned {
+        eprintln!("reapvm-agent: cannot start a connection thread: {e}");
     }
 }
 

@@ -1,5 +1,6 @@
 //! reapvm-agent: the guest's PID 1. Mounts the kernel filesystems, reports what the guest
-//! sees, starts the function runtime and the invocation server (HTTP on port 8080), signals
+//! sees, starts the function runtime and the invocation server (HTTP on TCP port 8080, and
+//! on vsock port 8080 when the VM has a vsock device), signals
 //! readiness to the VMM, then stays as init (reaping orphans) or reboots, as the kernel
 //! command line says (`reapvm.exit=stay|reboot`, `reapvm.function=NAME`).
 
@@ -11,6 +12,7 @@ mod report;
 mod runtime;
 mod server;
 mod system;
+mod vsock;
 
 use std::io::Write;
 use std::path::Path;
@@ -57,6 +59,12 @@ fn main() {
             std::thread::spawn(move || http::serve(listener, handler));
         }
         Err(e) => eprintln!("reapvm-agent: cannot listen on port {INVOKE_PORT}: {e}"),
+    }
+    // Only a VM with a vsock device has a vsock transport: elsewhere this fails, quietly.
+    if let Ok(listener) = vsock::listen(u32::from(INVOKE_PORT)) {
+        let handler = server::handler(state.clone());
+        std::thread::spawn(move || http::serve_fd(listener, handler));
+        println!("reapvm-agent: listening on vsock port {INVOKE_PORT}");
     }
     println!(
         "reapvm-agent: ready: functions={}",

@@ -46,6 +46,8 @@ pub struct VmSpec {
     pub net_rate_limiters: [serde_json::Value; 2],
     /// The entropy device (`entropy` in the config file).
     pub entropy: bool,
+    /// A vsock device for guest CID 3 with this `uds_path`.
+    pub vsock: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -63,6 +65,7 @@ impl VmSpec {
             tap_made_by_reapvm: false,
             net_rate_limiters: [serde_json::Value::Null, serde_json::Value::Null],
             entropy: false,
+            vsock: None,
         }
     }
 }
@@ -116,6 +119,9 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
     });
     if spec.entropy {
         config["entropy"] = serde_json::json!({});
+    }
+    if let Some(uds_path) = &spec.vsock {
+        config["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": uds_path});
     }
     config.to_string()
 }

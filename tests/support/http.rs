@@ -1,12 +1,15 @@
-//! A minimal HTTP/1.1 client for talking to the guest agent over a kept-alive connection.
+//! A minimal HTTP/1.1 client for talking to the guest agent over a kept-alive connection
+//! (TCP through the VM's network, or vsock through reapvm's Unix socket).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
 pub struct HttpConn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    reader: BufReader<Box<dyn Read + Send>>,
+    writer: Box<dyn Write + Send>,
 }
 
 impl HttpConn {
@@ -17,8 +20,20 @@ impl HttpConn {
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
         Ok(Self {
-            reader: BufReader::new(stream),
-            writer,
+            reader: BufReader::new(Box::new(stream)),
+            writer: Box::new(writer),
+        })
+    }
+
+    /// Over a vsock connection made with [`vsock_connect`].
+    pub fn over_unix(stream: UnixStream, timeout: Duration) -> Result<Self, String> {
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        Ok(Self {
+            reader: BufReader::new(Box::new(stream)),
+            writer: Box::new(writer),
         })
     }
 
@@ -68,6 +83,36 @@ impl HttpConn {
             .map_err(|e| format!("read body of {method} {path}: {e}"))?;
         Ok((status, body))
     }
+}
+
+/// Firecracker's host-initiated vsock connection: connect to the VM's `uds_path`, ask for
+/// guest port `port` (`CONNECT PORT\n`), and read reapvm's `OK HOSTPORT\n`. The stream then
+/// carries the guest's bytes; the host port is returned with it.
+pub fn vsock_connect(uds_path: &Path, port: u32) -> Result<(UnixStream, u32), String> {
+    let mut stream = UnixStream::connect(uds_path)
+        .map_err(|e| format!("connect {}: {e}", uds_path.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("send CONNECT {port}: {e}"))?;
+    // One byte at a time: what follows the line is the guest's.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') && line.len() < 64 {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) => return Err(format!("read the answer to CONNECT {port}: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    let host_port = text
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("CONNECT {port} answered {text:?}, not OK HOSTPORT"))?;
+    Ok((stream, host_port))
 }
 
 /// One request over a Unix socket (the VMM's API), `Connection: close`: (status, body).

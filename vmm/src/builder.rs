@@ -16,6 +16,7 @@ use devices::legacy::{
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
 use devices::virtio::rng::{Rng, RngError};
+use devices::virtio::vsock::{Vsock, VsockError};
 use devices::{Bus, EventFdTrigger, Persist};
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
@@ -38,6 +39,8 @@ const I8042_KBD_IRQ: u32 = 1;
 /// The entropy device's id on the MMIO bus and in snapshots (it is attached after the
 /// network interfaces).
 pub(crate) const ENTROPY_ID: &str = "entropy";
+/// The vsock device's id in snapshots (Firecracker's `vsock_id` is deprecated and ignored).
+pub(crate) const VSOCK_ID: &str = "vsock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -73,6 +76,8 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error(transparent)]
     Rng(#[from] RngError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
     #[error("root drive {id} at {path} is not an ext2/3/4 filesystem (no ext superblock magic)")]
@@ -131,6 +136,10 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     let mut cmdline = loader::build_cmdline(boot_source.boot_args())?;
     // Drives and taps are opened now too: a missing file or tap fails before KVM is touched.
     let (blocks, nets) = open_devices(config)?;
+    let vsock = match &config.vsock {
+        Some(v) => Some(Vsock::new(u64::from(v.guest_cid), &v.uds_path)?),
+        None => None,
+    };
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     for (cap, name) in [
@@ -189,6 +198,15 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
             &guest_memory,
             ENTROPY_ID,
             Arc::new(Mutex::new(rng)),
+            None,
+        )?;
+    }
+    if let Some(vsock) = vsock {
+        mmio.attach(
+            &vm,
+            &guest_memory,
+            VSOCK_ID,
+            Arc::new(Mutex::new(vsock)),
             None,
         )?;
     }

@@ -36,6 +36,10 @@ pub enum ConfigError {
     MemoryTooSmall(u64),
     #[error("config: mem_size_mib {size_mib} is more than this host's {host_mib} MiB of RAM")]
     MemoryTooLarge { size_mib: u64, host_mib: u64 },
+    #[error("config: vsock guest_cid {0} is reserved: use 3 or more")]
+    VsockCid(u32),
+    #[error("config: vsock uds_path is empty")]
+    VsockPath,
     #[error("config: `{0}` is not supported by reapvm yet")]
     Unsupported(&'static str),
     #[error("config: cpu_template {0:?} is not supported (only \"None\")")]
@@ -195,7 +199,7 @@ pub struct VmConfig {
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<VsockConfig>,
     #[serde(default)]
     pub balloon: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default)]
@@ -219,11 +223,38 @@ pub struct EntropyConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// The vsock device (`vsock` in the config file, `PUT /vsock`): virtio-vsock with
+/// Firecracker's Unix-socket backend (docs/api.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Deprecated in Firecracker and ignored there too; kept so clients that send it work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's address (3 or more; 0-2 are reserved).
+    pub guest_cid: u32,
+    /// Host programs connect here (`CONNECT PORT\n`); the guest's connections to host port
+    /// PORT go to `uds_path_PORT`.
+    pub uds_path: PathBuf,
+}
+
 /// Where metrics go (`metrics` in the config file, `PUT /metrics`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub metrics_path: PathBuf,
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err(ConfigError::VsockPath);
+        }
+        Ok(())
+    }
 }
 
 impl VmConfig {
@@ -245,8 +276,10 @@ impl VmConfig {
         }
         self.validate_drives()?;
         self.validate_network_interfaces()?;
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
         let unsupported = [
-            ("vsock", self.vsock.is_some()),
             ("balloon", self.balloon.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
@@ -453,13 +486,36 @@ mod tests {
     }
 
     #[test]
-    fn later_features_are_named() {
+    fn vsock_takes_firecracker_s_fields_and_checks_the_cid() {
+        let with = |vsock: &str| {
+            parse(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "k"}}, "vsock": {vsock}}}"#
+            ))
+        };
         let cfg =
-            parse(r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 3}}"#)
-                .unwrap();
+            with(r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}"#).unwrap();
+        cfg.validate(HOST).unwrap();
+        assert_eq!(cfg.vsock.unwrap().guest_cid, 3);
+        let reserved = with(r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#).unwrap();
+        let e = reserved.validate(HOST).unwrap_err().to_string();
+        assert!(e.contains("guest_cid 2"), "{e}");
+        let empty = with(r#"{"guest_cid": 3, "uds_path": ""}"#).unwrap();
+        assert!(matches!(empty.validate(HOST), Err(ConfigError::VsockPath)));
+        for bad in [
+            r#"{"guest_cid": 3}"#,
+            r#"{"guest_cid": -1, "uds_path": "/v"}"#,
+            r#"{"guest_cid": 3, "uds_path": "/v", "bogus": 1}"#,
+        ] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn later_features_are_named() {
+        let cfg = parse(r#"{"boot-source": {"kernel_image_path": "k"}, "balloon": {}}"#).unwrap();
         assert!(matches!(
             cfg.validate(HOST),
-            Err(ConfigError::Unsupported("vsock"))
+            Err(ConfigError::Unsupported("balloon"))
         ));
         let cfg = parse(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#).unwrap();
         assert!(matches!(

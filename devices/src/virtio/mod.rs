@@ -5,6 +5,7 @@ pub mod mmio;
 pub mod net;
 mod one_queue;
 pub mod rng;
+pub mod vsock;
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -22,6 +23,7 @@ pub enum VirtioDeviceState {
     Block(block::BlockState),
     Net(net::NetState),
     Rng(rng::RngState),
+    Vsock(vsock::VsockState),
 }
 
 impl From<block::BlockState> for VirtioDeviceState {
@@ -33,6 +35,12 @@ impl From<block::BlockState> for VirtioDeviceState {
 impl From<rng::RngState> for VirtioDeviceState {
     fn from(state: rng::RngState) -> Self {
         Self::Rng(state)
+    }
+}
+
+impl From<vsock::VsockState> for VirtioDeviceState {
+    fn from(state: vsock::VsockState) -> Self {
+        Self::Vsock(state)
     }
 }
 
@@ -49,6 +57,7 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -243,6 +252,59 @@ impl RetiredEvents {
                 event_manager::EventSet::IN,
             ));
         }
+    }
+}
+
+/// The queues a device with several of them (net, vsock) serves while active, and what it
+/// needs to serve them.
+pub(crate) struct ActiveQueues<const N: usize> {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: std::sync::Arc<Interrupt>,
+    pub queues: [Queue; N],
+    pub queue_evts: [EventFd; N],
+    /// The queue events are on the event loop.
+    pub registered: bool,
+    /// The driver broke a queue: nothing is served until it resets the device.
+    pub broken: bool,
+}
+
+impl<const N: usize> ActiveQueues<N> {
+    pub fn new(ctx: ActivateContext) -> Result<Self, ActivateError> {
+        let got = ctx.queues.len();
+        let (Ok(queues), Ok(queue_evts)) = (
+            <[Queue; N]>::try_from(ctx.queues),
+            <[EventFd; N]>::try_from(ctx.queue_evts),
+        ) else {
+            return Err(ActivateError::QueueCount { got, want: N });
+        };
+        Ok(Self {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            queues,
+            queue_evts,
+            registered: false,
+            broken: false,
+        })
+    }
+
+    /// Puts the queue events on the event loop, once per activation.
+    pub fn register(&mut self, ops: &mut event_manager::EventOps, device: &str) {
+        if self.registered {
+            return;
+        }
+        for evt in &self.queue_evts {
+            if let Err(e) = ops.add(event_manager::Events::new(evt, event_manager::EventSet::IN)) {
+                log::error!("{device}: cannot watch a queue: {e}");
+            }
+        }
+        self.registered = true;
+    }
+
+    /// Stops serving every queue after the driver broke `queue`'s rules.
+    pub fn stop(&mut self, device: &str, queue: &str, e: &QueueError) {
+        log::error!("{device}: {queue} queue: {e}; the device stops until the driver resets it");
+        self.broken = true;
+        self.interrupt.device_needs_reset();
     }
 }
 

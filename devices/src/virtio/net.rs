@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
 use crate::{GuestMemoryMmap, Persist};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -15,8 +14,8 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    pop_checked, serve_admitted, ActivateContext, ActivateError, Interrupt, QueueError,
-    RetiredEvents, VirtioDevice, TYPE_NET,
+    pop_checked, serve_admitted, ActivateContext, ActivateError, ActiveQueues, RetiredEvents,
+    VirtioDevice, TYPE_NET,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -61,27 +60,6 @@ pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(part, 16).ok()?;
     }
     parts.next().is_none().then_some(out)
-}
-
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: [Queue; 2],
-    queue_evts: [EventFd; 2],
-    registered: bool,
-    /// The driver broke a queue: nothing is served until it resets the device.
-    broken: bool,
-}
-
-impl Active {
-    /// Stops serving both queues after the driver broke `queue`'s rules.
-    fn stop(&mut self, id: &str, queue: &str, e: &QueueError) {
-        log::error!(
-            "virtio-net {id}: {queue} queue: {e}; the device stops until the driver resets it"
-        );
-        self.broken = true;
-        self.interrupt.device_needs_reset();
-    }
 }
 
 /// A network interface in a snapshot: what its guest saw of it. The tap comes from the
@@ -136,7 +114,7 @@ pub struct Net {
     tap: Tap,
     mac: Option<[u8; 6]>,
     activate_evt: EventFd,
-    active: Option<Active>,
+    active: Option<ActiveQueues<2>>,
     /// Queue events of a reset activation, unregistered on the next wake-up.
     retired: RetiredEvents,
     /// A frame read from the tap that found no receive buffer yet.
@@ -264,7 +242,7 @@ impl Net {
                     return (used, true);
                 }
                 Err(e) => {
-                    active.stop(&self.id, "receive", &e);
+                    active.stop(&format!("virtio-net {}", self.id), "receive", &e);
                     return (true, true);
                 }
             };
@@ -346,7 +324,7 @@ impl Net {
         match sent {
             Ok(used) => used && active.queues[TX].needs_notification(&mem).unwrap_or(true),
             Err(e) => {
-                active.stop(&self.id, "transmit", &e);
+                active.stop(&format!("virtio-net {}", self.id), "transmit", &e);
                 true
             }
         }
@@ -422,39 +400,23 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let (Ok(queues), Ok(queue_evts)) = (
-            <[Queue; 2]>::try_from(ctx.queues),
-            <[EventFd; 2]>::try_from(ctx.queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { got, want: 2 });
-        };
+        let acked_features = ctx.acked_features;
+        let active = ActiveQueues::new(ctx)?;
         let mut offload = 0;
-        if ctx.acked_features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        if acked_features & VIRTIO_NET_F_GUEST_CSUM != 0 {
             offload |= TUN_F_CSUM;
-            if ctx.acked_features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            if acked_features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
                 offload |= TUN_F_TSO4;
             }
-            if ctx.acked_features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            if acked_features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
                 offload |= TUN_F_TSO6;
             }
         }
         self.tap
             .set_offload(offload)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        debug_assert_eq!(
-            ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF,
-            0,
-            "never offered"
-        );
-        self.active = Some(Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queues,
-            queue_evts,
-            registered: false,
-            broken: false,
-        });
+        debug_assert_eq!(acked_features & VIRTIO_NET_F_MRG_RXBUF, 0, "never offered");
+        self.active = Some(active);
         self.activate_evt.write(1).map_err(ActivateError::Event)
     }
 
@@ -526,14 +488,7 @@ impl MutEventSubscriber for Net {
                 self.watch_tap(ops, false);
                 return;
             };
-            if !active.registered {
-                for evt in &active.queue_evts {
-                    if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                        log::error!("virtio-net {}: cannot watch a queue: {e}", self.id);
-                    }
-                }
-                active.registered = true;
-            }
+            active.register(ops, &format!("virtio-net {}", self.id));
             if self.paused {
                 return;
             }

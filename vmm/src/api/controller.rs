@@ -193,6 +193,7 @@ fn configures_boot(request: &ApiRequest) -> bool {
             | ApiRequest::PutNetworkInterface(_)
             | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
+            | ApiRequest::PutVsock(_)
     )
 }
 
@@ -324,6 +325,13 @@ fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiRe
             config.entropy = Some(entropy);
             ApiResponse::no_content()
         }
+        ApiRequest::PutVsock(vsock) => match vsock.validate() {
+            Ok(()) => {
+                config.vsock = Some(vsock);
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::fault(e),
+        },
         ApiRequest::PutLogger(cfg) => put_logger(&cfg),
         ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
         ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
@@ -459,7 +467,8 @@ impl RunningApi {
             | ApiRequest::PutBootSource(_)
             | ApiRequest::PutDrive(_)
             | ApiRequest::PutNetworkInterface(_)
-            | ApiRequest::PutEntropy(_) => ApiResponse::fault(NOT_AFTER_START),
+            | ApiRequest::PutEntropy(_)
+            | ApiRequest::PutVsock(_) => ApiResponse::fault(NOT_AFTER_START),
         }
     }
 }
@@ -622,8 +631,23 @@ mod tests {
             400
         );
 
+        let r = put(
+            &mut config,
+            "/vsock",
+            r#"{"guest_cid": 2, "uds_path": "/v.sock"}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert!(r.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("guest_cid 2"));
+        assert!(config.vsock.is_none());
+        let vsock = r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/v.sock"}"#;
+        assert_eq!(put(&mut config, "/vsock", vsock).status, 204);
+
         let r = handle_preboot(&mut config, "t", ApiRequest::GetVmConfig);
         let body = r.body.unwrap();
+        assert_eq!(body["vsock"]["guest_cid"], 3);
         assert_eq!(body["machine-config"]["mem_size_mib"], 512);
         assert_eq!(body["drives"][0]["drive_id"], "d1");
         let r = handle_preboot(&mut config, "vm-7", ApiRequest::GetInstanceInfo);

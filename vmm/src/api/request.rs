@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::config::{
     BootSource, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterfaceConfig,
+    NetworkInterfaceConfig, VsockConfig,
 };
 pub use crate::restore::LoadSnapshotParams;
 
@@ -103,6 +103,7 @@ pub enum ApiRequest {
     PatchNetworkInterface(NetworkInterfaceUpdate),
     PutLogger(LoggerConfig),
     PutEntropy(EntropyConfig),
+    PutVsock(VsockConfig),
     PutMetrics(MetricsConfig),
     Action(Action),
     PatchVm(VmStateChange),
@@ -188,6 +189,7 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiEr
         ("PUT", ["logger"]) => ApiRequest::PutLogger(body(m, path, bytes)?),
         ("PUT", ["metrics"]) => ApiRequest::PutMetrics(body(m, path, bytes)?),
         ("PUT", ["entropy"]) => ApiRequest::PutEntropy(body(m, path, bytes)?),
+        ("PUT", ["vsock"]) => ApiRequest::PutVsock(body(m, path, bytes)?),
         ("PUT", ["actions"]) => ApiRequest::Action(body::<ActionBody>(m, path, bytes)?.action_type),
         ("PATCH", ["vm"]) => ApiRequest::PatchVm(body::<VmBody>(m, path, bytes)?.state),
         ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(body(m, path, bytes)?),
@@ -243,6 +245,25 @@ mod tests {
             Ok(ApiRequest::PutEntropy(EntropyConfig { rate_limiter: None }))
         );
         assert!(parse("PUT", "/entropy", br#"{"bogus": 1}"#).is_err());
+        let r = parse(
+            "PUT",
+            "/vsock",
+            br#"{"guest_cid": 3, "uds_path": "/v.sock"}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PutVsock(v) if v.guest_cid == 3));
+        let e = parse("PUT", "/vsock", br#"{"guest_cid": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uds_path"), "{e}");
+        let e = parse(
+            "PUT",
+            "/vsock",
+            br#"{"guest_cid": 3, "uds_path": "/v", "cid": 1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cid"), "{e}");
         let r = parse(
             "PUT",
             "/snapshot/load",

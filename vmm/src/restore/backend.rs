@@ -86,6 +86,14 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// `vsock_override` on load: the restored vsock device listens here instead of its saved
+/// `uds_path` (which the snapshotted VM may still hold).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
 /// `PUT /snapshot/load`, checked.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "LoadSnapshotBody")]
@@ -97,6 +105,7 @@ pub struct LoadSnapshotParams {
     /// Run the vCPUs at once (else they wait for PATCH /vm Resumed).
     pub resume_vm: bool,
     pub network_overrides: Vec<NetworkOverride>,
+    pub vsock_override: Option<VsockOverride>,
     /// vHive's field: the file (a devmapper device, in vHive) now backing the container's
     /// drive, whose path at snapshot time is gone. reapvm gives it to the one drive that is
     /// not the root drive.
@@ -121,6 +130,8 @@ struct LoadSnapshotBody {
     resume_vm: bool,
     #[serde(default)]
     network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    vsock_override: Option<VsockOverride>,
     /// vHive's Firecracker fork sends it on every load (empty: none).
     #[serde(default)]
     container_snapshot_path: Option<PathBuf>,
@@ -151,6 +162,7 @@ impl TryFrom<LoadSnapshotBody> for LoadSnapshotParams {
             track_dirty_pages: body.enable_diff_snapshots || body.track_dirty_pages,
             resume_vm: body.resume_vm,
             network_overrides: body.network_overrides,
+            vsock_override: body.vsock_override,
             container_snapshot_path: body
                 .container_snapshot_path
                 .filter(|p| !p.as_os_str().is_empty()),

@@ -6,7 +6,7 @@
 pub mod backend;
 pub mod memory;
 
-pub use backend::{LoadSnapshotParams, MemoryBackend, NetworkOverride};
+pub use backend::{LoadSnapshotParams, MemoryBackend, NetworkOverride, VsockOverride};
 pub use memory::{MemoryRestoreContext, MemoryRestoreError, RestoredMemory};
 
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use std::time::Instant;
 use devices::virtio::block::{Block, BlockArgs};
 use devices::virtio::net::{Net, NetArgs};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::{Vsock, VsockArgs};
 use devices::virtio::VirtioDeviceState;
 use devices::Persist;
 use kvm_ioctls::{Cap, Kvm};
@@ -49,6 +50,8 @@ pub enum RestoreError {
         expected: String,
         mem_size_mib: u64,
     },
+    #[error("vsock_override is given, but the snapshot has no vsock device")]
+    VsockOverride,
     #[error("network_overrides names {iface_id}, which the snapshot does not have")]
     UnknownOverride { iface_id: String },
     #[error("container_snapshot_path {path} is for the one drive besides the root drive, but the snapshot has {drives} drives besides it")]
@@ -175,6 +178,9 @@ pub fn restore_vm(
     if let Some((rng, saved)) = devices.rng {
         attach_saved(&mut mmio, &vm, &memory.guest_memory, saved, rng)?;
     }
+    if let Some((vsock, saved)) = devices.vsock {
+        attach_saved(&mut mmio, &vm, &memory.guest_memory, saved, vsock)?;
+    }
 
     let mmio_bus = builder::vcpu_mmio_bus(mmio.bus(), &legacy, &config)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -249,6 +255,10 @@ fn restored_config(
                 iface_id: o.iface_id.clone(),
             })?;
         iface.host_dev_name = o.host_dev_name.clone();
+    }
+    if let Some(o) = &params.vsock_override {
+        let vsock = config.vsock.as_mut().ok_or(RestoreError::VsockOverride)?;
+        vsock.uds_path = o.uds_path.clone();
     }
     if let Some(path) = &params.container_snapshot_path {
         back_container_drive(&mut config, path)?;
@@ -364,6 +374,7 @@ struct RestoredDevices<'a> {
     blocks: Vec<(Block, &'a DeviceState)>,
     nets: Vec<(Net, &'a DeviceState)>,
     rng: Option<(Rng, &'a DeviceState)>,
+    vsock: Option<(Vsock, &'a DeviceState)>,
 }
 
 fn restore_devices<'a>(
@@ -437,10 +448,33 @@ fn restore_devices<'a>(
             Some((rng, dev))
         }
     };
+    let vsock = match &config.vsock {
+        None => None,
+        Some(vsock) => {
+            let dev = next_saved(&mut saved, builder::VSOCK_ID)?;
+            let args = VsockArgs {
+                uds_path: vsock.uds_path.clone(),
+            };
+            let device = match &dev.device {
+                Some(VirtioDeviceState::Vsock(s)) => Vsock::restore(args, s),
+                None => return Err(RestoreError::DeviceMissing(builder::VSOCK_ID.into())),
+                Some(other) => {
+                    return Err(device_mismatch(builder::VSOCK_ID, "vsock device", other))
+                }
+            }
+            .map_err(BuildError::from)?;
+            Some((device, dev))
+        }
+    };
     if let Some(extra) = saved.next() {
         return Err(RestoreError::DeviceExtra(extra.id.clone()));
     }
-    Ok(RestoredDevices { blocks, nets, rng })
+    Ok(RestoredDevices {
+        blocks,
+        nets,
+        rng,
+        vsock,
+    })
 }
 
 fn device_mismatch(id: &str, configured: &'static str, saved: &VirtioDeviceState) -> RestoreError {
@@ -448,6 +482,7 @@ fn device_mismatch(id: &str, configured: &'static str, saved: &VirtioDeviceState
         VirtioDeviceState::Block(s) => format!("drive {}", s.id),
         VirtioDeviceState::Net(s) => format!("network interface {}", s.id),
         VirtioDeviceState::Rng(_) => "entropy device".to_string(),
+        VirtioDeviceState::Vsock(_) => "vsock device".to_string(),
     };
     RestoreError::DeviceMismatch {
         id: id.to_string(),
