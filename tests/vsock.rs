@@ -112,7 +112,8 @@ fn invocations_and_guest_connections_over_vsock() -> Result<(), Failed> {
     spec.vsock = Some(uds_path.clone());
     let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
     check(
-        vm.console().contains("listening on vsock port 8080"),
+        vm.console()
+            .contains("listening on vsock port 8080 (CID 3)"),
         || vm.describe(),
     )?;
     // A small invocation, then a large answer (guest to host, past the host's credit).
@@ -208,12 +209,19 @@ fn vsock_works_again_after_a_snapshot_load() -> Result<(), Failed> {
         "snapshot_path": vmstate,
         "mem_backend": {"backend_type": "File", "backend_path": mem},
         "vsock_override": {"uds_path": new_uds},
-        "resume_vm": true,
+        "resume_vm": false,
     });
     let (status, answer) = vmm.load_body(&load)?;
     check(status == 204, || {
         format!("snapshot/load: {status} {answer}\n{}", vmm.log_tail())
     })?;
+    // Loaded paused: the devices are paused too, and the guest is told nothing yet.
+    std::thread::sleep(Duration::from_secs(1));
+    let log = std::fs::read_to_string(&debug_log)?;
+    check(!log.contains("transport was reset"), || {
+        format!("a paused VM's vsock device wrote to the guest:\n{log}")
+    })?;
+    set_vm_state(&vmm.socket, "Resumed")?;
     let (status, body) = invoke_over_vsock(&new_uds, "counter", b"").map_err(|e| {
         format!(
             "{e}\n{}\n{}",

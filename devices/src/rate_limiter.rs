@@ -20,7 +20,7 @@ const MAX_OVERDRAWN_WAIT: Duration = Duration::from_secs(3600);
 
 /// A monotonic timerfd whose reads never block: the event loop that reads it also serves the
 /// API, and a timer cleared after epoll reported it must not stop the loop.
-fn nonblocking_timer() -> Result<TimerFd, RateLimiterError> {
+pub(crate) fn nonblocking_timer() -> std::io::Result<TimerFd> {
     // SAFETY: timerfd_create takes no pointers; the result is checked.
     let fd = unsafe {
         libc::timerfd_create(
@@ -29,7 +29,7 @@ fn nonblocking_timer() -> Result<TimerFd, RateLimiterError> {
         )
     };
     if fd < 0 {
-        return Err(RateLimiterError::Timer(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a timerfd just created and owned by nothing else.
     Ok(unsafe { TimerFd::from_raw_fd(fd) })
@@ -245,7 +245,7 @@ impl RateLimiter {
         Ok(Self {
             bandwidth: config.bandwidth.and_then(TokenBucket::new),
             ops: config.ops.and_then(TokenBucket::new),
-            timer: nonblocking_timer()?,
+            timer: nonblocking_timer().map_err(RateLimiterError::Timer)?,
             blocked: false,
         })
     }
@@ -374,7 +374,7 @@ impl RateLimiter {
         Ok(Self {
             bandwidth: state.bandwidth.as_ref().and_then(bucket),
             ops: state.ops.as_ref().and_then(bucket),
-            timer: nonblocking_timer()?,
+            timer: nonblocking_timer().map_err(RateLimiterError::Timer)?,
             blocked: false,
         })
     }

@@ -60,11 +60,16 @@ fn main() {
         }
         Err(e) => eprintln!("reapvm-agent: cannot listen on port {INVOKE_PORT}: {e}"),
     }
-    // Only a VM with a vsock device has a vsock transport: elsewhere this fails, quietly.
-    if let Ok(listener) = vsock::listen(u32::from(INVOKE_PORT)) {
-        let handler = server::handler(state.clone());
-        std::thread::spawn(move || http::serve_fd(listener, handler));
-        println!("reapvm-agent: listening on vsock port {INVOKE_PORT}");
+    // Only a VM with a vsock device has a CID to be reached at.
+    if let Some(cid) = vsock::local_cid() {
+        match vsock::listen(u32::from(INVOKE_PORT)) {
+            Ok(listener) => {
+                let handler = server::handler(state.clone());
+                std::thread::spawn(move || http::serve_fd(listener, handler));
+                println!("reapvm-agent: listening on vsock port {INVOKE_PORT} (CID {cid})");
+            }
+            Err(e) => eprintln!("reapvm-agent: cannot listen on vsock port {INVOKE_PORT}: {e}"),
+        }
     }
     println!(
         "reapvm-agent: ready: functions={}",

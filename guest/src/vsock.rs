@@ -1,10 +1,22 @@
 //! The agent's vsock listener: invocations reach a VM with no network device over vsock
 //! (Firecracker's host side: `CONNECT 8080` on the VM's `uds_path`).
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// Listens on vsock port `port` for any CID. Fails where the kernel has no vsock transport
-/// (no vsock device: the agent then serves TCP only).
+/// IOCTL_VM_SOCKETS_GET_LOCAL_CID: _IO(7, 0xb9).
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+
+/// The guest's vsock address, or None without a vsock device: the kernel's vsock core is
+/// built in and takes listeners either way, but only a device gives the guest a CID.
+pub fn local_cid() -> Option<u32> {
+    let dev = std::fs::File::open("/dev/vsock").ok()?;
+    let mut cid: u32 = libc::VMADDR_CID_ANY;
+    // SAFETY: the ioctl writes one u32 into `cid`, which we own.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID, &mut cid) };
+    (rc == 0 && cid != libc::VMADDR_CID_ANY).then_some(cid)
+}
+
+/// Listens on vsock port `port` for any CID.
 pub fn listen(port: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };

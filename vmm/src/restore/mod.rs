@@ -197,6 +197,11 @@ pub fn restore_vm(
     let control = if params.resume_vm {
         RunControl::new()
     } else {
+        // Paused means the devices too: none may touch guest memory (a frame from the tap,
+        // a vsock event) before PATCH /vm Resumed.
+        for device in mmio.devices() {
+            device.lock().unwrap_or_else(|p| p.into_inner()).pause();
+        }
         RunControl::new_paused()
     };
     let recorder = memory.recorder.clone();

@@ -6,6 +6,7 @@
 use std::io::{ErrorKind, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::packet::{Header, HOST_CID, TYPE_STREAM};
 
@@ -48,6 +49,11 @@ pub struct Connection {
     pub peer_shutdown: u32,
     /// The host socket reached its end; the guest was told.
     pub host_eof: bool,
+    /// In the device's list of connections with bytes for the guest.
+    pub in_rx_ready: bool,
+    /// When the connection is reset if it has not moved on: the guest's answer to a host
+    /// connection, or a close's last bytes reaching the host.
+    pub deadline: Option<Instant>,
 }
 
 impl Connection {
@@ -65,6 +71,8 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             peer_shutdown: 0,
             host_eof: false,
+            in_rx_ready: false,
+            deadline: None,
         }
     }
 

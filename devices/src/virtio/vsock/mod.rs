@@ -6,7 +6,10 @@
 //! The device is one event-loop subscriber: the listener, the handshakes in progress and
 //! every connection's host socket are watched on the VMM's event loop, each only for what
 //! can be done now (a socket is not watched for input while the guest has no credit or no
-//! receive buffer for it, so nothing spins).
+//! receive buffer for it, so nothing spins). What the guest can make the device hold is
+//! bounded: replies waiting for receive buffers (the transmit queue is not read while
+//! there are a queue's worth), bytes per connection (its credit), connections (1023), and
+//! the time a handshake, an unanswered request or an unfinished close may take (a timer).
 
 mod connection;
 pub mod packet;
@@ -17,10 +20,12 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::connection::{ConnState, Connection};
 use self::packet::*;
@@ -40,6 +45,23 @@ pub const MAX_CONNECTIONS: usize = 1023;
 /// Host-initiated connections take host ports from here up (Firecracker's range).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Transmit chains served per turn of the event loop: a guest that keeps its transmit queue
+/// full does not keep the loop (and the API) from everything else.
+const TX_BATCH: usize = QUEUE_SIZE as usize;
+/// How long a host client may take to send its `CONNECT PORT` line, the guest to answer a
+/// host connection, and a closed connection to get its last bytes to the host (Firecracker
+/// allows 2 s for the last two; the KVM lab runs guests about 25 times slower).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The device's time limits (the constants above; tests shorten them).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    handshake: Duration,
+    request: Duration,
+    close: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -49,14 +71,25 @@ pub enum VsockError {
     Unix(#[from] UnixError),
     #[error("cannot create the activation event of the vsock device: {0}")]
     Event(std::io::Error),
+    #[error("cannot create the vsock device's timer: {0}")]
+    Timer(std::io::Error),
 }
 
-/// The vsock device in a snapshot: the guest's CID and the socket it was reached at.
-/// Connections are not kept: the restored guest is told its transport was reset.
+/// The vsock device in a snapshot: the guest's CID, the socket it was reached at and the
+/// next host port it would give a host-initiated connection. Connections are not kept: the
+/// restored guest is told its transport was reset.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockState {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+    /// So that a restored device does not give a new connection the host port of one the
+    /// guest still knew (absent from older snapshots: the first port).
+    #[serde(default = "first_local_port")]
+    pub next_local_port: u32,
+}
+
+fn first_local_port() -> u32 {
+    FIRST_LOCAL_PORT
 }
 
 /// What a restored device needs besides its state: the socket to listen on now (the saved
@@ -78,7 +111,14 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
+    /// The socket file the listener is bound to (removed at exit if still there).
+    socket_file: Option<unix::SocketFile>,
+    /// The listener is on the event loop (taken off while accept fails for want of file
+    /// descriptors, put back when a connection closes).
+    listener_watched: bool,
     activate_evt: EventFd,
+    /// Fires at the earliest deadline of a handshake or connection.
+    timer: TimerFd,
     active: Option<ActiveQueues<3>>,
     retired: RetiredEvents,
     paused: bool,
@@ -89,7 +129,8 @@ pub struct Vsock {
     watched: HashMap<RawFd, Watched>,
     /// Packets without payload waiting for a receive buffer, oldest first.
     rx_control: VecDeque<Header>,
-    /// Connections whose host socket has bytes (or its end) for the guest.
+    /// Connections whose host socket has bytes (or its end) for the guest; a connection's
+    /// `in_rx_ready` says it is here.
     rx_ready: VecDeque<ConnKey>,
     /// Host sockets to unregister from the event loop and close.
     closing: Vec<(UnixStream, bool)>,
@@ -101,6 +142,9 @@ pub struct Vsock {
     /// connection would be reset with the old ones (Linux handles the receive queue and the
     /// event queue in separate work items, receive first).
     reset_unacked: Option<u16>,
+    /// Guest packets dropped as malformed (logged at powers of two, not each).
+    bad_packets: u64,
+    timeouts: Timeouts,
     scratch: Vec<u8>,
 }
 
@@ -109,12 +153,16 @@ impl Vsock {
         if guest_cid < 3 || guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::GuestCid(guest_cid));
         }
-        let listener = unix::listen(uds_path)?;
+        let timer = crate::rate_limiter::nonblocking_timer().map_err(VsockError::Timer)?;
+        let (listener, socket_file) = unix::listen(uds_path)?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             listener,
+            socket_file,
+            listener_watched: false,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Event)?,
+            timer,
             active: None,
             retired: RetiredEvents::default(),
             paused: false,
@@ -128,6 +176,12 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             reset_pending: false,
             reset_unacked: None,
+            bad_packets: 0,
+            timeouts: Timeouts {
+                handshake: HANDSHAKE_TIMEOUT,
+                request: REQUEST_TIMEOUT,
+                close: CLOSE_TIMEOUT,
+            },
             scratch: vec![0; MAX_PAYLOAD],
         })
     }
@@ -159,26 +213,54 @@ impl Vsock {
 
     fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
         let cid = self.guest_cid;
+        if op == OP_CREDIT_UPDATE
+            && self
+                .rx_control
+                .iter()
+                .any(|h| h.op == op && (h.src_port, h.dst_port) == key)
+        {
+            // One waiting update is enough: the count it carries is refreshed when sent.
+            return;
+        }
         if let Some(conn) = self.conns.get_mut(&key) {
             let header = conn.header(cid, op, 0, flags);
             self.rx_control.push_back(header);
         }
     }
 
-    /// Ends a connection: its socket is closed (after the event loop forgets it).
+    /// Ends a connection: its socket is closed (after the event loop forgets it), and what
+    /// was queued for the guest about it is withdrawn.
     fn drop_conn(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
             let registered = self.interest.remove(&key).is_some();
             self.watched.remove(&conn.stream.as_raw_fd());
-            self.rx_ready.retain(|k| *k != key);
+            if conn.in_rx_ready {
+                self.rx_ready.retain(|k| *k != key);
+            }
+            self.rx_control.retain(|h| (h.src_port, h.dst_port) != key);
             self.closing.push((conn.stream, registered));
         }
     }
 
     /// Resets the connection on both sides: the guest gets RST, the host socket closes.
     fn reset_conn(&mut self, key: ConnKey) {
-        self.queue_control(key, OP_RST, 0);
+        let rst = self
+            .conns
+            .get_mut(&key)
+            .map(|conn| conn.header(self.guest_cid, OP_RST, 0, 0));
         self.drop_conn(key);
+        if let Some(rst) = rst {
+            self.rx_control.push_back(rst);
+        }
+    }
+
+    fn mark_ready(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            if !conn.in_rx_ready {
+                conn.in_rx_ready = true;
+                self.rx_ready.push_back(key);
+            }
+        }
     }
 
     /// Watches a connection's host socket for what can be done now: input while the guest
@@ -192,7 +274,7 @@ impl Vsock {
             && !conn.host_eof
             && conn.peer_shutdown & SHUTDOWN_RCV == 0
             && conn.peer_free() > 0
-            && !self.rx_ready.contains(&key);
+            && !conn.in_rx_ready;
         if reading && !self.paused {
             want |= EventSet::IN;
         }
@@ -228,10 +310,25 @@ impl Vsock {
         }
     }
 
+    /// Closes what was dropped, and puts the listener back on the loop if accept had run
+    /// out of descriptors.
     fn close_pending(&mut self, ops: &mut EventOps) {
+        let closed = !self.closing.is_empty();
         for (stream, registered) in self.closing.drain(..) {
             if registered {
                 let _ = ops.remove(Events::new(&stream, EventSet::empty()));
+            }
+        }
+        if closed {
+            self.watch_listener(ops);
+        }
+    }
+
+    fn watch_listener(&mut self, ops: &mut EventOps) {
+        if !self.listener_watched {
+            match ops.add(Events::new(&self.listener, EventSet::IN)) {
+                Ok(()) => self.listener_watched = true,
+                Err(e) => log::error!("virtio-vsock: cannot watch its Unix socket: {e}"),
             }
         }
     }
@@ -241,11 +338,17 @@ impl Vsock {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // Out of descriptors, most likely: the connection stays queued, and a
+                    // level-triggered listener would wake the loop for ever. Stop watching
+                    // it until a connection closes.
                     log::warn!(
-                        "virtio-vsock: accept on {} failed: {e}",
+                        "virtio-vsock: accept on {} failed: {e}; not accepting until a connection closes",
                         self.uds_path.display()
                     );
+                    let _ = ops.remove(Events::new(&self.listener, EventSet::empty()));
+                    self.listener_watched = false;
                     return;
                 }
             };
@@ -263,7 +366,10 @@ impl Vsock {
                 continue;
             }
             self.watched.insert(fd, Watched::Handshake);
-            self.handshakes.insert(fd, Handshake::new(stream));
+            self.handshakes.insert(
+                fd,
+                Handshake::new(stream, Instant::now() + self.timeouts.handshake),
+            );
         }
     }
 
@@ -279,19 +385,27 @@ impl Vsock {
                 None
             }
         };
-        let handshake = self.handshakes.remove(&fd).expect("present above");
-        self.watched.remove(&fd);
-        let _ = ops.remove(Events::new(&handshake.stream, EventSet::empty()));
-        let Some(port) = port else {
+        let handshake = self.drop_handshake(fd, ops);
+        let (Some(port), Some(handshake)) = (port, handshake) else {
             return;
         };
         let local = self.allocate_local_port(port);
         let key = (local, port);
-        let conn = Connection::new(handshake.stream, local, port, ConnState::AwaitingResponse);
+        let mut conn = Connection::new(handshake.stream, local, port, ConnState::AwaitingResponse);
+        conn.deadline = Some(Instant::now() + self.timeouts.request);
         self.watched
             .insert(conn.stream.as_raw_fd(), Watched::Conn(key));
         self.conns.insert(key, conn);
         self.queue_control(key, OP_REQUEST, 0);
+    }
+
+    /// Takes a handshake off the loop; its socket is returned (dropping it closes it).
+    fn drop_handshake(&mut self, fd: RawFd, ops: &mut EventOps) -> Option<Handshake> {
+        let handshake = self.handshakes.remove(&fd)?;
+        self.watched.remove(&fd);
+        let _ = ops.remove(Events::new(&handshake.stream, EventSet::empty()));
+        self.watch_listener(ops);
+        Some(handshake)
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -308,26 +422,20 @@ impl Vsock {
         }
     }
 
+    fn count_bad_packet(&mut self, why: &str) {
+        self.bad_packets += 1;
+        if self.bad_packets.is_power_of_two() {
+            log::warn!(
+                "virtio-vsock: dropping a packet from the guest: {why} ({} so far)",
+                self.bad_packets
+            );
+        }
+    }
+
     /// One packet from the guest.
     fn handle_guest_packet(&mut self, header: Header, payload: &[u8], ops: &mut EventOps) {
-        log::debug!(
-            "virtio-vsock: from the guest: {} {}:{} -> {}:{} len {} flags {} buf_alloc {} fwd_cnt {}",
-            Header::op_name(header.op),
-            header.src_cid,
-            header.src_port,
-            header.dst_cid,
-            header.dst_port,
-            header.len,
-            header.flags,
-            header.buf_alloc,
-            header.fwd_cnt
-        );
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
-            log::debug!(
-                "virtio-vsock: dropping a packet from CID {} to CID {}",
-                header.src_cid,
-                header.dst_cid
-            );
+            self.count_bad_packet("another CID");
             return;
         }
         if header.type_ != TYPE_STREAM {
@@ -351,6 +459,7 @@ impl Vsock {
         match header.op {
             OP_RESPONSE if conn.state == ConnState::AwaitingResponse => {
                 conn.state = ConnState::Established;
+                conn.deadline = None;
                 let reply = format!("OK {}\n", conn.local_port);
                 // A few bytes into a fresh socket: only a vanished client fails here.
                 if conn.stream.write_all(reply.as_bytes()).is_err() {
@@ -372,6 +481,10 @@ impl Vsock {
             OP_CREDIT_REQUEST => self.queue_control(key, OP_CREDIT_UPDATE, 0),
             OP_SHUTDOWN => {
                 conn.peer_shutdown |= header.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                if conn.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND && conn.deadline.is_none() {
+                    // Its last bytes get this long to reach the host.
+                    conn.deadline = Some(Instant::now() + self.timeouts.close);
+                }
                 if !self.finish_if_done(key) {
                     self.shut_host_write_if_done(key);
                 }
@@ -451,37 +564,68 @@ impl Vsock {
         self.sync_interest(key, ops);
     }
 
-    /// Takes every packet the guest queued. Whether the guest must be interrupted.
+    /// Takes the packets the guest queued, at most a batch per call, and none while a
+    /// queue's worth of replies waits for receive buffers. Whether the guest must be
+    /// interrupted.
     fn process_tx(&mut self, ops: &mut EventOps) -> bool {
-        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
+        let mut used = false;
+        for _ in 0..TX_BATCH {
+            let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
+                return used;
+            };
+            // A receive queue's worth of replies (packets without payload) waiting for
+            // buffers: leave the transmit queue alone, as Linux's vhost-vsock does, so a
+            // guest that sends without posting receive buffers cannot make the device
+            // queue replies without end. Served again once the guest takes replies.
+            if self.rx_control.len() >= usize::from(active.queues[RX].size()) {
+                return self.tx_notify(used);
+            }
+            let mem = active.mem.clone();
+            let chain = match pop_checked(&mut active.queues[TX], &mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => match active.queues[TX].enable_notification(&mem) {
+                    // A chain made available meanwhile.
+                    Ok(true) => continue,
+                    Ok(false) => return self.tx_notify(used),
+                    Err(e) => {
+                        active.stop("virtio-vsock", "transmit", &e.into());
+                        return true;
+                    }
+                },
+                Err(e) => {
+                    active.stop("virtio-vsock", "transmit", &e);
+                    return true;
+                }
+            };
+            let head = chain.head_index();
+            let packet = read_packet(&mem, chain);
+            if let Err(e) = active.queues[TX].add_used(&mem, head, 0) {
+                log::warn!("virtio-vsock: cannot return the chain at descriptor {head}: {e}");
+            }
+            used = true;
+            match packet {
+                Ok((header, payload)) => self.handle_guest_packet(header, &payload, ops),
+                Err(why) => self.count_bad_packet(&why),
+            }
+        }
+        // A full batch: the rest on the next turn of the event loop.
+        let _ = self.activate_evt.write(1);
+        self.tx_notify(used)
+    }
+
+    fn tx_notify(&mut self, used: bool) -> bool {
+        let Some(active) = self.active.as_mut() else {
             return false;
         };
         let mem = active.mem.clone();
-        let mut packets = Vec::new();
-        let result = super::serve_available(&mut active.queues[TX], &mem, |chain| {
-            match read_packet(&mem, chain) {
-                Ok((header, payload)) => packets.push((header, payload)),
-                Err(why) => log::warn!("virtio-vsock: dropping a packet from the guest: {why}"),
-            }
-            0
-        });
-        let notify = match result {
-            Ok(used) => used && active.queues[TX].needs_notification(&mem).unwrap_or(true),
-            Err(e) => {
-                active.stop("virtio-vsock", "transmit", &e);
-                return true;
-            }
-        };
-        for (header, payload) in packets {
-            self.handle_guest_packet(header, &payload, ops);
-        }
-        notify
+        used && active.queues[TX].needs_notification(&mem).unwrap_or(true)
     }
 
     /// Fills the guest's receive buffers: control packets first, then data from the host
-    /// sockets that have some, round robin. Whether the guest must be interrupted.
+    /// sockets that have some, round robin. Nothing before the guest handled a transport
+    /// reset. Whether the guest must be interrupted.
     fn process_rx(&mut self, ops: &mut EventOps) -> bool {
-        if self.reset_unacked.is_some() {
+        if self.reset_pending || self.reset_unacked.is_some() {
             return false;
         }
         let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
@@ -489,10 +633,7 @@ impl Vsock {
         };
         let mem = active.mem.clone();
         let mut used = false;
-        loop {
-            if self.rx_control.is_empty() && self.rx_ready.is_empty() {
-                break;
-            }
+        while !self.rx_control.is_empty() || !self.rx_ready.is_empty() {
             let active = self.active.as_mut().expect("checked above");
             let chain = match pop_checked(&mut active.queues[RX], &mem) {
                 Ok(Some(chain)) => chain,
@@ -507,36 +648,32 @@ impl Vsock {
             let mut writer = match Writer::new(&mem, chain) {
                 Ok(w) if w.available_bytes() >= HEADER_LEN => w,
                 _ => {
-                    log::warn!(
-                        "virtio-vsock: receive buffer {head} too small or outside memory; skipped"
-                    );
                     let _ = active.queues[RX].add_used(&mem, head, 0);
+                    self.count_bad_packet("a receive buffer too small or outside memory");
                     used = true;
                     continue;
                 }
             };
+            let room = writer.available_bytes() - HEADER_LEN;
             let written = if let Some(header) = self.rx_control.pop_front() {
                 let _ = writer.write_all(&header.to_bytes());
                 HEADER_LEN
-            } else {
-                let room = writer.available_bytes() - HEADER_LEN;
-                match self.read_host_data(room) {
-                    Some((header, len)) => {
-                        let ok = writer.write_all(&header.to_bytes()).is_ok()
-                            && writer.write_all(&self.scratch[..len]).is_ok();
-                        if !ok {
-                            log::warn!("virtio-vsock: cannot write to receive buffer {head}");
-                        }
-                        HEADER_LEN + len
-                    }
-                    None => {
-                        // Nothing to send after all: the buffer stays the guest's.
-                        drop(writer);
-                        let active = self.active.as_mut().expect("checked above");
-                        virtio_queue::QueueOwnedT::go_to_previous_position(&mut active.queues[RX]);
-                        continue;
-                    }
+            } else if let Some((header, len)) =
+                (room > 0).then(|| self.read_host_data(room)).flatten()
+            {
+                let ok = writer.write_all(&header.to_bytes()).is_ok()
+                    && writer.write_all(&self.scratch[..len]).is_ok();
+                if !ok {
+                    log::warn!("virtio-vsock: cannot write to receive buffer {head}");
                 }
+                HEADER_LEN + len
+            } else {
+                // Nothing to send in it after all (or no room for data): the buffer stays
+                // the guest's until there is.
+                drop(writer);
+                let active = self.active.as_mut().expect("checked above");
+                virtio_queue::QueueOwnedT::go_to_previous_position(&mut active.queues[RX]);
+                break;
             };
             let active = self.active.as_mut().expect("checked above");
             if let Err(e) = active.queues[RX].add_used(&mem, head, written as u32) {
@@ -558,6 +695,7 @@ impl Vsock {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
+            conn.in_rx_ready = false;
             if conn.state != ConnState::Established || conn.host_eof {
                 continue;
             }
@@ -569,21 +707,22 @@ impl Vsock {
             }
             match std::io::Read::read(&mut conn.stream, &mut self.scratch[..max]) {
                 Ok(0) => {
+                    // The host will send no more; the guest may still (a half-close).
                     conn.host_eof = true;
-                    let flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                    return Some((conn.header(self.guest_cid, OP_SHUTDOWN, 0, flags), 0));
+                    return Some((
+                        conn.header(self.guest_cid, OP_SHUTDOWN, 0, SHUTDOWN_SEND),
+                        0,
+                    ));
                 }
                 Ok(n) => {
                     conn.sent_to_guest(n);
                     let header = conn.header(self.guest_cid, OP_RW, n as u32, 0);
                     // More may wait: back in line, after the others.
-                    self.rx_ready.push_back(key);
+                    self.mark_ready(key);
                     return Some((header, n));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                    self.rx_ready.push_front(key);
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => self.mark_ready(key),
                 Err(e) => {
                     log::info!("virtio-vsock: port {}: host read failed: {e}; reset", key.0);
                     let header = conn.header(self.guest_cid, OP_RST, 0, 0);
@@ -601,6 +740,12 @@ impl Vsock {
             return false;
         };
         let mem = active.mem.clone();
+        // Read before the event is used: a guest that hands the buffer back at once moves
+        // the index past this.
+        let Ok(told_at) = active.queues[EVQ].avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+        else {
+            return false;
+        };
         let chain = match pop_checked(&mut active.queues[EVQ], &mem) {
             Ok(Some(chain)) => chain,
             Ok(None) => return false,
@@ -621,10 +766,7 @@ impl Vsock {
             log::warn!("virtio-vsock: cannot return event buffer {head}: {e}");
         }
         self.reset_pending = false;
-        self.reset_unacked = active.queues[EVQ]
-            .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
-            .ok()
-            .map(|idx| idx.0);
+        self.reset_unacked = Some(told_at.0);
         log::info!("virtio-vsock: the guest was told its transport was reset");
         true
     }
@@ -641,7 +783,8 @@ impl Vsock {
         }
     }
 
-    /// Serves everything that can be served now.
+    /// Serves everything that can be served now: replies first (they make room for the
+    /// transmit queue), then the transmit queue, then what it produced.
     fn run_queues(&mut self, ops: &mut EventOps) {
         if self.paused || self.active.is_none() {
             return;
@@ -650,6 +793,8 @@ impl Vsock {
         if self.reset_pending {
             notify |= self.send_transport_reset();
         }
+        self.check_reset_handled();
+        notify |= self.process_rx(ops);
         notify |= self.process_tx(ops);
         notify |= self.process_rx(ops);
         if notify {
@@ -676,13 +821,62 @@ impl Vsock {
                 self.shut_host_write_if_done(key);
             }
         }
-        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
-            && self.conns.contains_key(&key)
-            && !self.rx_ready.contains(&key)
-        {
-            self.rx_ready.push_back(key);
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            self.mark_ready(key);
         }
         self.sync_interest(key, ops);
+    }
+
+    /// Ends what ran out of time: handshakes without their line, host connections the
+    /// guest never answered, closes whose last bytes the host never took.
+    fn expire(&mut self, ops: &mut EventOps) {
+        let now = Instant::now();
+        let late: Vec<RawFd> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in late {
+            log::info!(
+                "virtio-vsock: a host connection sent no CONNECT line in {:?}; closed",
+                self.timeouts.handshake
+            );
+            self.drop_handshake(fd, ops);
+        }
+        let late: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in late {
+            log::info!("virtio-vsock: port {}: timed out; connection reset", key.0);
+            self.reset_conn(key);
+        }
+    }
+
+    /// Sets the timer for the earliest deadline left (or clears it).
+    fn arm_timer(&mut self) {
+        let earliest = self
+            .handshakes
+            .values()
+            .map(|h| h.deadline)
+            .chain(self.conns.values().filter_map(|c| c.deadline))
+            .min();
+        let result = match earliest {
+            Some(at) => {
+                // A zero wait would disarm the timer: at least a millisecond.
+                let wait = at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                self.timer.reset(wait, None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            log::error!("virtio-vsock: cannot set its timer: {e}");
+        }
     }
 }
 
@@ -700,6 +894,9 @@ fn read_packet(
     if len > MAX_PAYLOAD {
         return Err(format!("a {len}-byte payload, more than {MAX_PAYLOAD}"));
     }
+    if len > reader.available_bytes() {
+        return Err(format!("header says {len} bytes, the buffers hold fewer"));
+    }
     let mut payload = vec![0u8; len];
     std::io::Read::read_exact(&mut reader, &mut payload)
         .map_err(|_| format!("header says {len} bytes, the buffers hold fewer"))?;
@@ -715,20 +912,25 @@ impl Persist for Vsock {
         VsockState {
             guest_cid: self.guest_cid,
             uds_path: self.uds_path.clone(),
+            next_local_port: self.next_local_port,
         }
     }
 
     fn restore(args: VsockArgs, state: &VsockState) -> Result<Self, VsockError> {
         let mut vsock = Self::new(state.guest_cid, &args.uds_path)?;
         vsock.reset_pending = true;
+        if (FIRST_LOCAL_PORT..1 << 31).contains(&state.next_local_port) {
+            vsock.next_local_port = state.next_local_port;
+        }
         Ok(vsock)
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        // The socket file would outlive us and refuse every connection.
-        let _ = std::fs::remove_file(&self.uds_path);
+        // The socket file would outlive us and refuse every connection; a file put there
+        // since (another VMM's socket) is not ours to remove.
+        unix::remove_if_ours(&self.uds_path, self.socket_file);
     }
 }
 
@@ -768,12 +970,15 @@ impl VirtioDevice for Vsock {
             self.retired.retire(active.queue_evts);
         }
         // The driver forgot every connection: so do we (the sockets close on the next
-        // wake-up, once the event loop forgets them).
+        // wake-up, once the event loop forgets them). A new driver has no old connections
+        // to be told about.
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
         for key in keys {
             self.drop_conn(key);
         }
         self.rx_control.clear();
+        self.reset_pending = false;
+        self.reset_unacked = None;
         let _ = self.activate_evt.write(1);
     }
 
@@ -797,12 +1002,13 @@ impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         for (events, what) in [
             (Events::new(&self.activate_evt, EventSet::IN), "activation"),
-            (Events::new(&self.listener, EventSet::IN), "its Unix socket"),
+            (Events::new(&self.timer, EventSet::IN), "its timer"),
         ] {
             if let Err(e) = ops.add(events) {
                 log::error!("virtio-vsock: cannot watch {what}: {e}");
             }
         }
+        self.watch_listener(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -816,6 +1022,10 @@ impl MutEventSubscriber for Vsock {
             self.close_pending(ops);
             self.run_queues(ops);
             self.sync_all(ops);
+        } else if fd == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+            self.expire(ops);
+            self.run_queues(ops);
         } else if fd == self.listener.as_raw_fd() {
             self.accept_all(ops);
         } else if let Some(watched) = self.watched.get(&fd).copied() {
@@ -828,9 +1038,6 @@ impl MutEventSubscriber for Vsock {
             match active.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
                 Some(queue) => {
                     let _ = active.queue_evts[queue].read();
-                    if queue == EVQ {
-                        self.check_reset_handled();
-                    }
                     self.run_queues(ops);
                 }
                 None => {
@@ -842,6 +1049,7 @@ impl MutEventSubscriber for Vsock {
             let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
         }
         self.close_pending(ops);
+        self.arm_timer();
     }
 }
 
@@ -857,10 +1065,12 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     const GUEST_CID: u64 = 3;
-    const QSIZE: u16 = 64;
+    /// Queue sizes: receive, transmit, event (the transmit queue holds more than a
+    /// receive queue's worth of packets).
+    const QSIZES: [u16; 3] = [64, 256, 64];
     const RX_BUF: u32 = (HEADER_LEN + 4096) as u32;
 
     /// A guest driver in a test: three mock queues in guest memory, buffers it posts and
@@ -881,8 +1091,8 @@ mod tests {
 
     impl<'m> Driver<'m> {
         fn new(mem: &'m GuestMemoryMmap, device: Vsock) -> Self {
-            let queues = [0x0, 0x10000, 0x20000]
-                .map(|a| MockSplitQueue::create(mem, GuestAddress(a), QSIZE));
+            let queues = [0x0, 0x10000, 0x20000].map(GuestAddress);
+            let queues = [0, 1, 2].map(|q| MockSplitQueue::create(mem, queues[q], QSIZES[q]));
             let evts = [(); 3].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
             let device = Arc::new(Mutex::new(device));
             let mut events =
@@ -895,9 +1105,9 @@ mod tests {
                 evts,
                 next_desc: [0; 3],
                 addrs: [
-                    vec![0; QSIZE as usize],
-                    vec![0; QSIZE as usize],
-                    vec![0; QSIZE as usize],
+                    vec![0; usize::from(QSIZES[0])],
+                    vec![0; usize::from(QSIZES[1])],
+                    vec![0; usize::from(QSIZES[2])],
                 ],
                 next_buf: 0x10_0000,
                 seen_used: [0; 3],
@@ -939,7 +1149,7 @@ mod tests {
         }
 
         fn add(&mut self, queue: usize, addr: u64, len: u32, writable: bool) {
-            let slot = self.next_desc[queue] % QSIZE;
+            let slot = self.next_desc[queue] % QSIZES[queue];
             self.next_desc[queue] += 1;
             self.addrs[queue][slot as usize] = addr;
             let flags = if writable {
@@ -948,7 +1158,16 @@ mod tests {
                 0
             };
             let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
-            self.queues[queue].add_desc_chains(&[desc], slot).unwrap();
+            // By hand: the mock's own helper does not wrap the available ring.
+            let q = &self.queues[queue];
+            q.desc_table().store(slot, desc).unwrap();
+            let avail = q.avail_addr();
+            let idx: u16 = self.mem.read_obj(avail.unchecked_add(2)).unwrap();
+            let entry = avail.unchecked_add(4 + u64::from(idx % QSIZES[queue]) * 2);
+            self.mem.write_obj(slot, entry).unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1), avail.unchecked_add(2))
+                .unwrap();
         }
 
         fn post(&mut self, queue: usize, count: usize, len: u32) {
@@ -1002,7 +1221,7 @@ mod tests {
             while self.seen_used[queue] != idx {
                 let elem = ring
                     .ring()
-                    .ref_at(usize::from(self.seen_used[queue] % QSIZE))
+                    .ref_at(usize::from(self.seen_used[queue] % QSIZES[queue]))
                     .unwrap()
                     .load();
                 out.push((self.addrs[queue][elem.id() as usize], elem.len()));
@@ -1186,6 +1405,137 @@ mod tests {
         guest.post(EVQ, 1, 4);
         guest.pump();
         assert_eq!(ops(&guest.received()), [OP_REQUEST]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn short_timeouts(mut vsock: Vsock) -> Vsock {
+        let t = Duration::from_millis(100);
+        vsock.timeouts = Timeouts {
+            handshake: t,
+            request: t,
+            close: t,
+        };
+        vsock
+    }
+
+    /// Waits past the device's (shortened) timeouts, running its event loop.
+    fn run_for(guest: &mut Driver, time: Duration) {
+        let end = Instant::now() + time;
+        while Instant::now() < end {
+            guest.events.run_with_timeout(20).unwrap();
+        }
+    }
+
+    /// A host client that never finishes its CONNECT line, and a host connection the guest
+    /// never answers, are closed when their time is up (the guest gets RST for the second):
+    /// neither holds a connection slot for ever.
+    #[test]
+    fn handshakes_and_unanswered_requests_time_out() {
+        let dir = temp_dir("timeouts");
+        let uds = dir.join("v.sock");
+        let mem = memory();
+        let vsock = short_timeouts(Vsock::new(GUEST_CID, &uds).unwrap());
+        let mut guest = Driver::new(&mem, vsock);
+        let mut silent = UnixStream::connect(&uds).unwrap();
+        let mut unanswered = UnixStream::connect(&uds).unwrap();
+        unanswered.write_all(b"CONNECT 99\n").unwrap();
+        guest.pump();
+        assert_eq!(ops(&guest.received()), [OP_REQUEST]);
+        run_for(&mut guest, Duration::from_millis(400));
+        for (name, client) in [("silent", &mut silent), ("unanswered", &mut unanswered)] {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            assert_eq!(
+                client.read(&mut buf).unwrap(),
+                0,
+                "{name} client not closed"
+            );
+        }
+        let rst = guest.received();
+        assert_eq!(ops(&rst), [OP_RST]);
+        assert_eq!(rst[0].0.dst_port, 99);
+        let device = guest.device.lock().unwrap();
+        assert_eq!(device.connection_count(), 0);
+        drop(device);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A guest that keeps sending while it posts no receive buffers cannot make the device
+    /// queue replies without end: past a queue's worth the transmit queue is left alone,
+    /// and served again once the guest takes the replies.
+    #[test]
+    fn replies_the_guest_does_not_take_stop_the_transmit_queue() {
+        let dir = temp_dir("backlog");
+        let uds = dir.join("v.sock");
+        let mem = memory();
+        let mut guest = Driver::new(&mem, Vsock::new(GUEST_CID, &uds).unwrap());
+        // Each REQUEST to a port nobody listens on earns an RST; the guest posted 8
+        // receive buffers and sends 200 REQUESTs: the device takes them until a receive
+        // queue's worth of RSTs waits (64 taken), not all 200; 8 RSTs go out.
+        let sent = 200;
+        for i in 0..sent {
+            let request = guest.header(OP_REQUEST, 1000 + i as u32, 7777, 0, 0);
+            let len = HEADER_LEN as u32;
+            let addr = guest.buffer(len);
+            mem.write_slice(&request.to_bytes(), GuestAddress(addr))
+                .unwrap();
+            guest.add(TX, addr, len, false);
+        }
+        guest.evts[TX].write(1).unwrap();
+        guest.pump();
+        let rx_size = usize::from(QSIZES[RX]);
+        assert_eq!(guest.device.lock().unwrap().rx_control.len(), rx_size - 8);
+        assert_eq!(
+            guest.used(TX).len(),
+            rx_size,
+            "packets taken with no room for replies"
+        );
+        assert_eq!(guest.used(RX).len(), 8);
+        // The guest posts 56 more buffers: the 56 waiting RSTs go out, and the transmit
+        // queue is served again, up to a queue's worth of replies.
+        guest.post(RX, 56, RX_BUF);
+        guest.pump();
+        let delivered = guest.used(RX);
+        assert_eq!(delivered.len(), 56);
+        assert_eq!(
+            guest.used(TX).len(),
+            rx_size,
+            "the transmit queue was served again"
+        );
+        let id: [u8; 4] = {
+            let mut b = [0u8; 4];
+            mem.read_slice(&mut b, GuestAddress(delivered[55].0 + 20))
+                .unwrap();
+            b
+        };
+        assert_eq!(u32::from_le_bytes(id), 1000 + 63, "replies in order");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The host shutting its sending side is a half-close: the guest is told the host sends
+    /// no more, and what the guest sends still reaches the host.
+    #[test]
+    fn a_host_half_close_leaves_the_guest_sending() {
+        let dir = temp_dir("halfclose");
+        let uds = dir.join("v.sock");
+        let host = UnixListener::bind(unix::port_path(&uds, 5000)).unwrap();
+        let mem = memory();
+        let mut guest = Driver::new(&mem, Vsock::new(GUEST_CID, &uds).unwrap());
+        guest.send(guest.header(OP_REQUEST, 1111, 5000, 0, 0), &[]);
+        let (mut stream, _) = host.accept().unwrap();
+        assert_eq!(ops(&guest.received()), [OP_RESPONSE]);
+        stream.write_all(b"request").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        guest.pump();
+        let got = guest.received();
+        assert_eq!(ops(&got), [OP_RW, OP_SHUTDOWN]);
+        assert_eq!(got[1].0.flags, SHUTDOWN_SEND);
+        guest.send(guest.header(OP_RW, 1111, 5000, 6, 0), b"answer");
+        let mut answer = [0u8; 6];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"answer");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

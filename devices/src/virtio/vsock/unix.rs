@@ -6,8 +6,10 @@
 use std::io::{ErrorKind, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// Longest handshake line accepted ("CONNECT 4294967295\n" is 19 bytes).
 const MAX_LINE: usize = 32;
@@ -16,6 +18,8 @@ const MAX_LINE: usize = 32;
 pub enum UnixError {
     #[error("vsock uds_path {0}: another process is listening there")]
     InUse(PathBuf),
+    #[error("vsock uds_path {0}: a file that is not a socket is there; not replaced")]
+    NotASocket(PathBuf),
     #[error("vsock uds_path {path}: cannot remove the stale socket: {source}")]
     RemoveStale {
         path: PathBuf,
@@ -28,10 +32,20 @@ pub enum UnixError {
     },
 }
 
+/// A socket file as bound: which file it is, so that only that one is removed later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFile {
+    dev: u64,
+    ino: u64,
+}
+
 /// Listens on `path`. A socket file nobody listens on (left by a VMM that died) is replaced;
-/// a live one is not taken over.
-pub fn listen(path: &Path) -> Result<UnixListener, UnixError> {
-    if std::fs::symlink_metadata(path).is_ok() {
+/// a live one is not taken over, nor is anything that is not a socket.
+pub fn listen(path: &Path) -> Result<(UnixListener, Option<SocketFile>), UnixError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(UnixError::NotASocket(path.to_path_buf()));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(UnixError::InUse(path.to_path_buf()));
         }
@@ -50,7 +64,24 @@ pub fn listen(path: &Path) -> Result<UnixListener, UnixError> {
             path: path.to_path_buf(),
             source,
         })?;
-    Ok(listener)
+    let file = std::fs::symlink_metadata(path).ok().map(|m| SocketFile {
+        dev: m.dev(),
+        ino: m.ino(),
+    });
+    Ok((listener, file))
+}
+
+/// Removes the socket file at `path` if it is still the one bound there (`file`).
+pub fn remove_if_ours(path: &Path, file: Option<SocketFile>) {
+    let Some(file) = file else {
+        return;
+    };
+    let Ok(on_disk) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if on_disk.file_type().is_socket() && on_disk.ino() == file.ino && on_disk.dev() == file.dev {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Where a guest's connection to host port `port` goes.
@@ -108,6 +139,8 @@ pub fn connect(path: &Path) -> std::io::Result<UnixStream> {
 pub struct Handshake {
     pub stream: UnixStream,
     line: Vec<u8>,
+    /// When it is closed if the line has not come.
+    pub deadline: Instant,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -121,10 +154,11 @@ pub enum HandshakeStep {
 }
 
 impl Handshake {
-    pub fn new(stream: UnixStream) -> Self {
+    pub fn new(stream: UnixStream, deadline: Instant) -> Self {
         Self {
             stream,
             line: Vec::new(),
+            deadline,
         }
     }
 
@@ -194,7 +228,7 @@ mod tests {
     fn a_handshake_leaves_the_bytes_after_its_line() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let mut handshake = Handshake::new(ours);
+        let mut handshake = Handshake::new(ours, Instant::now());
         theirs.write_all(b"CONNECT 80").unwrap();
         assert_eq!(handshake.advance(), HandshakeStep::Pending);
         theirs.write_all(b"80\nGET /").unwrap();
@@ -205,7 +239,7 @@ mod tests {
 
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let mut handshake = Handshake::new(ours);
+        let mut handshake = Handshake::new(ours, Instant::now());
         theirs.write_all(&[b'A'; 40]).unwrap();
         assert!(matches!(handshake.advance(), HandshakeStep::Refused(_)));
     }
@@ -214,17 +248,30 @@ mod tests {
     fn a_stale_socket_is_replaced_and_a_live_one_kept() {
         let dir = temp_dir("listen");
         let path = dir.join("v.sock");
-        let live = listen(&path).unwrap();
+        let (live, _) = listen(&path).unwrap();
         match listen(&path) {
             Err(UnixError::InUse(p)) => assert_eq!(p, path),
             other => panic!("expected InUse, got {:?}", other.map(|_| ())),
         }
         drop(live);
-        let again = listen(&path).unwrap();
+        let (again, _) = listen(&path).unwrap();
         let stream = connect(&path).unwrap();
         drop(stream);
         drop(again);
         assert_eq!(port_path(&path, 52), dir.join("v.sock_52"));
+        // Not a socket: never replaced.
+        let file = dir.join("data");
+        std::fs::write(&file, b"keep me").unwrap();
+        assert!(matches!(listen(&file), Err(UnixError::NotASocket(_))));
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        // Only the socket still bound there is removed.
+        let (_ours, ours) = listen(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let (_theirs, theirs) = listen(&path).unwrap();
+        remove_if_ours(&path, ours);
+        assert!(path.exists(), "another listener's socket was removed");
+        remove_if_ours(&path, theirs);
+        assert!(!path.exists());
         assert!(connect(&dir.join("nobody")).is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
