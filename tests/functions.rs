@@ -18,8 +18,14 @@ fn invoke_helloworld_100_times() -> Result<(), Failed> {
     let scratch = Scratch::new("hello");
     let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
     check(
-        vm.console().contains("reapvm-agent: ready: functions="),
-        || vm.describe(),
+        vm.console().contains("reapvm-agent: ready: functions=")
+            && !vm.console().contains("listening on vsock"),
+        || {
+            format!(
+                "ready, and no vsock listener without a vsock device:\n{}",
+                vm.describe()
+            )
+        },
     )?;
     // 90 on one kept-alive connection, 10 on fresh connections, all through POST /invoke.
     let mut conn = vm.conn()?;
@@ -230,6 +236,67 @@ fn the_entropy_device_is_the_guest_s_hwrng() -> Result<(), Failed> {
             "without an entropy device hwrng answered {status} {}",
             String::from_utf8_lossy(&body)
         )
+    })
+}
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &std::path::Path) -> Result<Self, String> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup --find --show {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(Self(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// The root drive given as a block device (vHive's container drives are devmapper devices;
+/// a user's may be a disk): the guest sees the device's size, not its inode's (0), boots
+/// from it and reads it.
+fn a_block_device_as_the_root_drive() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let scratch = Scratch::new("blockdev-root");
+    let device = LoopDevice::attach(&guest.rootfs)?;
+    check(std::fs::metadata(&device.0)?.len() == 0, || {
+        format!(
+            "{} reports a size in its metadata: the test proves nothing",
+            device.0
+        )
+    })?;
+    let mut spec = VmSpec::read_only(&guest);
+    spec.rootfs = device.0.clone().into();
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let (status, body) = vm.invoke("blockdevs", b"")?;
+    let list = String::from_utf8_lossy(&body);
+    let root_sectors = std::fs::metadata(&guest.rootfs)?.len() / 512;
+    let want = format!("vda {root_sectors} ro");
+    check(status == 200 && list == want, || {
+        format!(
+            "guest block devices from {}:\n{list}\nexpected:\n{want}",
+            device.0
+        )
+    })?;
+    let (status, body) = vm.invoke("helloworld", b"loop")?;
+    check(status == 200 && body == b"Hello, loop!", || {
+        format!("helloworld from a block-device root: {status} {body:?}")
     })
 }
 
@@ -485,6 +552,10 @@ fn main() -> ExitCode {
             Trial::test(
                 "network_rate_limiters_hold_each_direction_to_its_bandwidth",
                 network_rate_limiters_hold_each_direction_to_its_bandwidth,
+            ),
+            Trial::test(
+                "a_block_device_as_the_root_drive",
+                a_block_device_as_the_root_drive,
             ),
             Trial::test(
                 "the_entropy_device_is_the_guest_s_hwrng",

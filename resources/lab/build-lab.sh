@@ -69,7 +69,7 @@ cp "$here/lab-init.sh" "$root/init"
 chmod +x "$root/init"
 # Modules in load order (dependencies first); lab-init insmods them one by one.
 : > "$root/modules/order"
-for m in kvm_amd virtio_pci virtio_blk virtio_console 9p 9pnet_virtio ext4 tun veth; do
+for m in kvm_amd virtio_pci virtio_blk virtio_console 9p 9pnet_virtio ext4 tun veth loop; do
   modprobe --show-depends -d "$tmp/k" -S "$kver" "$m" | awk '$1 == "insmod" {print $2}'
 done | awk '!seen[$0]++' | while read -r ko; do
   cp "$ko" "$root/modules/"
