@@ -13,7 +13,8 @@ pub fn local_cid() -> Option<u32> {
     let mut cid: u32 = libc::VMADDR_CID_ANY;
     // SAFETY: the ioctl writes one u32 into `cid`, which we own.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID, &mut cid) };
-    (rc == 0 && cid != libc::VMADDR_CID_ANY).then_some(cid)
+    // 0-2 are not a guest's: a kernel with vsock loopback answers 1 without a device.
+    (rc == 0 && cid != libc::VMADDR_CID_ANY && cid > 2).then_some(cid)
 }
 
 /// Listens on vsock port `port` for any CID.

@@ -54,6 +54,8 @@ const TX_BATCH: usize = QUEUE_SIZE as usize;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the listener stays off the loop after a failed accept.
+const LISTENER_RETRY: Duration = Duration::from_millis(500);
 
 /// The device's time limits (the constants above; tests shorten them).
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +102,45 @@ pub struct VsockArgs {
 
 type ConnKey = (u32, u32);
 
+/// Packets without payload waiting for a receive buffer, oldest first, and how many of them
+/// are replies to the guest's own packets (what holds the transmit queue back).
+#[derive(Default)]
+struct ControlQueue {
+    items: VecDeque<(Header, bool)>,
+    replies: usize,
+}
+
+impl ControlQueue {
+    fn push(&mut self, header: Header, reply: bool) {
+        self.items.push_back((header, reply));
+        self.replies += usize::from(reply);
+    }
+
+    fn pop(&mut self) -> Option<Header> {
+        let (header, reply) = self.items.pop_front()?;
+        self.replies -= usize::from(reply);
+        Some(header)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Header) -> bool) {
+        self.items.retain(|(h, _)| keep(h));
+        self.replies = self.items.iter().filter(|(_, r)| *r).count();
+    }
+
+    fn contains(&self, mut pred: impl FnMut(&Header) -> bool) -> bool {
+        self.items.iter().any(|(h, _)| pred(h))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.replies = 0;
+    }
+}
+
 /// What an fd on the event loop is, besides the device's own events.
 #[derive(Clone, Copy)]
 enum Watched {
@@ -127,8 +168,12 @@ pub struct Vsock {
     interest: HashMap<ConnKey, EventSet>,
     handshakes: HashMap<RawFd, Handshake>,
     watched: HashMap<RawFd, Watched>,
-    /// Packets without payload waiting for a receive buffer, oldest first.
-    rx_control: VecDeque<Header>,
+    /// Packets without payload waiting for a receive buffer.
+    rx_control: ControlQueue,
+    /// Handling the guest's transmit queue: what is queued now is a reply.
+    in_tx: bool,
+    /// The listener is off the loop after a failed accept: try again then.
+    listener_retry: Option<Instant>,
     /// Connections whose host socket has bytes (or its end) for the guest; a connection's
     /// `in_rx_ready` says it is here.
     rx_ready: VecDeque<ConnKey>,
@@ -170,7 +215,9 @@ impl Vsock {
             interest: HashMap::new(),
             handshakes: HashMap::new(),
             watched: HashMap::new(),
-            rx_control: VecDeque::new(),
+            rx_control: ControlQueue::default(),
+            in_tx: false,
+            listener_retry: None,
             rx_ready: VecDeque::new(),
             closing: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
@@ -200,7 +247,7 @@ impl Vsock {
 
     /// A packet with no connection behind it (a refusal, or an answer to a stray packet).
     fn queue_rst_to(&mut self, to: &Header) {
-        self.rx_control.push_back(Header {
+        let rst = Header {
             src_cid: HOST_CID,
             dst_cid: self.guest_cid,
             src_port: to.dst_port,
@@ -208,7 +255,8 @@ impl Vsock {
             type_: TYPE_STREAM,
             op: OP_RST,
             ..Header::default()
-        });
+        };
+        self.rx_control.push(rst, self.in_tx);
     }
 
     fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
@@ -216,15 +264,14 @@ impl Vsock {
         if op == OP_CREDIT_UPDATE
             && self
                 .rx_control
-                .iter()
-                .any(|h| h.op == op && (h.src_port, h.dst_port) == key)
+                .contains(|h| h.op == op && (h.src_port, h.dst_port) == key)
         {
-            // One waiting update is enough: the count it carries is refreshed when sent.
+            // One waiting update is enough: its counts are refreshed when it is sent.
             return;
         }
         if let Some(conn) = self.conns.get_mut(&key) {
             let header = conn.header(cid, op, 0, flags);
-            self.rx_control.push_back(header);
+            self.rx_control.push(header, self.in_tx);
         }
     }
 
@@ -250,7 +297,7 @@ impl Vsock {
             .map(|conn| conn.header(self.guest_cid, OP_RST, 0, 0));
         self.drop_conn(key);
         if let Some(rst) = rst {
-            self.rx_control.push_back(rst);
+            self.rx_control.push(rst, self.in_tx);
         }
     }
 
@@ -327,7 +374,10 @@ impl Vsock {
     fn watch_listener(&mut self, ops: &mut EventOps) {
         if !self.listener_watched {
             match ops.add(Events::new(&self.listener, EventSet::IN)) {
-                Ok(()) => self.listener_watched = true,
+                Ok(()) => {
+                    self.listener_watched = true;
+                    self.listener_retry = None;
+                }
                 Err(e) => log::error!("virtio-vsock: cannot watch its Unix socket: {e}"),
             }
         }
@@ -349,6 +399,8 @@ impl Vsock {
                     );
                     let _ = ops.remove(Events::new(&self.listener, EventSet::empty()));
                     self.listener_watched = false;
+                    // A connection closing puts it back; so does this, whatever failed.
+                    self.listener_retry = Some(Instant::now() + LISTENER_RETRY);
                     return;
                 }
             };
@@ -391,8 +443,9 @@ impl Vsock {
         };
         let local = self.allocate_local_port(port);
         let key = (local, port);
-        let mut conn = Connection::new(handshake.stream, local, port, ConnState::AwaitingResponse);
-        conn.deadline = Some(Instant::now() + self.timeouts.request);
+        // Its deadline starts when the guest gets the REQUEST (paused, or holding a reset,
+        // it cannot answer).
+        let conn = Connection::new(handshake.stream, local, port, ConnState::AwaitingResponse);
         self.watched
             .insert(conn.stream.as_raw_fd(), Watched::Conn(key));
         self.conns.insert(key, conn);
@@ -577,7 +630,7 @@ impl Vsock {
             // buffers: leave the transmit queue alone, as Linux's vhost-vsock does, so a
             // guest that sends without posting receive buffers cannot make the device
             // queue replies without end. Served again once the guest takes replies.
-            if self.rx_control.len() >= usize::from(active.queues[RX].size()) {
+            if self.rx_control.replies >= usize::from(active.queues[RX].size()) {
                 return self.tx_notify(used);
             }
             let mem = active.mem.clone();
@@ -604,7 +657,11 @@ impl Vsock {
             }
             used = true;
             match packet {
-                Ok((header, payload)) => self.handle_guest_packet(header, &payload, ops),
+                Ok((header, payload)) => {
+                    self.in_tx = true;
+                    self.handle_guest_packet(header, &payload, ops);
+                    self.in_tx = false;
+                }
                 Err(why) => self.count_bad_packet(&why),
             }
         }
@@ -655,7 +712,8 @@ impl Vsock {
                 }
             };
             let room = writer.available_bytes() - HEADER_LEN;
-            let written = if let Some(header) = self.rx_control.pop_front() {
+            let written = if let Some(header) = self.rx_control.pop() {
+                let header = self.refreshed(header);
                 let _ = writer.write_all(&header.to_bytes());
                 HEADER_LEN
             } else if let Some((header, len)) =
@@ -685,6 +743,22 @@ impl Vsock {
         self.sync_all(ops);
         let active = self.active.as_mut().expect("checked above");
         used && active.queues[RX].needs_notification(&mem).unwrap_or(true)
+    }
+
+    /// A queued packet of a live connection, with the connection's credit as it is now;
+    /// a REQUEST starts the guest's time to answer.
+    fn refreshed(&mut self, header: Header) -> Header {
+        let key = (header.src_port, header.dst_port);
+        let (cid, request) = (self.guest_cid, self.timeouts.request);
+        match self.conns.get_mut(&key) {
+            Some(conn) if header.op != OP_RST => {
+                if header.op == OP_REQUEST {
+                    conn.deadline = Some(Instant::now() + request);
+                }
+                conn.header(cid, header.op, 0, header.flags)
+            }
+            _ => header,
+        }
     }
 
     /// Reads from the first ready connection into `scratch`, at most `room` bytes and the
@@ -863,6 +937,7 @@ impl Vsock {
             .values()
             .map(|h| h.deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline))
+            .chain(self.listener_retry)
             .min();
         let result = match earliest {
             Some(at) => {
@@ -1024,6 +1099,10 @@ impl MutEventSubscriber for Vsock {
             self.sync_all(ops);
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
+            if self.listener_retry.is_some_and(|at| at <= Instant::now()) {
+                self.watch_listener(ops);
+                self.accept_all(ops);
+            }
             self.expire(ops);
             self.run_queues(ops);
         } else if fd == self.listener.as_raw_fd() {
@@ -1486,7 +1565,7 @@ mod tests {
         guest.evts[TX].write(1).unwrap();
         guest.pump();
         let rx_size = usize::from(QSIZES[RX]);
-        assert_eq!(guest.device.lock().unwrap().rx_control.len(), rx_size - 8);
+        assert_eq!(guest.device.lock().unwrap().rx_control.replies, rx_size - 8);
         assert_eq!(
             guest.used(TX).len(),
             rx_size,
@@ -1536,6 +1615,34 @@ mod tests {
         let mut answer = [0u8; 6];
         stream.read_exact(&mut answer).unwrap();
         assert_eq!(&answer, b"answer");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Host connections waiting for the guest do not hold its transmit queue back: only
+    /// replies to its own packets count (else a burst of CONNECTs would stop the guest).
+    #[test]
+    fn host_requests_do_not_hold_the_transmit_queue() {
+        let dir = temp_dir("requests-hold");
+        let uds = dir.join("v.sock");
+        let mem = memory();
+        let mut guest = Driver::new(&mem, Vsock::new(GUEST_CID, &uds).unwrap());
+        let clients: Vec<UnixStream> = (0..80)
+            .map(|i| {
+                let mut c = UnixStream::connect(&uds).unwrap();
+                c.write_all(format!("CONNECT {}\n", 2000 + i).as_bytes())
+                    .unwrap();
+                c
+            })
+            .collect();
+        guest.pump();
+        let queued = guest.device.lock().unwrap().rx_control.items.len();
+        assert!(
+            queued > usize::from(QSIZES[RX]) - 8,
+            "{queued} REQUESTs waiting"
+        );
+        guest.send(guest.header(OP_REQUEST, 9, 7777, 0, 0), &[]);
+        assert_eq!(guest.used(TX).len(), 1, "the guest's packet was not taken");
+        drop(clients);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
