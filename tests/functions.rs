@@ -239,6 +239,54 @@ fn the_entropy_device_is_the_guest_s_hwrng() -> Result<(), Failed> {
     })
 }
 
+/// A field of the guest's /proc/cpuinfo (its first processor), through `cpuinfo`.
+fn cpuinfo_field(vm: &FunctionVm, field: &str) -> Result<String, String> {
+    let (status, body) = vm.invoke("cpuinfo", b"")?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if status != 200 {
+        return Err(format!("cpuinfo answered {status}: {text}"));
+    }
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == field).then(|| v.trim().to_string())
+        })
+        .ok_or_else(|| format!("no {field:?} in the guest's cpuinfo:\n{text}"))
+}
+
+/// CPU templates change the CPU the guest sees: the static template of this host's vendor
+/// (T2A on AMD, T2 on Intel) makes it family 6, model 63, stepping 2, as Firecracker's do;
+/// a custom template from the config file sets the stepping to 9.
+fn cpu_templates_change_the_cpu_the_guest_sees() -> Result<(), Failed> {
+    let guest = GuestArtifacts::locate()?;
+    let amd = std::fs::read_to_string("/proc/cpuinfo")?.contains("AuthenticAMD");
+    let name = if amd { "T2A" } else { "T2" };
+    let scratch = Scratch::new("cpu-template");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.cpu_template = Some(name.into());
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let seen = [
+        cpuinfo_field(&vm, "cpu family")?,
+        cpuinfo_field(&vm, "model")?,
+        cpuinfo_field(&vm, "stepping")?,
+    ];
+    check(seen == ["6", "63", "2"], || {
+        format!("with {name} the guest sees family/model/stepping {seen:?}")
+    })?;
+    drop(vm);
+    let scratch = Scratch::new("cpu-config");
+    let mut spec = VmSpec::read_only(&guest);
+    spec.cpu_config = Some(
+        serde_json::json!({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0",
+        "flags": 0, "modifiers": [{"register": "eax", "bitmap": "0b1001"}]}]}),
+    );
+    let vm = FunctionVm::boot(&guest, &spec, &scratch)?;
+    let stepping = cpuinfo_field(&vm, "stepping")?;
+    check(stepping == "9", || {
+        format!("with a custom template setting stepping 9 the guest sees {stepping}")
+    })
+}
+
 /// A loop device over a file, detached when dropped.
 struct LoopDevice(String);
 
@@ -552,6 +600,10 @@ fn main() -> ExitCode {
             Trial::test(
                 "network_rate_limiters_hold_each_direction_to_its_bandwidth",
                 network_rate_limiters_hold_each_direction_to_its_bandwidth,
+            ),
+            Trial::test(
+                "cpu_templates_change_the_cpu_the_guest_sees",
+                cpu_templates_change_the_cpu_the_guest_sees,
             ),
             Trial::test(
                 "a_block_device_as_the_root_drive",

@@ -1,8 +1,9 @@
 //! reapvm as a process, as Firecracker's users run it: SIGTERM (and SIGINT) end it with
 //! exit code 0 after a last metrics write, and the API socket is gone; before a VM exists
 //! and while one runs; `--describe-snapshot` prints a vmstate's format version; a snapshot
-//! load after boot configuration is refused as Firecracker refuses it. On this
-//! host's own KVM with the replay guest (never the lab).
+//! load after boot configuration is refused as Firecracker refuses it; CPU templates are
+//! checked at InstanceStart (another vendor's static template, a leaf KVM lacks) and a
+//! custom one boots. On this host's own KVM with the replay guest (never the lab).
 
 use reapvm_bench::replay_vm;
 use test_support as support;
@@ -151,6 +152,78 @@ fn a_load_after_boot_configuration_is_refused() -> Result<(), String> {
     Ok(())
 }
 
+/// The static template of the vendor this host is not, for the refusal.
+fn other_vendor_template() -> &'static str {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if cpuinfo.contains("GenuineIntel") {
+        "T2A"
+    } else {
+        "T2"
+    }
+}
+
+/// As Firecracker: a static template of the other vendor is refused at InstanceStart with
+/// Firecracker's words, a custom template naming a CPUID leaf KVM lacks is refused naming
+/// it, and each refusal leaves the VMM configurable; a custom template KVM takes boots the
+/// guest, and `GET /vm/config` shows it.
+fn cpu_templates_are_checked_at_instance_start() -> Result<(), String> {
+    let scratch = Scratch::new("process-cpu-template");
+    let trace = replay_vm::write_trace(&scratch.dir, &replay_vm::synthetic_trace(8 * 256, 200))?;
+    let vmm = ReplayVmm::start(&scratch.dir, "templates", None)?;
+    vmm.api(
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": replay_vm::replay_guest()?, "initrd_path": trace, "boot_args": "reapvm-replay"}),
+    )?;
+    let start = || {
+        support::http::unix_request(
+            &vmm.socket,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+        )
+    };
+    let template = other_vendor_template();
+    vmm.api(
+        "PUT",
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": template}),
+    )?;
+    let (status, answer) = start()?;
+    if status != 400 || !answer.contains("CPU vendor mismatched") {
+        return Err(format!(
+            "InstanceStart with {template} on this host: {status} {answer}"
+        ));
+    }
+    let missing = serde_json::json!({"cpuid_modifiers": [{"leaf": "0x4fffffff", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "eax", "bitmap": "0b1"}]}]});
+    vmm.api("PUT", "/cpu-config", missing)?;
+    let (status, answer) = start()?;
+    if status != 400 || !answer.contains("0x4fffffff") {
+        return Err(format!(
+            "InstanceStart with a leaf KVM lacks: {status} {answer}"
+        ));
+    }
+    drop(vmm);
+    // Stepping 9 in leaf 1, from the config file: a change KVM takes; the guest runs.
+    let config_path = replay_vm::write_boot_config(&scratch.dir, &trace, 64)?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    config["cpu-config"] = serde_json::json!({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "eax", "bitmap": "0b1001"}]}]});
+    std::fs::write(&config_path, config.to_string()).map_err(|e| e.to_string())?;
+    let vmm = ReplayVmm::start(&scratch.dir, "custom", Some(&config_path))?;
+    vmm.wait_for("ready", Duration::from_secs(60))?;
+    let (_, shown) = support::http::unix_request(&vmm.socket, "GET", "/vm/config", "")?;
+    if !shown.contains("\"cpu-config\"") || !shown.contains("0x1") {
+        return Err(format!(
+            "GET /vm/config does not show the template: {shown}"
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let trials = vec![
         Trial::test("sigterm_before_a_vm_exists", || {
@@ -161,6 +234,9 @@ fn main() -> ExitCode {
         }),
         Trial::test("a_load_after_boot_configuration_is_refused", || {
             a_load_after_boot_configuration_is_refused().map_err(Failed::from)
+        }),
+        Trial::test("cpu_templates_are_checked_at_instance_start", || {
+            cpu_templates_are_checked_at_instance_start().map_err(Failed::from)
         }),
         Trial::test("describe_snapshot_prints_the_format_version", || {
             describe_snapshot_prints_the_format_version().map_err(Failed::from)

@@ -48,6 +48,10 @@ pub struct VmSpec {
     pub entropy: bool,
     /// A vsock device for guest CID 3 with this `uds_path`.
     pub vsock: Option<PathBuf>,
+    /// `machine-config.cpu_template` (a static template's name).
+    pub cpu_template: Option<String>,
+    /// The config file's `cpu-config` (a custom template).
+    pub cpu_config: Option<serde_json::Value>,
 }
 
 impl VmSpec {
@@ -66,6 +70,8 @@ impl VmSpec {
             net_rate_limiters: [serde_json::Value::Null, serde_json::Value::Null],
             entropy: false,
             vsock: None,
+            cpu_template: None,
+            cpu_config: None,
         }
     }
 }
@@ -119,6 +125,12 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
     });
     if spec.entropy {
         config["entropy"] = serde_json::json!({});
+    }
+    if let Some(name) = &spec.cpu_template {
+        config["machine-config"]["cpu_template"] = serde_json::json!(name);
+    }
+    if let Some(template) = &spec.cpu_config {
+        config["cpu-config"] = template.clone();
     }
     if let Some(uds_path) = &spec.vsock {
         config["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": uds_path});

@@ -17,6 +17,9 @@ use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockError};
+
+use crate::arch::cpu_template::{self, CpuTemplateError, CustomCpuTemplate};
+use crate::config::CpuConfigSource;
 use devices::{Bus, EventFdTrigger, Persist};
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
@@ -79,6 +82,8 @@ pub enum BuildError {
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
+    CpuTemplate(#[from] CpuTemplateError),
+    #[error(transparent)]
     Devices(#[from] DeviceManagerError),
     #[error("root drive {id} at {path} is not an ext2/3/4 filesystem (no ext superblock magic)")]
     RootNotExt4 { id: String, path: PathBuf },
@@ -140,6 +145,8 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         Some(v) => Some(Vsock::new(u64::from(v.guest_cid), &v.uds_path)?),
         None => None,
     };
+    // A template for the other vendor (or a file that does not parse) fails here too.
+    let template = cpu_template_of(config)?;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     for (cap, name) in [
@@ -163,9 +170,14 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
             max: max_vcpus,
         });
     }
-    let supported_cpuid = kvm
+    let mut supported_cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
+    if let Some(template) = &template {
+        template.check_kvm(&kvm)?;
+        // Before reapvm's own normalisation, which owns topology, APIC ids and the like.
+        template.apply_cpuid(&mut supported_cpuid)?;
+    }
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
 
     let vm = Vm::new(&kvm)?;
@@ -279,6 +291,9 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
         vcpus.push(vcpu);
     }
+    if let Some(template) = &template {
+        apply_template_msrs(template, &mut vcpus, msrs_to_save.as_deref())?;
+    }
 
     let microvm = assemble(
         kvm,
@@ -301,6 +316,57 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
         kernel.entry
     );
     Ok(microvm)
+}
+
+/// The CPU template the configuration asks for: a custom one (`cpu-config`), else a static
+/// one (`machine-config.cpu_template`) for this host's CPU.
+fn cpu_template_of(config: &VmConfig) -> Result<Option<CustomCpuTemplate>, CpuTemplateError> {
+    if let Some(source) = &config.cpu_config {
+        return Ok(Some(match source {
+            CpuConfigSource::Inline(template) => template.clone(),
+            CpuConfigSource::Path(path) => CustomCpuTemplate::from_file(path)?,
+        }));
+    }
+    match config.machine_config.cpu_template.as_deref() {
+        None | Some("None") => Ok(None),
+        Some(name) => {
+            let (vendor, fms) = cpu_template::host_cpu();
+            cpu_template::static_template(name, vendor, fms).map(Some)
+        }
+    }
+}
+
+/// Writes the template's MSRs, as vCPU 0 has them with its CPUID set and masked, to every
+/// vCPU (the boot MSRs stay the boot's), and keeps them in the vCPUs' snapshot list.
+fn apply_template_msrs(
+    template: &CustomCpuTemplate,
+    vcpus: &mut [Vcpu],
+    msrs_to_save: Option<&Vec<u32>>,
+) -> Result<(), BuildError> {
+    let Some(first) = vcpus.first() else {
+        return Ok(());
+    };
+    let boot: Vec<u32> = crate::arch::msr::boot_msr_entries()
+        .iter()
+        .map(|e| e.index)
+        .collect();
+    let entries = template.msr_entries(first.fd(), &boot)?;
+    for vcpu in vcpus.iter() {
+        cpu_template::set_msrs(vcpu.fd(), &entries)?;
+    }
+    if let Some(saved) = msrs_to_save {
+        let mut list = saved.clone();
+        for addr in template.msr_addrs() {
+            if !list.contains(&addr) {
+                list.push(addr);
+            }
+        }
+        let list = Arc::new(list);
+        for vcpu in vcpus.iter_mut() {
+            vcpu.set_msrs_to_save(list.clone());
+        }
+    }
+    Ok(())
 }
 
 /// The port I/O devices: serial (COM1), i8042 and the boot timer, with their irqfds.

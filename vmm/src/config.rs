@@ -42,7 +42,7 @@ pub enum ConfigError {
     VsockPath,
     #[error("config: `{0}` is not supported by reapvm yet")]
     Unsupported(&'static str),
-    #[error("config: cpu_template {0:?} is not supported (only \"None\")")]
+    #[error("config: cpu_template {0:?} is not one of None, T2, T2S, T2CL, C3, T2A")]
     CpuTemplate(String),
     #[error("config: huge_pages {0:?} is not supported (only \"None\")")]
     HugePages(String),
@@ -105,7 +105,7 @@ impl MachineConfig {
             });
         }
         match self.cpu_template.as_deref() {
-            None | Some("None") => {}
+            None | Some("None" | "T2" | "T2S" | "T2CL" | "C3" | "T2A") => {}
             Some(other) => return Err(ConfigError::CpuTemplate(other.to_string())),
         }
         match self.huge_pages.as_deref() {
@@ -206,8 +206,10 @@ pub struct VmConfig {
     pub mmds_config: Option<serde_json::Value>,
     #[serde(default)]
     pub entropy: Option<EntropyConfig>,
+    /// A custom CPU template (Firecracker's `cpu-config`): the template itself, or the path
+    /// of a file holding it. Takes the place of `machine-config.cpu_template`.
     #[serde(rename = "cpu-config", default)]
-    pub cpu_config: Option<serde_json::Value>,
+    pub cpu_config: Option<CpuConfigSource>,
     /// reapvm's: map the replay guest's control page (docs/replay.md) into this VM's MMIO
     /// space. Off by default: no other guest has any use for it. Kept in snapshots.
     #[serde(rename = "replay-control", default)]
@@ -221,6 +223,14 @@ pub struct EntropyConfig {
     /// Firecracker's token buckets on the bytes handed out and the requests.
     #[serde(default)]
     pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Where a custom CPU template comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CpuConfigSource {
+    Path(PathBuf),
+    Inline(crate::arch::cpu_template::CustomCpuTemplate),
 }
 
 /// The vsock device (`vsock` in the config file, `PUT /vsock`): virtio-vsock with
@@ -282,7 +292,6 @@ impl VmConfig {
         let unsupported = [
             ("balloon", self.balloon.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
-            ("cpu-config", self.cpu_config.is_some()),
         ];
         if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ConfigError::Unsupported(key));
@@ -508,6 +517,28 @@ mod tests {
         ] {
             assert!(with(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `cpu-config` takes the template itself or the path of a file holding it.
+    #[test]
+    fn cpu_config_is_a_template_or_a_path() {
+        let inline = parse(
+            r#"{"boot-source": {"kernel_image_path": "k"}, "cpu-config": {"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b0"}]}}"#,
+        )
+        .unwrap();
+        inline.validate(HOST).unwrap();
+        assert!(matches!(
+            inline.cpu_config,
+            Some(CpuConfigSource::Inline(_))
+        ));
+        let path =
+            parse(r#"{"boot-source": {"kernel_image_path": "k"}, "cpu-config": "/etc/t2.json"}"#)
+                .unwrap();
+        assert_eq!(
+            path.cpu_config,
+            Some(CpuConfigSource::Path("/etc/t2.json".into()))
+        );
+        assert!(parse(r#"{"cpu-config": {"bogus": 1}}"#).is_err());
     }
 
     #[test]

@@ -118,7 +118,8 @@ fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiRespo
     if let Some(v) = update.track_dirty_pages {
         mc.track_dirty_pages = v;
     }
-    if update.cpu_template.is_some() {
+    let new_template = update.cpu_template.is_some();
+    if new_template {
         mc.cpu_template = update.cpu_template;
     }
     if update.huge_pages.is_some() {
@@ -127,6 +128,9 @@ fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiRespo
     match mc.validate(host_ram_bytes()) {
         Ok(()) => {
             config.machine_config = mc;
+            if new_template {
+                config.cpu_config = None;
+            }
             ApiResponse::no_content()
         }
         Err(e) => ApiResponse::fault(e),
@@ -249,13 +253,24 @@ fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiRe
         ApiRequest::GetVersion => version(),
         ApiRequest::GetMachineConfig => to_json(&config.machine_config),
         ApiRequest::GetVmConfig => to_json(config),
-        ApiRequest::PutMachineConfig(mc) => match mc.validate(host_ram_bytes()) {
+        ApiRequest::PutMachineConfig(mut mc) => match mc.validate(host_ram_bytes()) {
             Ok(()) => {
+                // As Firecracker: a PUT without cpu_template keeps the template; one with
+                // it replaces a custom template too (the last one set wins).
+                match mc.cpu_template {
+                    None => mc.cpu_template = config.machine_config.cpu_template.take(),
+                    Some(_) => config.cpu_config = None,
+                }
                 config.machine_config = mc;
                 ApiResponse::no_content()
             }
             Err(e) => ApiResponse::fault(e),
         },
+        ApiRequest::PutCpuConfig(template) => {
+            config.cpu_config = Some(crate::config::CpuConfigSource::Inline(template));
+            config.machine_config.cpu_template = None;
+            ApiResponse::no_content()
+        }
         ApiRequest::PatchMachineConfig(update) => patch_machine(config, update),
         ApiRequest::PutBootSource(boot) => {
             if let Err(r) = check_readable("kernel image", &boot.kernel_image_path) {
@@ -468,7 +483,8 @@ impl RunningApi {
             | ApiRequest::PutDrive(_)
             | ApiRequest::PutNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
-            | ApiRequest::PutVsock(_) => ApiResponse::fault(NOT_AFTER_START),
+            | ApiRequest::PutVsock(_)
+            | ApiRequest::PutCpuConfig(_) => ApiResponse::fault(NOT_AFTER_START),
         }
     }
 }
@@ -645,9 +661,29 @@ mod tests {
         let vsock = r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/v.sock"}"#;
         assert_eq!(put(&mut config, "/vsock", vsock).status, 204);
 
+        // CPU templates: the one set last wins; a PUT without cpu_template keeps it.
+        let custom = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [{"register": "eax", "bitmap": "0b1"}]}]}"#;
+        assert_eq!(put(&mut config, "/cpu-config", custom).status, 204);
+        assert!(config.cpu_config.is_some());
+        let t2 = r#"{"vcpu_count": 2, "mem_size_mib": 512, "cpu_template": "T2"}"#;
+        assert_eq!(put(&mut config, "/machine-config", t2).status, 204);
+        assert!(
+            config.cpu_config.is_none(),
+            "a static template replaces the custom one"
+        );
+        let keep = r#"{"vcpu_count": 2, "mem_size_mib": 512}"#;
+        assert_eq!(put(&mut config, "/machine-config", keep).status, 204);
+        assert_eq!(config.machine_config.cpu_template.as_deref(), Some("T2"));
+        assert_eq!(put(&mut config, "/cpu-config", custom).status, 204);
+        assert_eq!(config.machine_config.cpu_template, None);
+        let bad = r#"{"vcpu_count": 2, "mem_size_mib": 512, "cpu_template": "T9"}"#;
+        assert_eq!(put(&mut config, "/machine-config", bad).status, 400);
+        assert!(parse("PUT", "/cpu-config", br#"{"vcpu_features": []}"#).is_err());
+
         let r = handle_preboot(&mut config, "t", ApiRequest::GetVmConfig);
         let body = r.body.unwrap();
         assert_eq!(body["vsock"]["guest_cid"], 3);
+        assert_eq!(body["cpu-config"]["cpuid_modifiers"][0]["leaf"], "0x1");
         assert_eq!(body["machine-config"]["mem_size_mib"], 512);
         assert_eq!(body["drives"][0]["drive_id"], "d1");
         let r = handle_preboot(&mut config, "vm-7", ApiRequest::GetInstanceInfo);

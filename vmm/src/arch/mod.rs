@@ -2,6 +2,7 @@
 //! set-up, boot registers and page tables, the MP table and the zero page.
 
 pub mod boot_params;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod gdt;
 pub mod lapic;
