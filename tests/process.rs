@@ -216,7 +216,7 @@ fn cpu_templates_are_checked_at_instance_start() -> Result<(), String> {
     let vmm = ReplayVmm::start(&scratch.dir, "custom", Some(&config_path))?;
     vmm.wait_for("ready", Duration::from_secs(60))?;
     let (_, shown) = support::http::unix_request(&vmm.socket, "GET", "/vm/config", "")?;
-    if !shown.contains("\"cpu-config\"") || !shown.contains("0x1") {
+    if !shown.contains("\"cpu-config\"") || !shown.contains("\"leaf\":\"0x1\"") {
         return Err(format!(
             "GET /vm/config does not show the template: {shown}"
         ));

@@ -225,12 +225,26 @@ pub struct EntropyConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
-/// Where a custom CPU template comes from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where a custom CPU template comes from: a string is a file's path, an object the
+/// template itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum CpuConfigSource {
     Path(PathBuf),
     Inline(crate::arch::cpu_template::CustomCpuTemplate),
+}
+
+impl<'de> Deserialize<'de> for CpuConfigSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // Decided by the JSON's kind, so a bad template says what is wrong in it.
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(path) => Ok(Self::Path(path.into())),
+            other => serde_json::from_value(other)
+                .map(Self::Inline)
+                .map_err(|e| D::Error::custom(format!("cpu-config: {e}"))),
+        }
+    }
 }
 
 /// The vsock device (`vsock` in the config file, `PUT /vsock`): virtio-vsock with
@@ -538,6 +552,10 @@ mod tests {
             path.cpu_config,
             Some(CpuConfigSource::Path("/etc/t2.json".into()))
         );
+        let e = parse(r#"{"cpu-config": {"msr_modifiers": [{"addr": "69", "bitmap": "0b1"}]}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0x"), "the reason is kept: {e}");
         assert!(parse(r#"{"cpu-config": {"bogus": 1}}"#).is_err());
     }
 

@@ -27,6 +27,8 @@ pub enum CpuTemplateError {
     KvmCapability(u32),
     #[error("the CPU template changes MSR {0:#x}, which KVM does not let a vCPU read")]
     Msr(u32),
+    #[error("KVM refused to set MSR {0:#x} to the CPU template's value")]
+    MsrRefused(u32),
     #[error("cannot build the template's MSR list: {0}")]
     MsrList(vmm_sys_util::fam::Error),
     #[error("KVM_GET_MSRS/KVM_SET_MSRS for the template's MSRs failed: {0}")]
@@ -284,18 +286,20 @@ impl CustomCpuTemplate {
         first: &VcpuFd,
         skip: &[u32],
     ) -> Result<Vec<kvm_msr_entry>, CpuTemplateError> {
-        let wanted: Vec<&MsrModifier> = self
-            .msr_modifiers
-            .iter()
-            .filter(|m| !skip.contains(&m.addr.0))
-            .collect();
-        if wanted.is_empty() {
+        // Each MSR once, its modifiers applied in order (as Firecracker stacks them).
+        let mut addrs: Vec<u32> = Vec::new();
+        for m in &self.msr_modifiers {
+            if !skip.contains(&m.addr.0) && !addrs.contains(&m.addr.0) {
+                addrs.push(m.addr.0);
+            }
+        }
+        if addrs.is_empty() {
             return Ok(Vec::new());
         }
-        let entries: Vec<kvm_msr_entry> = wanted
+        let entries: Vec<kvm_msr_entry> = addrs
             .iter()
-            .map(|m| kvm_msr_entry {
-                index: m.addr.0,
+            .map(|index| kvm_msr_entry {
+                index: *index,
                 ..Default::default()
             })
             .collect();
@@ -303,16 +307,19 @@ impl CustomCpuTemplate {
         let read = first
             .get_msrs(&mut msrs)
             .map_err(CpuTemplateError::MsrIoctl)?;
-        if read < wanted.len() {
-            return Err(CpuTemplateError::Msr(wanted[read].addr.0));
+        if read < addrs.len() {
+            return Err(CpuTemplateError::Msr(addrs[read]));
         }
         Ok(msrs
             .as_slice()
             .iter()
-            .zip(&wanted)
-            .map(|(entry, m)| kvm_msr_entry {
+            .map(|entry| kvm_msr_entry {
                 index: entry.index,
-                data: m.bitmap.apply(entry.data),
+                data: self
+                    .msr_modifiers
+                    .iter()
+                    .filter(|m| m.addr.0 == entry.index)
+                    .fold(entry.data, |value, m| m.bitmap.apply(value)),
                 ..Default::default()
             })
             .collect())
@@ -331,7 +338,7 @@ pub fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), CpuTempl
     let msrs = Msrs::from_entries(entries).map_err(CpuTemplateError::MsrList)?;
     let set = vcpu.set_msrs(&msrs).map_err(CpuTemplateError::MsrIoctl)?;
     match entries.get(set) {
-        Some(refused) => Err(CpuTemplateError::Msr(refused.index)),
+        Some(refused) => Err(CpuTemplateError::MsrRefused(refused.index)),
         None => Ok(()),
     }
 }
@@ -376,8 +383,10 @@ pub fn static_template(
 
 /// The host's CPU as its own CPUID says: the vendor and leaf 1 EAX.
 pub fn host_cpu() -> (Vendor, u32) {
-    let leaf0 = std::arch::x86_64::__cpuid(0);
-    let leaf1 = std::arch::x86_64::__cpuid(1);
+    // SAFETY: CPUID exists on every x86_64 CPU and only reads (`__cpuid` is a safe
+    // function from Rust 1.87; the declared minimum is older).
+    #[allow(unused_unsafe)]
+    let (leaf0, leaf1) = unsafe { (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1)) };
     let mut name = [0u8; 12];
     name[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
     name[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
@@ -727,5 +736,26 @@ mod tests {
                 subleaf: 0
             })
         ));
+    }
+
+    /// Modifiers of one MSR stack, applied in order to the value vCPU 0 has (this host's
+    /// KVM; SYSENTER_CS starts at 0).
+    #[test]
+    fn modifiers_of_one_msr_stack() {
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let t: CustomCpuTemplate = serde_json::from_str(
+            r#"{"msr_modifiers": [{"addr": "0x174", "bitmap": "0b1"}, {"addr": "0x174", "bitmap": "0b1x"}]}"#,
+        )
+        .unwrap();
+        let entries = t.msr_entries(&vcpu, &[]).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].index, entries[0].data), (0x174, 0b11));
+        assert!(
+            t.msr_entries(&vcpu, &[0x174]).unwrap().is_empty(),
+            "a boot MSR stays the boot's"
+        );
+        set_msrs(&vcpu, &entries).unwrap();
     }
 }

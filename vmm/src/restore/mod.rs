@@ -192,6 +192,21 @@ pub fn restore_vm(
         vcpu.restore_state(vcpu_state)
             .map_err(|source| RestoreError::VcpuState { index, source })?;
         builder::give_msr_list(&kvm, &mut vcpu, &mut msrs_to_save)?;
+        // What the snapshot carried stays in the next one (a CPU template's MSR that KVM's
+        // list lacks).
+        if let Some(list) = &msrs_to_save {
+            let extra: Vec<u32> = vcpu_state
+                .msrs
+                .iter()
+                .map(|e| e.index)
+                .filter(|i| !list.contains(i))
+                .collect();
+            if !extra.is_empty() {
+                let mut all = (**list).clone();
+                all.extend(extra);
+                vcpu.set_msrs_to_save(Arc::new(all));
+            }
+        }
         vcpus.push(vcpu);
     }
     let control = if params.resume_vm {
