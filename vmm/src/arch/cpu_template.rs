@@ -461,84 +461,50 @@ fn xsave_leaves() -> [CpuidLeafModifier; 2] {
     ]
 }
 
-fn t2(with_arch_capabilities: bool) -> CustomCpuTemplate {
+/// A template of the T2 family: the shared leaves, its own extended leaves 0x80000001 (ECX,
+/// EDX) and 0x80000008 (EBX), and IA32_ARCH_CAPABILITIES if it sets that.
+fn t2_family(
+    ext_ecx: &str,
+    ext_edx: &str,
+    sizes_ebx: &str,
+    arch_caps: Option<&str>,
+) -> CustomCpuTemplate {
     let mut cpuid = t2_common();
-    cpuid.push(leaf(
-        0x8000_0001,
-        0x0,
-        0,
-        &[
-            (Ecx, "0bxx0xxxxxxxxxxxxxxxxxxxx0xxxxxxxx"),
-            (Edx, "0bxxxxx0xxxxxxxxxxxxxxxxxxxxxxxxxx"),
-        ],
-    ));
-    cpuid.push(leaf(
-        0x8000_0008,
-        0x0,
-        0,
-        &[(Ebx, "0bxxxxxxxxxxxxxxxxxxxxxx0xxxxxxxxx")],
-    ));
+    cpuid.push(leaf(0x8000_0001, 0x0, 0, &[(Ecx, ext_ecx), (Edx, ext_edx)]));
+    cpuid.push(leaf(0x8000_0008, 0x0, 0, &[(Ebx, sizes_ebx)]));
     CustomCpuTemplate {
         kvm_capabilities: Vec::new(),
         cpuid_modifiers: cpuid,
-        msr_modifiers: if with_arch_capabilities {
-            vec![arch_capabilities(
-                "0b0000000000000000000000000000000000001100000010000000110001001100",
-            )]
-        } else {
-            Vec::new()
-        },
+        msr_modifiers: arch_caps.map(arch_capabilities).into_iter().collect(),
     }
+}
+
+fn t2(with_arch_capabilities: bool) -> CustomCpuTemplate {
+    t2_family(
+        "0bxx0xxxxxxxxxxxxxxxxxxxx0xxxxxxxx",
+        "0bxxxxx0xxxxxxxxxxxxxxxxxxxxxxxxxx",
+        "0bxxxxxxxxxxxxxxxxxxxxxx0xxxxxxxxx",
+        with_arch_capabilities
+            .then_some("0b0000000000000000000000000000000000001100000010000000110001001100"),
+    )
 }
 
 fn t2cl() -> CustomCpuTemplate {
-    let mut cpuid = t2_common();
-    cpuid.push(leaf(
-        0x8000_0001,
-        0x0,
-        0,
-        &[
-            (Ecx, "0bxx0xxxxxxxxxxxxxxxxxxxx000xxxxxx"),
-            (Edx, "0bxxxxx00000xxxxxxxxxxxxxxxxxxxxxx"),
-        ],
-    ));
-    cpuid.push(leaf(
-        0x8000_0008,
-        0x0,
-        0,
-        &[(Ebx, "0bxxxxxxxxxxxxxxxxxxxxxx0xxxxxxxxx")],
-    ));
-    CustomCpuTemplate {
-        kvm_capabilities: Vec::new(),
-        cpuid_modifiers: cpuid,
-        msr_modifiers: vec![arch_capabilities(
-            "0b00000000000000000000000000000000000xxx0x0000x0x0xxx0000xxxxxxxxx",
-        )],
-    }
+    t2_family(
+        "0bxx0xxxxxxxxxxxxxxxxxxxx000xxxxxx",
+        "0bxxxxx00000xxxxxxxxxxxxxxxxxxxxxx",
+        "0bxxxxxxxxxxxxxxxxxxxxxx0xxxxxxxxx",
+        Some("0b00000000000000000000000000000000000xxx0x0000x0x0xxx0000xxxxxxxxx"),
+    )
 }
 
 fn t2a() -> CustomCpuTemplate {
-    let mut cpuid = t2_common();
-    cpuid.push(leaf(
-        0x8000_0001,
-        0x0,
-        0,
-        &[
-            (Ecx, "0bxx0xxxxxxxxxxxxxxxxxxxx000xxx0xx"),
-            (Edx, "0bxxxxx00xx0xxxxxxxxxxxxxxxxxxxxxx"),
-        ],
-    ));
-    cpuid.push(leaf(
-        0x8000_0008,
-        0x0,
-        0,
-        &[(Ebx, "0bxxxxxxxxxxx111xxxxxxxx0xxxxxx1x0")],
-    ));
-    CustomCpuTemplate {
-        kvm_capabilities: Vec::new(),
-        cpuid_modifiers: cpuid,
-        msr_modifiers: Vec::new(),
-    }
+    t2_family(
+        "0bxx0xxxxxxxxxxxxxxxxxxxx000xxx0xx",
+        "0bxxxxx00xx0xxxxxxxxxxxxxxxxxxxxxx",
+        "0bxxxxxxxxxxx111xxxxxxxx0xxxxxx1x0",
+        None,
+    )
 }
 
 fn c3() -> CustomCpuTemplate {

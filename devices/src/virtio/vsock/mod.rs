@@ -160,6 +160,9 @@ pub struct Vsock {
     activate_evt: EventFd,
     /// Fires at the earliest deadline of a handshake or connection.
     timer: TimerFd,
+    /// The deadline the timer is set for now (set again only when that changes: this runs
+    /// after every event).
+    timer_at: Option<Instant>,
     active: Option<ActiveQueues<3>>,
     retired: RetiredEvents,
     paused: bool,
@@ -208,6 +211,7 @@ impl Vsock {
             listener_watched: false,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Event)?,
             timer,
+            timer_at: None,
             active: None,
             retired: RetiredEvents::default(),
             paused: false,
@@ -939,6 +943,10 @@ impl Vsock {
             .chain(self.conns.values().filter_map(|c| c.deadline))
             .chain(self.listener_retry)
             .min();
+        if earliest == self.timer_at {
+            return;
+        }
+        self.timer_at = earliest;
         let result = match earliest {
             Some(at) => {
                 // A zero wait would disarm the timer: at least a millisecond.
@@ -1099,6 +1107,7 @@ impl MutEventSubscriber for Vsock {
             self.sync_all(ops);
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
+            self.timer_at = None;
             if self.listener_retry.is_some_and(|at| at <= Instant::now()) {
                 self.watch_listener(ops);
                 self.accept_all(ops);
