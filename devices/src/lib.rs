@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod mmds;
 pub mod persist;
 pub mod rate_limiter;
 pub mod tap;

@@ -52,6 +52,8 @@ pub struct VmSpec {
     pub cpu_template: Option<String>,
     /// The config file's `cpu-config` (a custom template).
     pub cpu_config: Option<serde_json::Value>,
+    /// The config file's `mmds-config` (its interface is `eth0`).
+    pub mmds_config: Option<serde_json::Value>,
 }
 
 impl VmSpec {
@@ -72,6 +74,7 @@ impl VmSpec {
             vsock: None,
             cpu_template: None,
             cpu_config: None,
+            mmds_config: None,
         }
     }
 }
@@ -131,6 +134,9 @@ pub fn config_json(kernel: &Path, spec: &VmSpec) -> String {
     }
     if let Some(template) = &spec.cpu_config {
         config["cpu-config"] = template.clone();
+    }
+    if let Some(mmds) = &spec.mmds_config {
+        config["mmds-config"] = mmds.clone();
     }
     if let Some(uds_path) = &spec.vsock {
         config["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": uds_path});

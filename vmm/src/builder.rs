@@ -117,6 +117,8 @@ pub struct StartOptions {
     pub start_time: devices::legacy::StartTime,
     /// Receives the boot time when the guest signals boot completion.
     pub ready: Option<Sender<Duration>>,
+    /// The MMDS data store the API fills and the interfaces of `mmds-config` serve.
+    pub mmds: crate::api::controller::SharedMmds,
 }
 
 fn event_fd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -140,7 +142,8 @@ pub fn build_and_start(config: &VmConfig, opts: StartOptions) -> Result<MicroVm,
     };
     let mut cmdline = loader::build_cmdline(boot_source.boot_args())?;
     // Drives and taps are opened now too: a missing file or tap fails before KVM is touched.
-    let (blocks, nets) = open_devices(config)?;
+    let (blocks, mut nets) = open_devices(config)?;
+    connect_mmds(config, nets.iter_mut(), &opts.mmds)?;
     let vsock = match &config.vsock {
         Some(v) => Some(Vsock::new(u64::from(v.guest_cid), &v.uds_path)?),
         None => None,
@@ -581,6 +584,32 @@ pub(crate) fn drives_in_order(config: &VmConfig) -> Vec<&DriveConfig> {
 pub(crate) fn check_root_drive(drive: &DriveConfig) -> Result<(), BuildError> {
     if drive.is_root_device && drive.partuuid.is_none() {
         check_ext_superblock(&drive.drive_id, &drive.path_on_host)?;
+    }
+    Ok(())
+}
+
+/// Makes MMDS reachable through the interfaces `mmds-config` names, with its version.
+pub(crate) fn connect_mmds<'a>(
+    config: &VmConfig,
+    nets: impl Iterator<Item = &'a mut Net>,
+    store: &crate::api::controller::SharedMmds,
+) -> Result<(), BuildError> {
+    let Some(mmds) = &config.mmds_config else {
+        return Ok(());
+    };
+    store
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .configure(mmds.version, mmds.imds_compat);
+    for net in nets.filter(|n| mmds.serves(n.id())) {
+        let stack = devices::mmds::MmdsStack::new(mmds.ipv4(), store.clone());
+        net.set_mmds(stack)?;
+        log::info!(
+            "MMDS {:?} at {} through network interface {}",
+            mmds.version,
+            mmds.ipv4(),
+            net.id()
+        );
     }
     Ok(())
 }

@@ -72,9 +72,12 @@ pub struct Cli {
     /// Largest API request body, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 51200)]
     pub http_api_max_payload_size: usize,
-    /// Largest MMDS data store, in bytes.
+    /// Largest MMDS data store, in bytes (default: --http-api-max-payload-size).
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
+    /// Put this JSON file's contents in the MMDS data store at start.
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
     /// Print the format version of a snapshot's vmstate file (after checking it whole) and
     /// exit, as Firecracker's flag of that name.
     #[arg(long, value_name = "PATH")]

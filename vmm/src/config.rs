@@ -52,6 +52,12 @@ pub enum ConfigError {
     TwoRootDrives,
     #[error("config: drive {id}: {what} is not supported by reapvm")]
     DriveOption { id: String, what: &'static str },
+    #[error("The list of network interface IDs that allow forwarding MMDS requests is empty.")]
+    MmdsNoInterfaces,
+    #[error("The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface: {0:?}.")]
+    MmdsInterface(String),
+    #[error("The MMDS IPv4 address is not link local: {0} (use 169.254.1.0 to 169.254.254.255).")]
+    MmdsIpv4(std::net::Ipv4Addr),
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -203,7 +209,7 @@ pub struct VmConfig {
     #[serde(default)]
     pub balloon: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default)]
-    pub mmds_config: Option<serde_json::Value>,
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default)]
     pub entropy: Option<EntropyConfig>,
     /// A custom CPU template (Firecracker's `cpu-config`): the template itself, or the path
@@ -214,6 +220,50 @@ pub struct VmConfig {
     /// space. Off by default: no other guest has any use for it. Kept in snapshots.
     #[serde(rename = "replay-control", default)]
     pub replay_control: bool,
+}
+
+/// MMDS (`mmds-config` in the config file, `PUT /mmds/config`): which interfaces lead to
+/// it, at which address, and how the guest must ask. Kept in snapshots; the data is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    #[serde(default)]
+    pub version: devices::mmds::MmdsVersion,
+    pub network_interfaces: Vec<String>,
+    #[serde(default)]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    /// Answer in EC2's IMDS format whatever the guest's Accept header says.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    pub fn ipv4(&self) -> std::net::Ipv4Addr {
+        self.ipv4_address.unwrap_or(devices::mmds::DEFAULT_IPV4)
+    }
+
+    /// Whether MMDS is reachable through the interface `iface_id`.
+    pub fn serves(&self, iface_id: &str) -> bool {
+        self.network_interfaces.iter().any(|id| id == iface_id)
+    }
+
+    /// Firecracker's checks, against the interfaces configured.
+    pub fn validate(&self, interfaces: &[NetworkInterfaceConfig]) -> Result<(), ConfigError> {
+        if self.network_interfaces.is_empty() {
+            return Err(ConfigError::MmdsNoInterfaces);
+        }
+        if let Some(id) = self
+            .network_interfaces
+            .iter()
+            .find(|id| !interfaces.iter().any(|n| &n.iface_id == *id))
+        {
+            return Err(ConfigError::MmdsInterface(id.clone()));
+        }
+        if !devices::mmds::is_valid_mmds_ipv4(self.ipv4()) {
+            return Err(ConfigError::MmdsIpv4(self.ipv4()));
+        }
+        Ok(())
+    }
 }
 
 /// The entropy device (`entropy` in the config file, `PUT /entropy`): virtio-rng.
@@ -281,6 +331,12 @@ impl VsockConfig {
     }
 }
 
+/// The JSON of `--metadata`, for the MMDS data store.
+pub fn read_metadata(path: &Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))
+}
+
 impl VmConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -303,12 +359,11 @@ impl VmConfig {
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }
-        let unsupported = [
-            ("balloon", self.balloon.is_some()),
-            ("mmds-config", self.mmds_config.is_some()),
-        ];
-        if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
-            return Err(ConfigError::Unsupported(key));
+        if let Some(mmds) = &self.mmds_config {
+            mmds.validate(&self.network_interfaces)?;
+        }
+        if self.balloon.is_some() {
+            return Err(ConfigError::Unsupported("balloon"));
         }
         self.machine_config.validate(host_ram_bytes)
     }
@@ -557,6 +612,39 @@ mod tests {
             .to_string();
         assert!(e.contains("0x"), "the reason is kept: {e}");
         assert!(parse(r#"{"cpu-config": {"bogus": 1}}"#).is_err());
+    }
+
+    #[test]
+    fn mmds_config_is_checked_as_firecracker_does() {
+        let with = |mmds: &str| {
+            parse(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "k"}}, "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0"}}], "mmds-config": {mmds}}}"#
+            ))
+        };
+        let cfg = with(
+            r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2"}"#,
+        )
+        .unwrap();
+        cfg.validate(HOST).unwrap();
+        let mmds = cfg.mmds_config.unwrap();
+        assert_eq!(mmds.version, devices::mmds::MmdsVersion::V2);
+        assert_eq!(mmds.ipv4(), std::net::Ipv4Addr::new(169, 254, 170, 2));
+        assert!(mmds.serves("eth0") && !mmds.serves("eth1"));
+        let v1 = with(r#"{"network_interfaces": ["eth0"]}"#).unwrap();
+        assert_eq!(
+            v1.mmds_config.as_ref().unwrap().version,
+            devices::mmds::MmdsVersion::V1
+        );
+        assert_eq!(v1.mmds_config.unwrap().ipv4(), devices::mmds::DEFAULT_IPV4);
+        let refused = |mmds: &str| with(mmds).unwrap().validate(HOST).unwrap_err().to_string();
+        assert!(refused(r#"{"network_interfaces": []}"#).contains("is empty"));
+        assert!(refused(r#"{"network_interfaces": ["eth9"]}"#).contains("\"eth9\""));
+        assert!(
+            refused(r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#)
+                .contains("10.0.0.1")
+        );
+        assert!(with(r#"{"network_interfaces": ["eth0"], "version": "V3"}"#).is_err());
+        assert!(with(r#"{"network_interfaces": ["eth0"], "bogus": 1}"#).is_err());
     }
 
     #[test]

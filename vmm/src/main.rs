@@ -110,12 +110,30 @@ fn main() -> ExitCode {
         },
         None => start_time,
     };
+    let mmds = std::sync::Arc::new(std::sync::Mutex::new(devices::mmds::MmdsStore::new(
+        cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size),
+    )));
+    metrics::metrics().mmds.set(mmds.clone());
+    if let Some(path) = &cli.metadata {
+        if let Err(e) = vmm::config::read_metadata(path).and_then(|data| {
+            mmds.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(data)
+                .map_err(|e| e.to_string())
+        }) {
+            return fail(
+                exit_code::BAD_CONFIGURATION,
+                format!("--metadata {}: {e}", path.display()),
+            );
+        }
+    }
     let opts = || StartOptions {
         console_out: Box::new(std::io::stdout()),
         console_in: true,
         boot_timer: cli.boot_timer,
         start_time,
         ready: None,
+        mmds: mmds.clone(),
     };
     let start = |config: &VmConfig| -> Result<MicroVm, ExitCode> {
         build_and_start(config, opts()).map_err(|e| match e {
@@ -155,7 +173,7 @@ fn main() -> ExitCode {
                 Ok(vm) => (vm, config),
                 Err(code) => return code,
             },
-            None => match serve_preboot(&inbox, &cli.id, &opts) {
+            None => match serve_preboot(&inbox, &cli.id, &mmds, &opts) {
                 Some(started) => started,
                 None => {
                     return fail(
@@ -165,7 +183,7 @@ fn main() -> ExitCode {
                 }
             },
         };
-        let api = RunningApi::new(inbox, config, cli.id.clone(), &microvm);
+        let api = RunningApi::new(inbox, config, cli.id.clone(), mmds.clone(), &microvm);
         microvm.add_subscriber(Arc::new(Mutex::new(api)));
         microvm
     };

@@ -276,6 +276,7 @@ pub struct Metrics {
     pub memory_restore: MemoryRestoreMetrics,
     pub replay: ReplayMetrics,
     pub agent: AgentMetrics,
+    pub mmds: MmdsMetrics,
 }
 
 /// A device the metrics read from when they are written (set once the device exists).
@@ -317,6 +318,19 @@ impl Serialize for AgentMetrics {
     }
 }
 
+/// What MMDS saw: frames, connections and the guests' requests, totals since the VMM
+/// started (not deltas: they live in the data store, beside what they count).
+pub type MmdsMetrics = DeviceSlot<crate::api::controller::SharedMmds>;
+
+impl Serialize for MmdsMetrics {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let counts = self.read(|store| {
+            store.map(|store| store.lock().unwrap_or_else(|p| p.into_inner()).counts())
+        });
+        counts.unwrap_or_default().serialize(s)
+    }
+}
+
 /// What the replay guest reported (docs/replay.md): ready, done, its checksum, an error.
 pub type ReplayMetrics = DeviceSlot<devices::legacy::ReplayReport>;
 
@@ -338,7 +352,7 @@ impl Serialize for Metrics {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut st = s.serialize_struct("Metrics", 7)?;
+        let mut st = s.serialize_struct("Metrics", 8)?;
         st.serialize_field("utc_timestamp_ms", &now_ms)?;
         st.serialize_field("api_server", &self.api_server)?;
         st.serialize_field("latencies_us", &self.latencies_us)?;
@@ -346,6 +360,7 @@ impl Serialize for Metrics {
         st.serialize_field("memory_restore", &self.memory_restore)?;
         st.serialize_field("replay", &self.replay)?;
         st.serialize_field("agent", &self.agent)?;
+        st.serialize_field("mmds", &self.mmds)?;
         st.end()
     }
 }

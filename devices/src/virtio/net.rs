@@ -3,21 +3,28 @@
 //! device stops watching the tap (no spinning) and keeps the frame it already read (no
 //! silent drop) until the guest posts buffers again. Each direction may have a rate limiter
 //! (Firecracker's `rx_rate_limiter`, `tx_rate_limiter`): a frame over budget waits, in the
-//! tap or in the transmit queue, for the limiter's timer.
+//! tap or in the transmit queue, for the limiter's timer. An interface MMDS is reachable
+//! through hands the guest's frames for the MMDS address to the MMDS stack instead of the
+//! tap, and gives the guest the stack's answers before the tap's frames.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use crate::{GuestMemoryMmap, Persist};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     pop_checked, serve_admitted, ActivateContext, ActivateError, ActiveQueues, RetiredEvents,
     VirtioDevice, TYPE_NET,
 };
-use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
+use crate::mmds::MmdsStack;
+use crate::rate_limiter::{
+    nonblocking_timer, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
@@ -42,6 +49,8 @@ pub enum NetError {
     Mac { id: String, mac: String },
     #[error("cannot create the activation event of network interface {0}: {1}")]
     Event(String, std::io::Error),
+    #[error("cannot create the MMDS timer of network interface {0}: {1}")]
+    MmdsTimer(String, std::io::Error),
     #[error("network interface {id}: {source}")]
     RateLimiter {
         id: String,
@@ -127,6 +136,8 @@ pub struct Net {
     paused: bool,
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
+    /// MMDS, if this interface leads to it, and the timer its TCP runs on.
+    mmds: Option<(MmdsStack, TimerFd)>,
 }
 
 impl Net {
@@ -180,7 +191,36 @@ impl Net {
             paused: false,
             rx_limiter,
             tx_limiter,
+            mmds: None,
         })
+    }
+
+    /// Makes MMDS reachable through this interface. Before the device joins the event loop.
+    pub fn set_mmds(&mut self, stack: MmdsStack) -> Result<(), NetError> {
+        let timer = nonblocking_timer().map_err(|e| NetError::MmdsTimer(self.id.clone(), e))?;
+        self.mmds = Some((stack, timer));
+        Ok(())
+    }
+
+    fn mmds_has_frames(&self) -> bool {
+        self.mmds
+            .as_ref()
+            .is_some_and(|(stack, _)| stack.has_frames())
+    }
+
+    /// Sets the MMDS timer for the stack's next deadline (or clears it).
+    fn arm_mmds_timer(&mut self) {
+        let Some((stack, timer)) = self.mmds.as_mut() else {
+            return;
+        };
+        let result = match stack.next_poll(Instant::now()) {
+            // A zero wait would disarm the timer.
+            Some(wait) => timer.reset(wait.max(Duration::from_millis(1)), None),
+            None => timer.clear(),
+        };
+        if let Err(e) = result {
+            log::error!("virtio-net {}: cannot set the MMDS timer: {e}", self.id);
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -221,9 +261,22 @@ impl Net {
         let mem = active.mem.clone();
         let mut used = false;
         loop {
-            let len = match self.pending_rx.take() {
-                Some(len) => len,
-                None => match self.tap.read_frame(&mut self.rx_buf) {
+            let mmds_frame = match self.pending_rx {
+                Some(_) => None,
+                None => self
+                    .mmds
+                    .as_mut()
+                    .and_then(|(stack, _)| stack.next_frame(Instant::now())),
+            };
+            let len = match (self.pending_rx.take(), mmds_frame) {
+                (Some(len), _) => len,
+                (None, Some(frame)) => {
+                    let len = VNET_HDR_LEN + frame.len();
+                    self.rx_buf[..VNET_HDR_LEN].fill(0);
+                    self.rx_buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
+                    len
+                }
+                (None, None) => match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -296,6 +349,7 @@ impl Net {
         };
         let mem = active.mem.clone();
         let limiter = &mut self.tx_limiter;
+        let mmds = &mut self.mmds;
         // The frame's length is summed only when a limit needs it: this runs per frame.
         let admit = |chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>| {
             limiter.is_unlimited()
@@ -311,9 +365,18 @@ impl Net {
                             self.id
                         );
                     } else if r.read_exact(&mut self.tx_buf[..len]).is_ok() {
-                        if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
-                            // The host side is down or full: the frame is lost, as on a wire.
-                            log::debug!("virtio-net {}: tap write failed: {e}", self.id);
+                        let frame = &self.tx_buf[VNET_HDR_LEN..len];
+                        match mmds.as_mut() {
+                            Some((stack, _)) if stack.is_mmds_frame(frame) => {
+                                stack.receive_frame(frame, Instant::now());
+                            }
+                            _ => {
+                                if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
+                                    // The host side is down or full: the frame is lost, as
+                                    // on a wire.
+                                    log::debug!("virtio-net {}: tap write failed: {e}", self.id);
+                                }
+                            }
                         }
                     }
                 }
@@ -349,6 +412,19 @@ impl Net {
         match result {
             Ok(()) => self.tap_watched = watch,
             Err(e) => log::error!("virtio-net {}: cannot change tap watch: {e}", self.id),
+        }
+    }
+
+    /// Sends what the guest queued; MMDS's answers to it go to the guest at once.
+    fn on_tx_ready(&mut self, ops: &mut EventOps) {
+        if self.process_tx() {
+            self.signal();
+        }
+        if self.mmds.is_some() {
+            if self.mmds_has_frames() {
+                self.on_rx_ready(ops);
+            }
+            self.arm_mmds_timer();
         }
     }
 
@@ -450,7 +526,11 @@ impl MutEventSubscriber for Net {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
             log::error!("virtio-net {}: cannot watch activation: {e}", self.id);
         }
-        for timer in [self.rx_limiter.timer_fd(), self.tx_limiter.timer_fd()] {
+        let mmds_timer = self.mmds.as_ref().map(|(_, timer)| timer.as_raw_fd());
+        for timer in [self.rx_limiter.timer_fd(), self.tx_limiter.timer_fd()]
+            .into_iter()
+            .chain(mmds_timer)
+        {
             if let Err(e) = ops.add(Events::new_raw(timer, EventSet::IN)) {
                 log::error!(
                     "virtio-net {}: cannot watch a rate limiter's timer: {e}",
@@ -476,8 +556,8 @@ impl MutEventSubscriber for Net {
             }
             if rx {
                 self.on_rx_ready(ops);
-            } else if self.process_tx() {
-                self.signal();
+            } else {
+                self.on_tx_ready(ops);
             }
             return;
         }
@@ -493,9 +573,20 @@ impl MutEventSubscriber for Net {
                 return;
             }
             self.on_rx_ready(ops);
-            if self.process_tx() {
-                self.signal();
+            self.on_tx_ready(ops);
+            return;
+        }
+        if let Some((stack, timer)) = self.mmds.as_mut().filter(|(_, t)| t.as_raw_fd() == fd) {
+            let _ = timer.wait();
+            // While paused, resume runs the stack again.
+            if self.paused || self.active.is_none() {
+                return;
             }
+            stack.poll(Instant::now());
+            if self.mmds_has_frames() {
+                self.on_rx_ready(ops);
+            }
+            self.arm_mmds_timer();
             return;
         }
         if self.paused {
@@ -524,9 +615,7 @@ impl MutEventSubscriber for Net {
             self.on_rx_ready(ops);
         } else if fd == active.queue_evts[TX].as_raw_fd() {
             let _ = active.queue_evts[TX].read();
-            if self.process_tx() {
-                self.signal();
-            }
+            self.on_tx_ready(ops);
         } else {
             // A queue event of a previous activation.
             let _ = ops.remove(Events::new_raw(fd, EventSet::IN));

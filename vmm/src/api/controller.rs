@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::I8042Device;
+use devices::mmds::{MmdsStore, StoreError};
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -137,6 +138,26 @@ fn patch_machine(config: &mut VmConfig, update: MachineConfigUpdate) -> ApiRespo
     }
 }
 
+/// The MMDS data store, shared by the API and the network interfaces MMDS is reachable
+/// through.
+pub type SharedMmds = Arc<Mutex<MmdsStore>>;
+
+/// `PUT`, `PATCH` and `GET /mmds`, the same before and after boot.
+fn mmds_request(mmds: &SharedMmds, request: ApiRequest) -> ApiResponse {
+    let mut store = lock(mmds);
+    let result = match request {
+        ApiRequest::GetMmds => return ApiResponse::ok(store.data()),
+        ApiRequest::PutMmds(data) => store.put(data),
+        ApiRequest::PatchMmds(patch) => store.patch(&patch),
+        _ => return ApiResponse::fault("not an MMDS request (internal error)"),
+    };
+    match result {
+        Ok(()) => ApiResponse::no_content(),
+        Err(e @ StoreError::TooLarge { .. }) => ApiResponse::fault_with(413, e),
+        Err(e) => ApiResponse::fault(e),
+    }
+}
+
 /// Firecracker's refusal, word for word: clients match on it.
 const LOAD_AFTER_BOOT_CONFIG: &str =
     "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
@@ -198,6 +219,7 @@ fn configures_boot(request: &ApiRequest) -> bool {
             | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
             | ApiRequest::PutVsock(_)
+            | ApiRequest::PutMmdsConfig(_)
     )
 }
 
@@ -207,6 +229,7 @@ fn configures_boot(request: &ApiRequest) -> bool {
 pub fn serve_preboot(
     inbox: &ApiInbox,
     id: &str,
+    mmds: &SharedMmds,
     opts: &dyn Fn() -> StartOptions,
 ) -> Option<(MicroVm, VmConfig)> {
     let mut config = VmConfig::default();
@@ -226,7 +249,7 @@ pub fn serve_preboot(
                 .map_err(|e| e.to_string()),
             _ => {
                 let configures_boot = configures_boot(&message.request);
-                let response = handle_preboot(&mut config, id, message.request);
+                let response = handle_preboot(&mut config, id, mmds, message.request);
                 boot_configured |= configures_boot && response.status == 204;
                 let _ = message.reply.send(response);
                 continue;
@@ -247,7 +270,12 @@ pub fn serve_preboot(
 
 /// Applies one pre-boot request to `config`. InstanceStart and LoadSnapshot are
 /// `serve_preboot`'s.
-fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiResponse {
+fn handle_preboot(
+    config: &mut VmConfig,
+    id: &str,
+    mmds: &SharedMmds,
+    request: ApiRequest,
+) -> ApiResponse {
     match request {
         ApiRequest::GetInstanceInfo => instance_info(id, "Not started"),
         ApiRequest::GetVersion => version(),
@@ -347,6 +375,18 @@ fn handle_preboot(config: &mut VmConfig, id: &str, request: ApiRequest) -> ApiRe
             }
             Err(e) => ApiResponse::fault(e),
         },
+        ApiRequest::PutMmdsConfig(mmds_config) => {
+            match mmds_config.validate(&config.network_interfaces) {
+                Ok(()) => {
+                    config.mmds_config = Some(mmds_config);
+                    ApiResponse::no_content()
+                }
+                Err(e) => ApiResponse::fault(e),
+            }
+        }
+        request @ (ApiRequest::PutMmds(_) | ApiRequest::PatchMmds(_) | ApiRequest::GetMmds) => {
+            mmds_request(mmds, request)
+        }
         ApiRequest::PutLogger(cfg) => put_logger(&cfg),
         ApiRequest::PutMetrics(cfg) => put_metrics(&cfg),
         ApiRequest::Action(Action::FlushMetrics) => flush_metrics(),
@@ -373,14 +413,22 @@ pub struct RunningApi {
     i8042: Arc<Mutex<I8042Device>>,
     pause: PauseHandle,
     snapshots: SnapshotSource,
+    mmds: SharedMmds,
 }
 
 impl RunningApi {
-    pub fn new(inbox: ApiInbox, config: VmConfig, id: String, microvm: &MicroVm) -> Self {
+    pub fn new(
+        inbox: ApiInbox,
+        config: VmConfig,
+        id: String,
+        mmds: SharedMmds,
+        microvm: &MicroVm,
+    ) -> Self {
         Self {
             inbox,
             config,
             id,
+            mmds,
             i8042: microvm.i8042(),
             pause: microvm.pause_handle(),
             snapshots: microvm.snapshot_source(),
@@ -476,6 +524,9 @@ impl RunningApi {
             }
             ApiRequest::PatchDrive(update) => self.patch_drive(&update),
             ApiRequest::PatchNetworkInterface(update) => self.patch_interface(&update),
+            request @ (ApiRequest::PutMmds(_) | ApiRequest::PatchMmds(_) | ApiRequest::GetMmds) => {
+                mmds_request(&self.mmds, request)
+            }
             ApiRequest::LoadSnapshot(_) => ApiResponse::fault(NOT_AFTER_START),
             ApiRequest::PutMachineConfig(_)
             | ApiRequest::PatchMachineConfig(_)
@@ -484,6 +535,7 @@ impl RunningApi {
             | ApiRequest::PutNetworkInterface(_)
             | ApiRequest::PutEntropy(_)
             | ApiRequest::PutVsock(_)
+            | ApiRequest::PutMmdsConfig(_)
             | ApiRequest::PutCpuConfig(_) => ApiResponse::fault(NOT_AFTER_START),
         }
     }
@@ -574,8 +626,17 @@ mod tests {
     use super::*;
     use crate::api::request::parse;
 
+    fn store() -> SharedMmds {
+        Arc::new(Mutex::new(MmdsStore::new(200)))
+    }
+
     fn put(config: &mut VmConfig, path: &str, body: &str) -> ApiResponse {
-        handle_preboot(config, "t", parse("PUT", path, body.as_bytes()).unwrap())
+        handle_preboot(
+            config,
+            "t",
+            &store(),
+            parse("PUT", path, body.as_bytes()).unwrap(),
+        )
     }
 
     #[test]
@@ -601,6 +662,7 @@ mod tests {
         let r = handle_preboot(
             &mut config,
             "t",
+            &store(),
             parse("PATCH", "/machine-config", br#"{"mem_size_mib": 512}"#).unwrap(),
         );
         assert_eq!((r.status, config.machine_config.mem_size_mib), (204, 512));
@@ -680,18 +742,23 @@ mod tests {
         assert_eq!(put(&mut config, "/machine-config", bad).status, 400);
         assert!(parse("PUT", "/cpu-config", br#"{"vcpu_features": []}"#).is_err());
 
-        let r = handle_preboot(&mut config, "t", ApiRequest::GetVmConfig);
+        let r = handle_preboot(&mut config, "t", &store(), ApiRequest::GetVmConfig);
         let body = r.body.unwrap();
         assert_eq!(body["vsock"]["guest_cid"], 3);
         assert_eq!(body["cpu-config"]["cpuid_modifiers"][0]["leaf"], "0x1");
         assert_eq!(body["machine-config"]["mem_size_mib"], 512);
         assert_eq!(body["drives"][0]["drive_id"], "d1");
-        let r = handle_preboot(&mut config, "vm-7", ApiRequest::GetInstanceInfo);
+        let r = handle_preboot(&mut config, "vm-7", &store(), ApiRequest::GetInstanceInfo);
         assert_eq!(r.body.unwrap()["state"], "Not started");
     }
 
     fn patch(config: &mut VmConfig, path: &str, body: &str) -> ApiResponse {
-        handle_preboot(config, "t", parse("PATCH", path, body.as_bytes()).unwrap())
+        handle_preboot(
+            config,
+            "t",
+            &store(),
+            parse("PATCH", path, body.as_bytes()).unwrap(),
+        )
     }
 
     /// Before boot a PATCH edits the configured drive or interface: the fields given, and
@@ -759,5 +826,64 @@ mod tests {
         assert!(configures_boot(
             &parse("PATCH", "/drives/d1", br#"{"drive_id": "d1"}"#).unwrap()
         ));
+    }
+
+    /// MMDS before boot: the configuration is checked against the interfaces; the data
+    /// store answers PUT, PATCH and GET with Firecracker's statuses.
+    #[test]
+    fn preboot_mmds_requests() {
+        let mut config = VmConfig::default();
+        let mmds = store();
+        let ask = |config: &mut VmConfig, method: &str, path: &str, body: &str| {
+            handle_preboot(
+                config,
+                "t",
+                &mmds,
+                parse(method, path, body.as_bytes()).unwrap(),
+            )
+        };
+        let with_eth0 = r#"{"version": "V2", "network_interfaces": ["eth0"]}"#;
+        let r = ask(&mut config, "PUT", "/mmds/config", with_eth0);
+        assert_eq!(r.status, 400, "no interface eth0 yet");
+        assert!(r.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("\"eth0\""));
+        let iface = r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#;
+        assert_eq!(
+            ask(&mut config, "PUT", "/network-interfaces/eth0", iface).status,
+            204
+        );
+        assert_eq!(
+            ask(&mut config, "PUT", "/mmds/config", with_eth0).status,
+            204
+        );
+        assert!(configures_boot(
+            &parse("PUT", "/mmds/config", with_eth0.as_bytes()).unwrap()
+        ));
+        assert!(!configures_boot(&parse("PUT", "/mmds", b"{}").unwrap()));
+        let r = ask(&mut config, "GET", "/mmds", "");
+        assert_eq!((r.status, r.body.unwrap()), (200, json!({})));
+        let r = ask(&mut config, "PATCH", "/mmds", r#"{"a": 1}"#);
+        assert_eq!(r.status, 400, "nothing to patch yet");
+        assert_eq!(
+            ask(&mut config, "PUT", "/mmds", r#"{"a": {"b": 1}}"#).status,
+            204
+        );
+        assert_eq!(
+            ask(&mut config, "PATCH", "/mmds", r#"{"a": {"c": 2}}"#).status,
+            204
+        );
+        let r = ask(&mut config, "GET", "/mmds", "");
+        assert_eq!(r.body.unwrap(), json!({"a": {"b": 1, "c": 2}}));
+        let big = format!(r#"{{"big": "{}"}}"#, "x".repeat(300));
+        let r = ask(&mut config, "PUT", "/mmds", &big);
+        assert_eq!(r.status, 413);
+        assert!(r.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 200"));
+        let r = ask(&mut config, "GET", "/vm/config", "");
+        assert_eq!(r.body.unwrap()["mmds-config"]["version"], "V2");
     }
 }

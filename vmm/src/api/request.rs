@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{
-    BootSource, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MetricsConfig,
+    BootSource, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MetricsConfig, MmdsConfig,
     NetworkInterfaceConfig, VsockConfig,
 };
 pub use crate::restore::LoadSnapshotParams;
@@ -106,6 +106,12 @@ pub enum ApiRequest {
     PutVsock(VsockConfig),
     PutCpuConfig(crate::arch::cpu_template::CustomCpuTemplate),
     PutMetrics(MetricsConfig),
+    PutMmdsConfig(MmdsConfig),
+    /// `PUT /mmds`: the whole MMDS document.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch over it.
+    PatchMmds(serde_json::Value),
+    GetMmds,
     Action(Action),
     PatchVm(VmStateChange),
     CreateSnapshot(CreateSnapshotParams),
@@ -192,6 +198,10 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiEr
         ("PUT", ["entropy"]) => ApiRequest::PutEntropy(body(m, path, bytes)?),
         ("PUT", ["vsock"]) => ApiRequest::PutVsock(body(m, path, bytes)?),
         ("PUT", ["cpu-config"]) => ApiRequest::PutCpuConfig(body(m, path, bytes)?),
+        ("PUT", ["mmds", "config"]) => ApiRequest::PutMmdsConfig(body(m, path, bytes)?),
+        ("PUT", ["mmds"]) => ApiRequest::PutMmds(body(m, path, bytes)?),
+        ("PATCH", ["mmds"]) => ApiRequest::PatchMmds(body(m, path, bytes)?),
+        ("GET", ["mmds"]) => ApiRequest::GetMmds,
         ("PUT", ["actions"]) => ApiRequest::Action(body::<ActionBody>(m, path, bytes)?.action_type),
         ("PATCH", ["vm"]) => ApiRequest::PatchVm(body::<VmBody>(m, path, bytes)?.state),
         ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(body(m, path, bytes)?),
@@ -247,6 +257,31 @@ mod tests {
             Ok(ApiRequest::PutEntropy(EntropyConfig { rate_limiter: None }))
         );
         assert!(parse("PUT", "/entropy", br#"{"bogus": 1}"#).is_err());
+        let r = parse(
+            "PUT",
+            "/mmds/config",
+            br#"{"version": "V2", "network_interfaces": ["eth0"]}"#,
+        );
+        assert!(matches!(r, Ok(ApiRequest::PutMmdsConfig(c)) if c.network_interfaces == ["eth0"]));
+        let e = parse(
+            "PUT",
+            "/mmds/config",
+            br#"{"version": "V9", "network_interfaces": []}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("V9"), "{e}");
+        assert!(matches!(
+            parse("PUT", "/mmds", br#"{"latest": {}}"#),
+            Ok(ApiRequest::PutMmds(v)) if v["latest"].is_object()
+        ));
+        assert!(matches!(
+            parse("PATCH", "/mmds", b"{}"),
+            Ok(ApiRequest::PatchMmds(_))
+        ));
+        assert!(parse("PUT", "/mmds", b"{not json").is_err());
+        assert!(parse("PUT", "/mmds", b"").is_err());
+        assert_eq!(parse("GET", "/mmds", b""), Ok(ApiRequest::GetMmds));
         let r = parse(
             "PUT",
             "/vsock",

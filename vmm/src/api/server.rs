@@ -75,6 +75,14 @@ impl ApiResponse {
             body: Some(json!({ "fault_message": message.to_string() })),
         }
     }
+
+    /// A fault with another status than 400 (Firecracker's 413 for a too-large MMDS).
+    pub fn fault_with(status: u16, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            body: Some(json!({ "fault_message": message.to_string() })),
+        }
+    }
 }
 
 /// One request on its way to the VMM thread.

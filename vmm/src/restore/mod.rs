@@ -145,7 +145,14 @@ pub fn restore_vm(
     let config = restored_config(state, params)?;
     // Drives and taps first: a missing file, or a tap that cannot be made, fails before
     // KVM is touched.
-    let devices = restore_devices(&config, state)?;
+    let mut devices = restore_devices(&config, state)?;
+    // The data store is not in the snapshot (Firecracker's rule: a clone is given its own
+    // data); the configuration is.
+    builder::connect_mmds(
+        &config,
+        devices.nets.iter_mut().map(|(net, _)| net),
+        &opts.mmds,
+    )?;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     check_cpu(&kvm, state)?;
