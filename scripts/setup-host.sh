@@ -7,6 +7,7 @@ need=(
   qemu-system-x86 busybox-static kmod cpio                              # KVM lab
   e2fsprogs iproute2 util-linux procps curl mmdebstrap                  # images, netns, tests
   libclang-dev                                                          # userfaultfd-sys (bindgen)
+  python3-venv                                                          # tests/clients.rs (PyPI client)
 )
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

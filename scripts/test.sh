@@ -23,6 +23,8 @@ scripts/setup-host.sh
 if [ "$tier" = full ]; then
   step "guest kernel and agent initramfs"
   scripts/build-guest.sh --suite
+  step "Firecracker's Python client from PyPI (tests/clients.rs)"
+  resources/clients/build-python-client.sh
 fi
 step "replay guest (no_std; runs on this host's own KVM)"
 scripts/build-replay-guest.sh
