@@ -137,11 +137,25 @@ fn body<T: DeserializeOwned>(method: &str, path: &str, bytes: &[u8]) -> Result<T
             path: path.to_string(),
         });
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::Body {
+    let refused = |reason: String| ApiError::Body {
         method: method.to_string(),
         path: path.to_string(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    // serde_path_to_error names the field a value was wrong in (`version: unknown
+    // variant ...`), which serde_json alone leaves to a line and column.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        refused(if field == "." {
+            inner.to_string()
+        } else {
+            format!("field `{field}`: {inner}")
+        })
+    })?;
+    de.end().map_err(|e| refused(e.to_string()))?;
+    Ok(value)
 }
 
 fn same_id(path_id: &str, body_id: &str) -> Result<(), ApiError> {
@@ -270,7 +284,20 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("V9"), "{e}");
+        assert!(e.contains("field `version`") && e.contains("V9"), "{e}");
+        let e = parse(
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count": "two", "mem_size_mib": 1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("field `vcpu_count`"), "{e}");
+        let e = parse("PUT", "/drives/d", br#"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": -1}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("field `rate_limiter.bandwidth.size`"), "{e}");
+        assert!(parse("PUT", "/entropy", b"{} trailing").is_err());
         assert!(matches!(
             parse("PUT", "/mmds", br#"{"latest": {}}"#),
             Ok(ApiRequest::PutMmds(v)) if v["latest"].is_object()
