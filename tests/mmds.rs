@@ -81,7 +81,7 @@ fn mmds_v1_reads_and_updates_from_the_guest() -> Result<(), Failed> {
     let (status, _) = vm.invoke("helloworld", b"net")?;
     check(status == 200, || format!("helloworld after MMDS: {status}"))?;
     let metrics = support::restore::flushed_metrics(&socket, vm.metrics_path())?;
-    check(metrics["mmds"]["requests"].as_u64() >= Some(6), || {
+    check(metrics["mmds"]["rx_count"].as_u64() >= Some(6), || {
         format!("MMDS metrics: {}", metrics["mmds"])
     })?;
     Ok(())

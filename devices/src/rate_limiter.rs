@@ -309,6 +309,17 @@ impl RateLimiter {
         true
     }
 
+    /// Gives back what [`Self::consume_request`] took for a request that turned out not to
+    /// count (a frame for MMDS, as Firecracker does not count them).
+    pub fn give_back_request(&mut self, bytes: u64) {
+        if let Some(ops) = &mut self.ops {
+            ops.give_back(1);
+        }
+        if let Some(bandwidth) = &mut self.bandwidth {
+            bandwidth.give_back(bytes);
+        }
+    }
+
     /// Holds every request back for `wait`; false if the timer cannot be armed.
     fn block_for(&mut self, wait: Duration) -> bool {
         if let Err(e) = self.timer.reset(wait, None) {
@@ -422,6 +433,25 @@ mod tests {
         }
         let config: RateLimiterConfig = serde_json::from_str(r#"{"bandwidth": null}"#).unwrap();
         assert!(!config.limits());
+    }
+
+    /// Tokens given back (an MMDS frame's) are there for the next request at once.
+    #[test]
+    fn a_request_given_back_costs_nothing() {
+        let mut l = limiter(
+            Some(bucket(1000, None, 60_000)),
+            Some(bucket(2, None, 60_000)),
+        );
+        assert!(l.consume_request(1000));
+        l.give_back_request(1000);
+        assert!(
+            l.consume_request(1000),
+            "the bytes and the operation came back"
+        );
+        assert!(
+            !l.consume_request(1),
+            "without a give-back the buckets are empty"
+        );
     }
 
     #[test]

@@ -18,12 +18,21 @@ const TTL_HEADERS: [&str; 2] = [
     "X-aws-ec2-metadata-token-ttl-seconds",
 ];
 
-/// What the guest's requests were, for the metrics (Firecracker's `mmds.rx_*`).
+/// What the guest's requests were, for the metrics (named as Firecracker's `mmds` group's
+/// where it has them).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct RequestCounts {
+    /// Requests answered.
+    #[serde(rename = "rx_count")]
     pub requests: u64,
+    /// Requests refused as malformed (400, 413, 501 for Transfer-Encoding).
+    #[serde(rename = "rx_bad_requests")]
     pub bad_requests: u64,
+    /// GETs without a token (under V1 too: readiness for V2).
+    #[serde(rename = "rx_no_token")]
     pub no_token: u64,
+    /// GETs with a token not valid.
+    #[serde(rename = "rx_invalid_token")]
     pub invalid_token: u64,
 }
 
@@ -87,6 +96,19 @@ impl Response {
 pub struct Session {
     pending: Vec<u8>,
     closed: bool,
+    /// How much of `pending` is known to hold no end of a request's head: a guest sending
+    /// a byte at a time costs a scan of the new bytes, not of the whole request each time.
+    searched: usize,
+    /// The length of the request being received, once its head was read.
+    need: Option<usize>,
+}
+
+/// Whether `bytes` hold the empty line that ends a request's head.
+fn ends_head(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
 }
 
 impl Session {
@@ -118,6 +140,17 @@ impl Session {
     ) -> Option<Answer> {
         if self.closed || self.pending.is_empty() {
             return None;
+        }
+        match self.need {
+            Some(need) if self.pending.len() < need => return None,
+            Some(_) => {}
+            None => {
+                let from = self.searched.saturating_sub(2);
+                if !ends_head(&self.pending[from..]) && self.pending.len() <= MAX_REQUEST {
+                    self.searched = self.pending.len();
+                    return None;
+                }
+            }
         }
         let answer = match self.parse(store, counts, now) {
             Parsed::Incomplete => return None,
@@ -165,6 +198,7 @@ impl Session {
             return Parsed::Answer(Response::text(413, message).encode(false, true));
         }
         if self.pending.len() < head_len + body_len {
+            self.need = Some(head_len + body_len);
             return Parsed::Incomplete;
         }
         counts.requests += 1;
@@ -173,18 +207,21 @@ impl Session {
         let close = connection.eq_ignore_ascii_case("close")
             || (http_1_0 && !connection.eq_ignore_ascii_case("keep-alive"));
         let method = request.method.unwrap_or_default();
-        let response = match uri_path(request.path.unwrap_or_default()) {
+        let target = request.path.unwrap_or_default();
+        let response = match uri_path(target) {
             None => {
                 counts.bad_requests += 1;
                 Response::text(400, "Invalid URI.")
             }
             Some(path) => match method {
-                "GET" => get(store, counts, &path, &header, now),
-                "PUT" => put_token(store, &path, &header, now),
+                "GET" => get(store, counts, target, &path, &header, now),
+                "PUT" => put_token(store, target, &path, &header, now),
                 _ => Response::text(405, "Not allowed HTTP method."),
             },
         };
         self.pending.drain(..head_len + body_len);
+        self.need = None;
+        self.searched = 0;
         Parsed::Answer(response.encode(http_1_0, close))
     }
 }
@@ -223,9 +260,12 @@ fn first_header(
         .find_map(|name| Some((name.to_string(), header(name)?)))
 }
 
+/// `target` is the request's as sent (Firecracker's messages quote it), `path` its folded
+/// path.
 fn get(
     store: &MmdsStore,
     counts: &mut RequestCounts,
+    target: &str,
     path: &str,
     header: &dyn Fn(&str) -> Option<String>,
     now: Instant,
@@ -260,12 +300,13 @@ fn get(
         Err(StoreError::UnsupportedValueType) => {
             Response::text(501, StoreError::UnsupportedValueType.to_string())
         }
-        Err(_) => Response::text(404, format!("Resource not found: {path}.")),
+        Err(_) => Response::text(404, format!("Resource not found: {target}.")),
     }
 }
 
 fn put_token(
     store: &mut MmdsStore,
+    target: &str,
     path: &str,
     header: &dyn Fn(&str) -> Option<String>,
     now: Instant,
@@ -274,7 +315,7 @@ fn put_token(
         return Response::text(400, "Unsupported header name. Key: X-Forwarded-For");
     }
     if path != PATH_TO_TOKEN {
-        return Response::text(404, format!("Resource not found: {path}."));
+        return Response::text(404, format!("Resource not found: {target}."));
     }
     let Some((name, value)) = first_header(header, &TTL_HEADERS) else {
         return Response::text(400, "Token time to live value not found. Use `X-metadata-token-ttl-seconds` or `X-aws-ec2-metadata-token-ttl-seconds` header to specify the token's lifetime.");
@@ -382,6 +423,8 @@ mod tests {
             (status, body.as_str()),
             (404, "Resource not found: /nothing/here.")
         );
+        let (_, body, _) = ask(&mut v1, "GET //nothing HTTP/1.1\r\n\r\n");
+        assert_eq!(body, "Resource not found: //nothing.", "the target as sent");
     }
 
     #[test]
@@ -404,6 +447,32 @@ mod tests {
         assert_eq!(session.next_answer(&mut store, &mut counts, now), None);
         assert_eq!(session.room(), 0);
         assert_eq!((counts.requests, counts.no_token), (2, 2));
+    }
+
+    #[test]
+    fn a_request_a_byte_at_a_time_is_answered_once_whole() {
+        let mut store = store(MmdsVersion::V1);
+        let mut counts = RequestCounts::default();
+        let now = Instant::now();
+        let mut session = Session::default();
+        let request = b"GET /latest/meta-data/ami-id HTTP/1.1\r\nContent-Length: 2\r\n\r\nxy";
+        for (i, byte) in request.iter().enumerate() {
+            session.feed(std::slice::from_ref(byte));
+            let answer = session.next_answer(&mut store, &mut counts, now);
+            assert_eq!(
+                answer.is_some(),
+                i + 1 == request.len(),
+                "after {} bytes",
+                i + 1
+            );
+            if let Some(answer) = answer {
+                assert!(answer.bytes.ends_with(b"ami-1"));
+            }
+        }
+        // A head ended by bare line feeds counts too.
+        session.feed(b"GET / HTTP/1.1\n\n");
+        assert!(session.next_answer(&mut store, &mut counts, now).is_some());
+        assert_eq!(counts.requests, 2);
     }
 
     #[test]

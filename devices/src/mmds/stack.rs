@@ -34,25 +34,33 @@ const MTU: usize = 1500;
 const ETHERNET_HEADER: usize = 14;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
+const IP_PROTOCOL_TCP: u8 = 6;
 const RX_BUFFER: usize = 8 * 1024;
 const TX_BUFFER: usize = 16 * 1024;
-/// A connection whose data the guest stops acknowledging is reset after this.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// smoltcp resets a connection the guest sent nothing on for this long: one it stopped
+/// acknowledging, or one it left open and idle.
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Whether a link-local IPv4 address may be MMDS's (RFC 3927, as Firecracker checks).
 pub fn is_valid_mmds_ipv4(addr: Ipv4Addr) -> bool {
     matches!(addr.octets(), [169, 254, third, _] if third != 0 && third != 255)
 }
 
-/// What the stacks saw and did, totals since the VMM started (Firecracker's `mmds`
-/// metrics), kept in the data store that all of them share.
+/// What the stacks saw and did, totals since the VMM started, kept in the data store that
+/// all of them share; the names are Firecracker's `mmds` metrics' where it has them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MmdsCounts {
+    /// Frames taken off an interface for MMDS.
+    #[serde(rename = "rx_accepted")]
     pub frames_in: u64,
+    /// Frames MMDS gave the guest.
+    #[serde(rename = "tx_frames")]
     pub frames_out: u64,
-    /// Frames for MMDS that were neither an ARP request for it nor IPv4, or came while
-    /// the queue from the guest was full.
+    /// Frames for MMDS that were neither an ARP request for it nor TCP, or came while the
+    /// queue from the guest was full.
+    #[serde(rename = "rx_accepted_unusual")]
     pub frames_dropped: u64,
+    #[serde(rename = "connections_created")]
     pub connections: u64,
     #[serde(flatten)]
     pub requests: RequestCounts,
@@ -91,6 +99,11 @@ impl Device for Wire {
         &mut self,
         _now: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        // smoltcp answers some packets as it reads them (a reset, an ACK): nothing is read
+        // while there is no room for the answer.
+        if self.to_guest.len() >= MAX_QUEUED {
+            return None;
+        }
         let packet = self.from_guest.pop_front()?;
         Some((Received(packet), Send(&mut self.to_guest)))
     }
@@ -204,7 +217,11 @@ impl MmdsStack {
         };
         match eth.ethertype() {
             EthernetProtocol::Arp => self.receive_arp(eth.payload()),
-            EthernetProtocol::Ipv4 if self.wire.from_guest.len() < MAX_QUEUED => {
+            // Only TCP, as Firecracker's MMDS: no pings or UDP answered.
+            EthernetProtocol::Ipv4
+                if eth.payload().get(9) == Some(&IP_PROTOCOL_TCP)
+                    && self.wire.from_guest.len() < MAX_QUEUED =>
+            {
                 self.guest_mac = Some(eth.src_addr().0);
                 self.wire.from_guest.push_back(eth.payload().to_vec());
                 self.poll(now);
@@ -283,6 +300,11 @@ impl MmdsStack {
     /// How long until the stack must run again (retransmissions, closing connections);
     /// None: only when the guest sends.
     pub fn next_poll(&mut self, now: Instant) -> Option<Duration> {
+        if self.wire.to_guest.len() >= MAX_QUEUED {
+            // Nothing can go out until the guest takes frames; `next_frame` runs the stack
+            // again then.
+            return None;
+        }
         let at = self.timestamp(now);
         self.iface
             .poll_delay(at, &self.sockets)
@@ -320,27 +342,38 @@ impl MmdsStack {
                 sockets.remove(conn.handle);
                 return false;
             }
-            while socket.can_recv() && conn.session.room() > 0 {
-                match socket.recv(|bytes| {
-                    let n = conn.session.feed(bytes);
-                    (n, n)
-                }) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => moved = true,
-                }
-            }
-            while let Some(answer) = conn.session.next_answer(&mut store, &mut requests, now) {
-                conn.unsent.extend(answer.bytes);
-                conn.close_when_sent |= answer.close;
-            }
-            while !conn.unsent.is_empty() && socket.can_send() {
-                let (front, _) = conn.unsent.as_slices();
-                match socket.send_slice(front) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        conn.unsent.drain(..n);
-                        moved = true;
+            // One answer at a time: a guest that sends requests without reading the
+            // answers is held back by TCP's window, not buffered here.
+            loop {
+                if conn.unsent.is_empty() {
+                    while socket.can_recv() && conn.session.room() > 0 {
+                        match socket.recv(|bytes| {
+                            let n = conn.session.feed(bytes);
+                            (n, n)
+                        }) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => moved = true,
+                        }
                     }
+                    let Some(answer) = conn.session.next_answer(&mut store, &mut requests, now)
+                    else {
+                        break;
+                    };
+                    conn.unsent.extend(answer.bytes);
+                    conn.close_when_sent |= answer.close;
+                }
+                while !conn.unsent.is_empty() && socket.can_send() {
+                    let (front, _) = conn.unsent.as_slices();
+                    match socket.send_slice(front) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            conn.unsent.drain(..n);
+                            moved = true;
+                        }
+                    }
+                }
+                if !conn.unsent.is_empty() {
+                    break;
                 }
             }
             // The guest closed its side and everything it sent is answered.
@@ -394,9 +427,11 @@ impl MmdsStack {
             tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
         );
         socket.set_timeout(Some(smoltcp::time::Duration::from_millis(
-            STALL_TIMEOUT.as_millis() as u64,
+            SILENCE_TIMEOUT.as_millis() as u64,
         )));
         socket.set_ack_delay(None);
+        // An answer's last segment goes out at once, not after the guest's delayed ACK.
+        socket.set_nagle_enabled(false);
         if let Err(e) = socket.listen(PORT) {
             log::error!("MMDS: cannot listen on port {PORT}: {e}");
             return;
@@ -513,13 +548,35 @@ mod tests {
                         self.to_tap += 1;
                     }
                 }
-                stack.poll(now);
+                // As the network device runs it: on a frame from the guest (above), when
+                // the guest takes frames, and when its timer fires; never otherwise.
+                if stack.next_poll(now).is_some_and(|d| d.is_zero()) {
+                    stack.poll(now);
+                }
                 while let Some(frame) = stack.next_frame(now) {
                     moved = true;
                     self.nic.rx.push_back(frame);
                 }
-                if !moved {
-                    return;
+                if moved {
+                    continue;
+                }
+                // Quiet: wait for the nearer timer of either side, if one is due soon.
+                let guest_wait = self
+                    .iface
+                    .poll_delay(at, &self.sockets)
+                    .map(|d| Duration::from_micros(d.total_micros()));
+                let wait = [guest_wait, stack.next_poll(now)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                match wait {
+                    Some(wait) if wait <= Duration::from_millis(100) => {
+                        std::thread::sleep(wait);
+                        if stack.next_poll(Instant::now()).is_some_and(|d| d.is_zero()) {
+                            stack.poll(Instant::now());
+                        }
+                    }
+                    _ => return,
                 }
             }
             panic!("the guest and MMDS never settled");
@@ -670,9 +727,44 @@ mod tests {
         assert_eq!(stack.next_frame(now), None);
         assert_eq!(
             stack.store.lock().unwrap().counts().frames_dropped,
-            2,
-            "the ARP reply and the short frame"
+            3,
+            "the ARP reply, the packet that is not TCP, and the short frame"
         );
         assert_eq!(stack.store.lock().unwrap().counts().frames_in, 3);
+    }
+
+    /// A guest that sends requests without end and never reads an answer gets one answer
+    /// buffered per connection, the rest held back by TCP.
+    #[test]
+    fn pipelined_requests_never_read_are_held_back() {
+        let big = "x".repeat(20_000);
+        let mut stack = stack_with(serde_json::json!({ "big": big }), MmdsVersion::V1);
+        let mut guest = Guest::new();
+        let handle = guest.connect(43000, DEFAULT_IPV4);
+        guest.run(&mut stack);
+        let request = b"GET /big HTTP/1.1\r\n\r\n";
+        for _ in 0..200 {
+            let socket = guest.sockets.get_mut::<tcp::Socket>(handle);
+            while socket.can_send() && socket.send_slice(request).unwrap_or(0) == request.len() {}
+            guest.run(&mut stack);
+        }
+        let held: usize = stack.connections.iter().map(|c| c.unsent.len()).sum();
+        assert!(held <= 20_100, "{held} bytes of answers held");
+        let answered = stack.store.lock().unwrap().counts().requests.requests;
+        assert!(
+            answered < 10,
+            "{answered} requests answered to a guest that reads nothing"
+        );
+    }
+
+    #[test]
+    fn nothing_is_read_while_the_queue_to_the_guest_is_full() {
+        let mut wire = Wire::default();
+        wire.from_guest.push_back(vec![0; 40]);
+        wire.to_guest.extend((0..MAX_QUEUED).map(|_| vec![0; 40]));
+        assert!(wire.receive(smoltcp::time::Instant::ZERO).is_none());
+        assert!(wire.transmit(smoltcp::time::Instant::ZERO).is_none());
+        wire.to_guest.pop_front();
+        assert!(wire.receive(smoltcp::time::Instant::ZERO).is_some());
     }
 }

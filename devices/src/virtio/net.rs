@@ -350,6 +350,9 @@ impl Net {
         let mem = active.mem.clone();
         let limiter = &mut self.tx_limiter;
         let mmds = &mut self.mmds;
+        // MMDS's frames are not the guest's traffic: their tokens go back (Firecracker's
+        // rule), after the queue is served.
+        let mut mmds_bytes = Vec::new();
         // The frame's length is summed only when a limit needs it: this runs per frame.
         let admit = |chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>| {
             limiter.is_unlimited()
@@ -369,6 +372,7 @@ impl Net {
                         match mmds.as_mut() {
                             Some((stack, _)) if stack.is_mmds_frame(frame) => {
                                 stack.receive_frame(frame, Instant::now());
+                                mmds_bytes.push(len as u64);
                             }
                             _ => {
                                 if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
@@ -384,6 +388,11 @@ impl Net {
             }
             0
         });
+        if !self.tx_limiter.is_unlimited() {
+            for bytes in mmds_bytes {
+                self.tx_limiter.give_back_request(bytes);
+            }
+        }
         match sent {
             Ok(used) => used && active.queues[TX].needs_notification(&mem).unwrap_or(true),
             Err(e) => {
