@@ -3,7 +3,8 @@
 //! and while one runs; `--describe-snapshot` prints a vmstate's format version; a snapshot
 //! load after boot configuration is refused as Firecracker refuses it; CPU templates are
 //! checked at InstanceStart (another vendor's static template, a leaf KVM lacks) and a
-//! custom one boots. On this host's own KVM with the replay guest (never the lab).
+//! custom one boots; a log FIFO nobody reads stalls no request; a refused body names its
+//! field on every endpoint. On this host's own KVM with the replay guest (never the lab).
 
 use reapvm_bench::replay_vm;
 use test_support as support;
@@ -152,6 +153,152 @@ fn a_load_after_boot_configuration_is_refused() -> Result<(), String> {
     Ok(())
 }
 
+/// vHive creates the log FIFO and opens its reader later: until then (here: never) the
+/// VMM writes its log into the void and the API answers as ever.
+fn a_log_fifo_nobody_reads_stalls_nothing() -> Result<(), String> {
+    let scratch = Scratch::new("process-log-fifo");
+    let fifo = scratch.path("log.fifo");
+    let c_path =
+        std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the file.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        return Err(format!("mkfifo: {}", std::io::Error::last_os_error()));
+    }
+    let vmm = ReplayVmm::start(&scratch.dir, "fifo", None)?;
+    vmm.api(
+        "PUT",
+        "/logger",
+        serde_json::json!({"log_path": fifo, "level": "Debug"}),
+    )?;
+    let started = std::time::Instant::now();
+    // Each request logs a line (about 70 bytes): far more than a pipe's 64 KiB.
+    for i in 0..1000 {
+        let (status, info) = support::http::unix_request(&vmm.socket, "GET", "/", "")?;
+        if status != 200 || !info.contains("Not started") {
+            return Err(format!("GET / number {i}: {status} {info}"));
+        }
+        let (status, _) = support::http::unix_request(&vmm.socket, "PUT", "/bogus", "{}")?;
+        if status != 400 {
+            return Err(format!("PUT /bogus number {i}: {status}"));
+        }
+    }
+    let took = started.elapsed();
+    if took > Duration::from_secs(30) {
+        return Err(format!(
+            "2000 requests took {took:?} with a log FIFO nobody reads"
+        ));
+    }
+    Ok(())
+}
+
+/// A body refused for a bad value names the field, on every endpoint that takes one.
+fn bad_bodies_name_their_field() -> Result<(), String> {
+    let scratch = Scratch::new("process-bad-bodies");
+    let vmm = ReplayVmm::start(&scratch.dir, "bodies", None)?;
+    let cases = [
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": "two", "mem_size_mib": 64}"#,
+            "vcpu_count",
+        ),
+        ("PATCH", "/machine-config", r#"{"smt": "yes"}"#, "smt"),
+        (
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": 5}"#,
+            "kernel_image_path",
+        ),
+        (
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "is_read_only": "no"}"#,
+            "is_read_only",
+        ),
+        (
+            "PATCH",
+            "/drives/d",
+            r#"{"drive_id": "d", "rate_limiter": {"ops": {"size": "many"}}}"#,
+            "rate_limiter.ops.size",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": 7}"#,
+            "host_dev_name",
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"refill_time": -1}}}"#,
+            "tx_rate_limiter.bandwidth.refill_time",
+        ),
+        ("PUT", "/logger", r#"{"level": 3}"#, "level"),
+        (
+            "PUT",
+            "/metrics",
+            r#"{"metrics_path": false}"#,
+            "metrics_path",
+        ),
+        (
+            "PUT",
+            "/entropy",
+            r#"{"rate_limiter": {"bandwidth": {"size": -1}}}"#,
+            "rate_limiter.bandwidth.size",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            r#"{"guest_cid": "three", "uds_path": "/v"}"#,
+            "guest_cid",
+        ),
+        (
+            "PUT",
+            "/cpu-config",
+            r#"{"cpuid_modifiers": "none"}"#,
+            "cpuid_modifiers",
+        ),
+        (
+            "PUT",
+            "/mmds/config",
+            r#"{"version": "V9", "network_interfaces": []}"#,
+            "version",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "Boot"}"#,
+            "action_type",
+        ),
+        ("PATCH", "/vm", r#"{"state": "Sleeping"}"#, "state"),
+        (
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path": 1, "mem_file_path": "/m"}"#,
+            "snapshot_path",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "resume_vm": "yes"}"#,
+            "resume_vm",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let (status, answer) = support::http::unix_request(&vmm.socket, method, path, body)?;
+        if status != 400 || !answer.contains(&format!("field `{field}`")) {
+            return Err(format!(
+                "{method} {path} {body}: {status} {answer} (should name `{field}`)"
+            ));
+        }
+    }
+    let (_, info) = support::http::unix_request(&vmm.socket, "GET", "/", "")?;
+    if !info.contains("Not started") {
+        return Err(format!("after the refusals: {info}"));
+    }
+    Ok(())
+}
+
 /// The static template of the vendor this host is not, for the refusal.
 fn other_vendor_template() -> &'static str {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -240,6 +387,12 @@ fn main() -> ExitCode {
         }),
         Trial::test("describe_snapshot_prints_the_format_version", || {
             describe_snapshot_prints_the_format_version().map_err(Failed::from)
+        }),
+        Trial::test("a_log_fifo_nobody_reads_stalls_nothing", || {
+            a_log_fifo_nobody_reads_stalls_nothing().map_err(Failed::from)
+        }),
+        Trial::test("bad_bodies_name_their_field", || {
+            bad_bodies_name_their_field().map_err(Failed::from)
         }),
     ];
     replay_vm::run_host_suite("process", trials)
