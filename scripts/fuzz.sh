@@ -14,7 +14,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-all=(vmstate ws touch_log replay_trace api_request mmio_block)
+all=(vmstate ws touch_log replay_trace api_request mmio_block mmds)
 usage() { echo "usage: scripts/fuzz.sh [--sanitizer address|none] --time SECONDS | --runs N [TARGET...] (targets: ${all[*]})" >&2; exit 2; }
 sanitizer=address
 if [ "${1:-}" = --sanitizer ]; then

@@ -93,3 +93,54 @@ fn api_request_seeds_parse() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
+
+/// Each piece of an `mmds` seed reaches what it is for: HTTP pieces are whole requests the
+/// session answers, frames are taken by the stack and answered (an ARP reply, a SYN-ACK).
+#[test]
+fn mmds_seeds_are_answered() {
+    use devices::mmds::http::{RequestCounts, Session};
+    use devices::mmds::{MmdsStack, MmdsStore, DEFAULT_IPV4, DEFAULT_SIZE_LIMIT, MMDS_MAC};
+    use std::sync::{Arc, Mutex};
+    let now = std::time::Instant::now();
+    for (path, seed) in seeds("mmds") {
+        let store = Arc::new(Mutex::new(MmdsStore::new(DEFAULT_SIZE_LIMIT)));
+        let mut stack = MmdsStack::new(DEFAULT_IPV4, store.clone());
+        for piece in seed.split(|&b| b == 0xff) {
+            let (&kind, bytes) = piece.split_first().expect("no empty piece");
+            if kind == 0 {
+                let mut session = Session::default();
+                session.feed(bytes);
+                let answer = session.next_answer(
+                    &mut store.lock().unwrap(),
+                    &mut RequestCounts::default(),
+                    now,
+                );
+                assert!(
+                    answer.is_some(),
+                    "{}: an HTTP piece is not answered",
+                    path.display()
+                );
+                continue;
+            }
+            let frame = if kind == 1 {
+                let mut f = MMDS_MAC.to_vec();
+                f.extend_from_slice(&[6, 0, 0xac, 0x10, 0, 2, 0x08, 0x00]);
+                f.extend_from_slice(bytes);
+                f
+            } else {
+                bytes.to_vec()
+            };
+            assert!(
+                stack.is_mmds_frame(&frame),
+                "{}: a frame not for MMDS",
+                path.display()
+            );
+            stack.receive_frame(&frame, now);
+            assert!(
+                stack.next_frame(now).is_some(),
+                "{}: a frame MMDS does not answer",
+                path.display()
+            );
+        }
+    }
+}

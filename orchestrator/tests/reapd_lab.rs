@@ -548,7 +548,21 @@ fn file_lazy_boot_queue_and_bench() -> Result<(), Failed> {
     let retried = std::thread::scope(|s| {
         let invocation =
             s.spawn(|| reapd.ctl_within(&["invoke", "big", "y"], Duration::from_secs(120)));
-        std::thread::sleep(Duration::from_millis(300));
+        // Killed only once the invocation holds the instance: killed while still idle
+        // (reapctl starts slowly in the lab), it would be noticed and replaced by a cold
+        // start, not retried.
+        let busy_by = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < busy_by {
+            let busy = reapd
+                .raw("GET", "/functions/big", b"")
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .is_some_and(|v| v["instances"][0]["state"] == "busy");
+            if busy {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // SAFETY: kill(2) on the reapvm reapd reported as big's busy instance.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         invocation.join().unwrap()
