@@ -78,10 +78,14 @@ fn wait_ready(ns: &NetNs, vmm: &Vmm, deadline: Duration) -> Result<(), String> {
     ))
 }
 
-/// The guest's `mmds` function reads `/latest/meta-data/ami-id` with a V2 token.
-fn ami_id_in_guest(ns: &NetNs) -> Result<String, String> {
+/// The guest's `mmds` function reads `/latest/meta-data/ami-id`: with a V2 token, or
+/// (`with_token` false) without one, which V2 refuses.
+fn ami_id_in_guest(ns: &NetNs, with_token: bool) -> Result<String, String> {
     let stream = ns.connect(AGENT_PORT, Duration::from_secs(30))?;
-    let ask = json!({"path": "/latest/meta-data/ami-id", "token_ttl": 60});
+    let mut ask = json!({"path": "/latest/meta-data/ami-id"});
+    if with_token {
+        ask["token_ttl"] = json!(60);
+    }
     let (status, body) = HttpConn::new(stream, Duration::from_secs(120))?.request(
         "POST",
         "/invoke/mmds",
@@ -90,8 +94,9 @@ fn ami_id_in_guest(ns: &NetNs) -> Result<String, String> {
     let text = String::from_utf8_lossy(&body).into_owned();
     let answer: Value = serde_json::from_str(&text)
         .map_err(|_| format!("the mmds function answered {status}: {text}"))?;
-    if answer["status"] != 200 {
-        return Err(format!("MMDS answered the guest: {answer}"));
+    let want = if with_token { 200 } else { 401 };
+    if answer["status"] != want {
+        return Err(format!("MMDS answered the guest (wanted {want}): {answer}"));
     }
     Ok(answer["body"].as_str().unwrap_or_default().to_string())
 }
@@ -137,8 +142,9 @@ fn firecracker_python_client_drives_a_vm() -> Result<(), Failed> {
         format!("mmds-config: {}", config["mmds-config"])
     })?;
     wait_ready(&ns, &vmm, Duration::from_secs(200))?;
-    let ami = ami_id_in_guest(&ns).map_err(|e| format!("{e}\n{}", vmm.log_tail()))?;
+    let ami = ami_id_in_guest(&ns, true).map_err(|e| format!("{e}\n{}", vmm.log_tail()))?;
     check(ami == "ami-before", || format!("the guest read {ami:?}"))?;
+    ami_id_in_guest(&ns, false)?;
     let hello = hello_over_vsock(&uds_path)?;
     check(hello.contains("vsock"), || format!("helloworld: {hello}"))?;
 
@@ -149,12 +155,15 @@ fn firecracker_python_client_drives_a_vm() -> Result<(), Failed> {
 
     let vmm = Vmm::start(&ns, &scratch.path("restore.sock"))?;
     let metadata = json!({"latest": {"meta-data": {"ami-id": "ami-after"}}}).to_string();
-    let config = client_step(&python, &[&"load", &vmm.socket, &vmstate, &mem, &metadata])
-        .map_err(|e| format!("{e}\n{}", vmm.log_tail()))?;
+    let config = client_step(
+        &python,
+        &[&"load", &vmm.socket, &vmstate, &mem, &metadata, &TAP],
+    )
+    .map_err(|e| format!("{e}\n{}", vmm.log_tail()))?;
     check(config["vsock"]["guest_cid"] == 3, || {
         format!("the restored VM's vsock: {}", config["vsock"])
     })?;
-    let ami = ami_id_in_guest(&ns).map_err(|e| format!("{e}\n{}", vmm.log_tail()))?;
+    let ami = ami_id_in_guest(&ns, true).map_err(|e| format!("{e}\n{}", vmm.log_tail()))?;
     check(ami == "ami-after", || {
         format!("after the load the guest read {ami:?}")
     })?;

@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
                 while let Some(answer) = session.next_answer(&mut store, &mut counts, now) {
                     assert!(answer.bytes.starts_with(b"HTTP/1."), "an answer is HTTP");
                 }
-                assert!(session.room() <= MAX_REQUEST + 1);
+                assert!(
+                    session.pending_len() <= MAX_REQUEST + 1,
+                    "a session stays bounded"
+                );
             }
             Some((1, packet)) => {
                 let mut frame = Vec::with_capacity(14 + packet.len());

@@ -6,10 +6,15 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-cache="${REAPVM_CACHE:-$HOME/.cache/reapvm}"
-key="$(cat "$here/build-python-client.sh" "$here/requirements.txt" | sha256sum | cut -c1-16)"
+cache="${REAPVM_CACHE:-${HOME:-/root}/.cache/reapvm}"
+# Keyed by the interpreter too: a venv outlives no Python upgrade.
+key="$( (cat "$here/build-python-client.sh" "$here/requirements.txt"; /usr/bin/python3 -VV) | sha256sum | cut -c1-16)"
 venv="$cache/python-client-$key"
-if [ ! -x "$venv/bin/python3" ] || [ ! -e "$venv/.complete" ]; then
+mkdir -p "$cache"
+# One installer at a time (two checkouts testing at once share the cache).
+exec 9>"$cache/python-client.lock"
+flock 9
+if [ ! -e "$venv/.complete" ] || ! "$venv/bin/python3" -c "import firecracker.api" >/dev/null 2>&1; then
   echo "[client] installing $(grep -v '^#' "$here/requirements.txt" | xargs) from PyPI into $venv" >&2
   rm -rf "$venv"
   # Debian's interpreter (python3-venv), not whatever python3 the PATH finds first.

@@ -6,9 +6,9 @@ tests/clients.rs, one step per call:
                           from SPEC (JSON) and start it
   snapshot SOCKET VMSTATE MEM
                           pause the VM and take a Full snapshot
-  load SOCKET VMSTATE MEM METADATA
-                          load the snapshot into a fresh reapvm, resume it, and put
-                          METADATA (JSON) in its MMDS
+  load SOCKET VMSTATE MEM METADATA TAP
+                          load the snapshot into a fresh reapvm (its interface on
+                          TAP), resume it, and put METADATA (JSON) in its MMDS
 
 Each step prints the VM's configuration (`GET /vm/config` through the client) as JSON.
 The client's higher-level MicroVM class is not used: it builds root filesystems with Docker
@@ -38,7 +38,10 @@ def configure(api, spec):
     api.network.put(
         iface_id="eth0", host_dev_name=spec["tap"], guest_mac=spec["guest_mac"]
     )
-    api.mmds_config.put(version="V2", network_interfaces=["eth0"])
+    # As the client's MicroVM class configures MMDS (with the address given).
+    api.mmds_config.put(
+        version="V2", network_interfaces=["eth0"], ipv4_address="169.254.169.254"
+    )
     api.mmds.put(**spec["metadata"])
     api.vsock.put(guest_cid=3, uds_path=spec["uds_path"])
     api.actions.put(action_type="InstanceStart")
@@ -51,11 +54,14 @@ def snapshot(api, vmstate, mem):
     )
 
 
-def load(api, vmstate, mem, metadata):
+def load(api, vmstate, mem, metadata, tap):
+    # The fields the client's MicroVM class sends on a load.
     api.load_snapshot.put(
-        snapshot_path=vmstate,
+        enable_diff_snapshots=True,
         mem_backend={"backend_type": "File", "backend_path": mem},
+        snapshot_path=vmstate,
         resume_vm=True,
+        network_overrides=[{"iface_id": "eth0", "host_dev_name": tap}],
     )
     api.mmds.put(**metadata)
 
@@ -70,7 +76,7 @@ def main():
         elif step == "snapshot":
             snapshot(api, sys.argv[3], sys.argv[4])
         elif step == "load":
-            load(api, sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))
+            load(api, sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), sys.argv[6])
         else:
             raise SystemExit(f"unknown step {step!r}")
         print(json.dumps(api.vm_config.get().json()))

@@ -121,6 +121,11 @@ impl Session {
         n
     }
 
+    /// Bytes received and not yet answered (at most [`MAX_REQUEST`] + 1).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// How many more bytes this session takes now.
     pub fn room(&self) -> usize {
         if self.closed {

@@ -138,6 +138,8 @@ pub struct Net {
     tx_limiter: RateLimiter,
     /// MMDS, if this interface leads to it, and the timer its TCP runs on.
     mmds: Option<(MmdsStack, TimerFd)>,
+    /// When the MMDS timer fires, if it is set.
+    mmds_timer_at: Option<Instant>,
 }
 
 impl Net {
@@ -192,6 +194,7 @@ impl Net {
             rx_limiter,
             tx_limiter,
             mmds: None,
+            mmds_timer_at: None,
         })
     }
 
@@ -208,18 +211,30 @@ impl Net {
             .is_some_and(|(stack, _)| stack.has_frames())
     }
 
-    /// Sets the MMDS timer for the stack's next deadline (or clears it).
+    /// Sets the MMDS timer for the stack's next deadline. Runs after every event of the
+    /// device (any of them may have moved the stack: a frame in, frames taken, a timer), and
+    /// reaches the kernel only when the deadline moves earlier: a timer that fires early
+    /// merely runs the stack once for nothing.
     fn arm_mmds_timer(&mut self) {
+        // Paused or reset, the stack waits: resume (or activation) brings it back.
+        if self.paused || self.active.is_none() {
+            return;
+        }
         let Some((stack, timer)) = self.mmds.as_mut() else {
             return;
         };
-        let result = match stack.next_poll(Instant::now()) {
-            // A zero wait would disarm the timer.
-            Some(wait) => timer.reset(wait.max(Duration::from_millis(1)), None),
-            None => timer.clear(),
+        let now = Instant::now();
+        let Some(wait) = stack.next_poll(now) else {
+            return;
         };
-        if let Err(e) = result {
-            log::error!("virtio-net {}: cannot set the MMDS timer: {e}", self.id);
+        // A zero wait would disarm the timer.
+        let at = now + wait.max(Duration::from_millis(1));
+        if self.mmds_timer_at.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        match timer.reset(at - now, None) {
+            Ok(()) => self.mmds_timer_at = Some(at),
+            Err(e) => log::error!("virtio-net {}: cannot set the MMDS timer: {e}", self.id),
         }
     }
 
@@ -348,13 +363,13 @@ impl Net {
             return false;
         };
         let mem = active.mem.clone();
-        let limiter = &mut self.tx_limiter;
+        // Admission takes a frame's tokens before the frame is read; an MMDS frame, not the
+        // guest's traffic, gives them back at once (Firecracker's rule).
+        let limiter = std::cell::RefCell::new(&mut self.tx_limiter);
         let mmds = &mut self.mmds;
-        // MMDS's frames are not the guest's traffic: their tokens go back (Firecracker's
-        // rule), after the queue is served.
-        let mut mmds_bytes = Vec::new();
         // The frame's length is summed only when a limit needs it: this runs per frame.
         let admit = |chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>| {
+            let mut limiter = limiter.borrow_mut();
             limiter.is_unlimited()
                 || limiter.consume_request(chain.clone().map(|d| u64::from(d.len())).sum())
         };
@@ -372,7 +387,10 @@ impl Net {
                         match mmds.as_mut() {
                             Some((stack, _)) if stack.is_mmds_frame(frame) => {
                                 stack.receive_frame(frame, Instant::now());
-                                mmds_bytes.push(len as u64);
+                                let mut limiter = limiter.borrow_mut();
+                                if !limiter.is_unlimited() {
+                                    limiter.give_back_request(len as u64);
+                                }
                             }
                             _ => {
                                 if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
@@ -388,11 +406,6 @@ impl Net {
             }
             0
         });
-        if !self.tx_limiter.is_unlimited() {
-            for bytes in mmds_bytes {
-                self.tx_limiter.give_back_request(bytes);
-            }
-        }
         match sent {
             Ok(used) => used && active.queues[TX].needs_notification(&mem).unwrap_or(true),
             Err(e) => {
@@ -429,11 +442,8 @@ impl Net {
         if self.process_tx() {
             self.signal();
         }
-        if self.mmds.is_some() {
-            if self.mmds_has_frames() {
-                self.on_rx_ready(ops);
-            }
-            self.arm_mmds_timer();
+        if self.mmds_has_frames() {
+            self.on_rx_ready(ops);
         }
     }
 
@@ -550,6 +560,13 @@ impl MutEventSubscriber for Net {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.process_event(events, ops);
+        self.arm_mmds_timer();
+    }
+}
+
+impl Net {
+    fn process_event(&mut self, events: Events, ops: &mut EventOps) {
         self.retired.unregister(ops);
         let fd = events.fd();
         if fd == self.rx_limiter.timer_fd() || fd == self.tx_limiter.timer_fd() {
@@ -587,6 +604,7 @@ impl MutEventSubscriber for Net {
         }
         if let Some((stack, timer)) = self.mmds.as_mut().filter(|(_, t)| t.as_raw_fd() == fd) {
             let _ = timer.wait();
+            self.mmds_timer_at = None;
             // While paused, resume runs the stack again.
             if self.paused || self.active.is_none() {
                 return;
@@ -595,7 +613,6 @@ impl MutEventSubscriber for Net {
             if self.mmds_has_frames() {
                 self.on_rx_ready(ops);
             }
-            self.arm_mmds_timer();
             return;
         }
         if self.paused {
