@@ -387,10 +387,7 @@ impl Net {
                         match mmds.as_mut() {
                             Some((stack, _)) if stack.is_mmds_frame(frame) => {
                                 stack.receive_frame(frame, Instant::now());
-                                let mut limiter = limiter.borrow_mut();
-                                if !limiter.is_unlimited() {
-                                    limiter.give_back_request(len as u64);
-                                }
+                                limiter.borrow_mut().give_back_request(len as u64);
                             }
                             _ => {
                                 if let Err(e) = self.tap.write_frame(&self.tx_buf[..len]) {
