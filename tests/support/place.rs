@@ -87,17 +87,15 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
     let exe = std::env::current_exe().expect("the test binary's own path");
     let timeout = std::env::var("REAPVM_LAB_TIMEOUT").unwrap_or_else(|_| "2400".into());
     let mem = std::env::var("REAPVM_LAB_MEM_MIB").unwrap_or_else(|_| "6144".into());
-    let mut verdicts = TestVerdicts::default();
-    let mut attempt = 1;
-    let mut runs_without_progress = 0;
+    let mut runs = LabRuns::new(retry);
     loop {
         let mut skips = Vec::new();
-        if retry == Retry::UnfinishedTests && attempt > 1 {
-            for name in verdicts.safe_skips(&list_tests(&exe)) {
+        if retry == Retry::UnfinishedTests && runs.attempt > 1 {
+            for name in runs.verdicts.safe_skips(&list_tests(&exe)) {
                 skips.extend(["--skip".to_string(), name]);
             }
         }
-        let failures_before = verdicts.failed.len();
+        runs.start_run();
         let mut child = match Command::new(&lab_run)
             .args(["--timeout", &timeout, "--mem", &mem, "--"])
             .envs(env.iter().copied())
@@ -116,12 +114,11 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let finished_before = verdicts.finished().count();
         if let Some(out) = child.stdout.take() {
             // Passed through line by line, as it comes: the lab's runs take minutes.
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 println!("{line}");
-                verdicts.feed(&line);
+                runs.verdicts.feed(&line);
             }
         }
         let status = match child.wait() {
@@ -131,73 +128,180 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let fault = match status.code() {
+        let end = match status.code() {
             Some(LAB_MACHINE_DIED) => {
-                "the KVM lab machine itself died (see its kept console above)"
+                RunEnd::LabFault("the KVM lab machine itself died (see its kept console above)")
             }
-            Some(LAB_TIMER_LOST) => "the KVM lab's kernel lost a CPU's timer (see above)",
-            _ if retry == Retry::UnfinishedTests
-                && !status.success()
-                && verdicts.failed.len() > failures_before
-                && verdicts.retried.is_empty()
-                && attempt < LAB_ATTEMPTS =>
+            Some(LAB_TIMER_LOST) => {
+                RunEnd::LabFault("the KVM lab's kernel lost a CPU's timer (see above)")
+            }
+            _ if status.success() => RunEnd::Passed,
+            _ => RunEnd::Failed,
+        };
+        match runs.after_run(what, end, &status.to_string()) {
+            Next::Pass(said) => {
+                if let Some(said) = said {
+                    println!("{said}");
+                }
+                return ExitCode::SUCCESS;
+            }
+            Next::Fail(why) => {
+                eprintln!("{why}");
+                return ExitCode::FAILURE;
+            }
+            Next::RunAgain(warning) => eprintln!("{warning}"),
+        }
+    }
+}
+
+/// How one lab run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    /// The command exited with success.
+    Passed,
+    /// The command exited with a failure of its own.
+    Failed,
+    /// The lab machine failed under it (lab-run.sh's 122 or 123): not a verdict.
+    LabFault(&'static str),
+}
+
+/// What follows a lab run, with what to say about it.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Pass(Option<String>),
+    Fail(String),
+    RunAgain(String),
+}
+
+/// The retry rules, apart from the processes they drive: one layer, the test-level rerun
+/// (docs/kvm-lab.md).
+#[derive(Debug)]
+struct LabRuns {
+    retry: Retry,
+    verdicts: TestVerdicts,
+    /// The lab run under way, from 1.
+    attempt: usize,
+    /// Lab faults in a row that added no verdict.
+    runs_without_progress: usize,
+    failures_before: usize,
+    finished_before: usize,
+}
+
+impl LabRuns {
+    fn new(retry: Retry) -> Self {
+        LabRuns {
+            retry,
+            verdicts: TestVerdicts::default(),
+            attempt: 1,
+            runs_without_progress: 0,
+            failures_before: 0,
+            finished_before: 0,
+        }
+    }
+
+    /// Called as each lab run starts.
+    fn start_run(&mut self) {
+        self.failures_before = self.verdicts.failed.len();
+        self.finished_before = self.verdicts.finished().count();
+    }
+
+    /// Called once the run's output is read and it has exited with `status`.
+    fn after_run(&mut self, what: &str, end: RunEnd, status: &str) -> Next {
+        let suite = self.retry == Retry::UnfinishedTests;
+        let new_failures = self.verdicts.failed.len() > self.failures_before;
+        let progressed = self.verdicts.finished().count() > self.finished_before;
+        match end {
+            RunEnd::Failed
+                if suite
+                    && new_failures
+                    && self.verdicts.only_first_failures()
+                    && self.attempt < LAB_ATTEMPTS =>
             {
                 // The lab's emulation has corrupted guests mid-test (docs/kvm-lab.md), so a
                 // failure there is not conclusive alone: the failed tests run once more in a
                 // fresh lab, and fail the suite if they fail again. Their first failures
                 // stay in the output above.
-                attempt += 1;
-                verdicts.retry_failed();
-                eprintln!(
+                self.attempt += 1;
+                self.runs_without_progress = 0;
+                let again = self.verdicts.retry_first_failures();
+                Next::RunAgain(format!(
                     "WARNING: {what}: {} test(s) failed in the KVM lab ({}); the lab's \
                      emulation faults make one failure there inconclusive, so they run once \
-                     more in a fresh lab (attempt {attempt} of {LAB_ATTEMPTS}); a second \
-                     failure fails the suite",
-                    verdicts.retried.len(),
-                    verdicts.retried.join(", ")
-                );
-                continue;
+                     more in a fresh lab (attempt {} of {LAB_ATTEMPTS}); a second failure \
+                     fails the suite",
+                    again.len(),
+                    again.join(", "),
+                    self.attempt
+                ))
             }
-            _ => {
-                if status.success() && !verdicts.any_failed() {
-                    if attempt > 1 {
-                        println!(
-                            "{what}: passed over {attempt} lab runs ({} test verdicts seen)",
-                            verdicts.finished().count()
-                        );
-                    }
-                    return ExitCode::SUCCESS;
+            RunEnd::Passed | RunEnd::Failed => {
+                if end == RunEnd::Passed && !self.verdicts.any_failed() {
+                    return Next::Pass((self.attempt > 1).then(|| {
+                        format!(
+                            "{what}: passed over {} lab runs ({} test verdicts seen)",
+                            self.attempt,
+                            self.verdicts.finished().count()
+                        )
+                    }));
                 }
-                eprintln!("{what}: the lab run failed ({status})");
-                return ExitCode::FAILURE;
+                if self.verdicts.any_failed() {
+                    return Next::Fail(format!(
+                        "{what}: failed in the KVM lab: {} (the last lab run: {status})",
+                        self.verdicts.failed.join(", ")
+                    ));
+                }
+                Next::Fail(format!("{what}: the lab run failed ({status})"))
             }
-        };
-        // A lab fault that keeps the suite from any new verdict twice in a row (a test that
-        // may be what kills the lab) ends it; one after some progress is tried again.
-        if verdicts.finished().count() > finished_before {
-            runs_without_progress = 0;
-        } else {
-            runs_without_progress += 1;
-        }
-        if attempt >= LAB_ATTEMPTS || runs_without_progress >= 2 {
-            eprintln!(
-                "{what}: {fault}, before the run finished, in {attempt} lab run(s); giving up"
-            );
-            return ExitCode::FAILURE;
-        }
-        attempt += 1;
-        match retry {
-            Retry::Whole => eprintln!(
-                "WARNING: {what}: {fault}, before the run finished (not a verdict on reapvm); \
-                 running it once more in a fresh lab (attempt {attempt} of {LAB_ATTEMPTS})"
-            ),
-            Retry::UnfinishedTests => eprintln!(
-                "WARNING: {what}: {fault}, before the suite finished (not a verdict on reapvm); \
-                 {} test(s) have their verdict ({} failed), the rest run in a fresh lab \
-                 (attempt {attempt} of {LAB_ATTEMPTS})",
-                verdicts.finished().count(),
-                verdicts.failed.len()
-            ),
+            RunEnd::LabFault(fault) => {
+                // A lab fault that keeps the suite from any new verdict twice in a row (a
+                // test that may be what kills the lab) ends it; one after some progress is
+                // tried again.
+                if progressed {
+                    self.runs_without_progress = 0;
+                } else {
+                    self.runs_without_progress += 1;
+                }
+                if self.attempt >= LAB_ATTEMPTS || self.runs_without_progress >= 2 {
+                    return Next::Fail(format!(
+                        "{what}: {fault}, before the run finished, in {} lab run(s); giving up",
+                        self.attempt
+                    ));
+                }
+                self.attempt += 1;
+                if !suite {
+                    return Next::RunAgain(format!(
+                        "WARNING: {what}: {fault}, before the run finished (not a verdict on \
+                         reapvm); running it once more in a fresh lab (attempt {} of \
+                         {LAB_ATTEMPTS})",
+                        self.attempt
+                    ));
+                }
+                // A test that failed in a run the lab's own fault cut short is as
+                // inconclusive as the run (a lab losing its timers fails tests before it
+                // dies): it gets its one more run in the next lab, as after a clean run.
+                let again = if new_failures {
+                    self.verdicts.retry_first_failures()
+                } else {
+                    Vec::new()
+                };
+                let mut warning = format!(
+                    "WARNING: {what}: {fault}, before the suite finished (not a verdict on \
+                     reapvm); {} test(s) have their verdict ({} failed), the rest run in a \
+                     fresh lab (attempt {} of {LAB_ATTEMPTS})",
+                    self.verdicts.finished().count(),
+                    self.verdicts.failed.len(),
+                    self.attempt
+                );
+                if !again.is_empty() {
+                    warning.push_str(&format!(
+                        "; {} test(s) that failed in the run it cut short run once more there \
+                         ({})",
+                        again.len(),
+                        again.join(", ")
+                    ));
+                }
+                Next::RunAgain(warning)
+            }
         }
     }
 }
@@ -260,9 +364,23 @@ impl TestVerdicts {
             .collect()
     }
 
-    /// The failed tests get one more run: they no longer count as finished.
-    pub fn retry_failed(&mut self) {
-        self.retried.append(&mut self.failed);
+    /// Whether every failed test failed for the first time (none has had its one more run).
+    pub fn only_first_failures(&self) -> bool {
+        self.failed.iter().all(|t| !self.retried.contains(t))
+    }
+
+    /// Failed tests that failed for the first time get one more run: they no longer count
+    /// as finished. A test that fails on its second run stays failed. Returns those moved.
+    pub fn retry_first_failures(&mut self) -> Vec<String> {
+        let (again, first): (Vec<String>, Vec<String>) = std::mem::take(&mut self.failed)
+            .into_iter()
+            .partition(|t| self.retried.contains(t));
+        self.failed = again;
+        // A test `--skip` could not leave out (its name is part of an unfinished one's) may
+        // have passed before: it is unfinished again until its next run.
+        self.passed.retain(|t| !first.contains(t));
+        self.retried.extend(first.iter().cloned());
+        first
     }
 
     pub fn any_failed(&self) -> bool {
@@ -307,6 +425,110 @@ fn strip_ansi(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::{LabRuns, Next, Retry, RunEnd};
+
+    const FAULT: RunEnd = RunEnd::LabFault("the lab died");
+
+    /// One lab run that prints `lines` and ends with `end`.
+    fn run(runs: &mut LabRuns, lines: &[&str], end: RunEnd) -> Next {
+        runs.start_run();
+        for line in lines {
+            runs.verdicts.feed(line);
+        }
+        runs.after_run("suite", end, "exit status")
+    }
+
+    fn again(next: &Next) -> bool {
+        matches!(next, Next::RunAgain(_))
+    }
+
+    #[test]
+    fn a_failure_in_a_run_a_lab_fault_cut_short_gets_its_rerun() {
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        let next = run(&mut runs, &["test a ... ok", "test b ... FAILED"], FAULT);
+        assert!(
+            matches!(&next, Next::RunAgain(w) if w.contains("(b)")),
+            "{next:?}"
+        );
+        let next = run(
+            &mut runs,
+            &["test b ... ok", "test c ... ok"],
+            RunEnd::Passed,
+        );
+        assert!(matches!(next, Next::Pass(Some(_))), "{next:?}");
+    }
+
+    #[test]
+    fn a_second_failure_fails_whatever_the_runs_that_saw_them() {
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        assert!(again(&run(&mut runs, &["test b ... FAILED"], FAULT)));
+        let next = run(&mut runs, &["test b ... FAILED"], RunEnd::Failed);
+        assert!(
+            matches!(&next, Next::Fail(w) if w.contains(": b ")),
+            "{next:?}"
+        );
+
+        // Its second failure in a run a fault cut short, then a clean last run: still failed.
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        assert!(again(&run(
+            &mut runs,
+            &["test b ... FAILED"],
+            RunEnd::Failed
+        )));
+        assert!(again(&run(&mut runs, &["test b ... FAILED"], FAULT)));
+        let next = run(&mut runs, &["test c ... ok"], RunEnd::Passed);
+        assert!(
+            matches!(&next, Next::Fail(w) if w.contains(": b ")),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn faults_give_up_after_four_runs_or_two_in_a_row_without_a_verdict() {
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        assert!(again(&run(&mut runs, &["test a ... ok"], FAULT)));
+        assert!(again(&run(&mut runs, &["test b ... ok"], FAULT)));
+        assert!(again(&run(&mut runs, &["test c ... ok"], FAULT)));
+        let next = run(&mut runs, &["test d ... FAILED"], FAULT);
+        assert!(
+            matches!(&next, Next::Fail(w) if w.contains("giving up")),
+            "{next:?}"
+        );
+
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        assert!(again(&run(&mut runs, &[], FAULT)));
+        let next = run(&mut runs, &[], FAULT);
+        assert!(
+            matches!(&next, Next::Fail(w) if w.contains("giving up")),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn a_clean_run_with_first_failures_counts_as_progress() {
+        // Fault without a verdict, a run whose failures get their rerun, another fault
+        // without a verdict: not two faults in a row, so a fourth run follows.
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        assert!(again(&run(&mut runs, &[], FAULT)));
+        assert!(again(&run(
+            &mut runs,
+            &["test a ... FAILED"],
+            RunEnd::Failed
+        )));
+        assert!(again(&run(&mut runs, &[], FAULT)));
+        let next = run(&mut runs, &["test a ... ok"], RunEnd::Passed);
+        assert!(matches!(next, Next::Pass(Some(_))), "{next:?}");
+    }
+
+    #[test]
+    fn a_benchmark_runs_again_only_after_a_lab_fault() {
+        let mut runs = LabRuns::new(Retry::Whole);
+        assert!(again(&run(&mut runs, &[], FAULT)));
+        assert!(matches!(run(&mut runs, &[], RunEnd::Failed), Next::Fail(_)));
+        let mut runs = LabRuns::new(Retry::Whole);
+        assert_eq!(run(&mut runs, &[], RunEnd::Passed), Next::Pass(None));
+    }
+
     #[test]
     fn verdicts_from_libtest_output() {
         let mut v = super::TestVerdicts::default();
@@ -357,13 +579,20 @@ mod tests {
         assert_eq!(v.current.as_deref(), Some("cut_short"));
         // A failed test's second run: it is no longer finished, so it is neither skipped nor
         // counted as failed until it fails again.
-        v.retry_failed();
+        assert!(v.only_first_failures());
+        assert_eq!(v.retry_first_failures(), ["broken_one"]);
         assert!(!v.any_failed());
         assert_eq!(
             v.safe_skips(&all),
             ["damaged_snapshots_are_refused", "lr_serving_answers"]
         );
+        // Its second failure is final, whatever the run that saw it; another test's first
+        // failure still gets its one more run.
         v.feed("test broken_one ... FAILED");
+        v.feed("test cut_short ... FAILED");
+        assert!(!v.only_first_failures());
+        assert_eq!(v.retry_first_failures(), ["cut_short"]);
         assert!(v.any_failed());
+        assert_eq!(v.failed, ["broken_one"]);
     }
 }
