@@ -5,6 +5,8 @@
 #   --functions a,b   (default: all ten)     --modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa (default: File,Uffd,REAP,REAP+)
 #   --runs N          (default 10)           --hot (leave the page cache warm)
 #   --out DIR         (default target/suite-bench: results.md, runs.csv, cold-latency.svg)
+#   --merge           (keep OUT/runs.csv's rows of the functions not run now)
+#   --report-only     (run nothing: write OUT's table and chart again from OUT/runs.csv)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # A relative --out is relative to where the command was run, not to cargo's package folder.

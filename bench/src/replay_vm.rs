@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use snapshot::replay_trace::{Touch, Trace, GUEST_RESERVED_PAGES};
 use test_support::http::unix_request;
-use test_support::{
-    drop_from_page_cache, reapvm_bin, repo_root, resident_pages as resident_pages_of,
-    wait_for_socket, Trial,
-};
+use test_support::{evict_for_cold_run, reapvm_bin, repo_root, wait_for_socket, Trial};
 
 /// The replay guest as scripts/build-replay-guest.sh builds it.
 pub fn replay_guest() -> Result<PathBuf, String> {
@@ -325,18 +322,7 @@ pub fn restore_and_replay(
     if cold {
         for path in [&snap.vmstate, &snap.memory, &snap.ws()] {
             if path.exists() {
-                drop_from_page_cache(path)?;
-                let (resident, total) = resident_pages_of(path)?;
-                // A page or two may be read back at once by someone else (a backup, an
-                // indexer); more means the drop did not work and the run is not cold.
-                if resident * 100 > total {
-                    return Err(format!(
-                        "{}: {resident} of {total} pages still in the page cache after the drop: \
-                         this run would not be cold",
-                        path.display()
-                    ));
-                }
-                resident_pages += resident;
+                resident_pages += evict_for_cold_run(path)?;
             }
         }
     }

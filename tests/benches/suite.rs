@@ -137,6 +137,38 @@ fn in_lab_from_host(o: &Options) -> ExitCode {
     }
 }
 
+/// --report-only: OUT's table and chart written again from OUT/runs.csv.
+fn report_again(o: &Options, command: &str) -> Result<(), String> {
+    let path = o.out.join(suite_bench::RESULTS_CSV);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let rows =
+        suite_bench::report::parse_csv(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (all, covered) = suite_bench::merge(&[], &rows);
+    // The CSV's restore modes, in the order they first ran.
+    let mut modes = Vec::new();
+    for row in &all {
+        if let Some(mode) = suite_bench::options::Mode::parse(&row.kind) {
+            if !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
+    }
+    let runs = all.iter().map(|s| s.run).max().unwrap_or(1);
+    let hot = all.iter().any(|s| s.page_cache == "hot");
+    let o = Options {
+        modes,
+        runs,
+        hot,
+        functions: covered.clone(),
+        out: o.out.clone(),
+        merge: false,
+        report_only: true,
+    };
+    let md = suite_bench::write_results(&all, &o, &covered, &[], &o.out, command)?;
+    println!("{md}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o = match Options::parse(args.clone(), repo_root().join("target/suite-bench")) {
@@ -155,6 +187,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if o.report_only {
+        return match report_again(&o, &command_line(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("suite benchmark: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (work, cache, results) = match detect_place() {
         Place::NeedsLab => return in_lab_from_host(&o),
         Place::Lab => {

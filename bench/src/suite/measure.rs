@@ -12,7 +12,7 @@ use test_support::netns::NetNs;
 use test_support::restore::{
     create_snapshot, flushed_metrics, set_vm_state, wait_for_invocation_signals, Vmm,
 };
-use test_support::{drop_from_page_cache, guest_shut_down, wait_for_exit, GuestArtifacts, Scratch};
+use test_support::{evict_for_cold_run, guest_shut_down, wait_for_exit, GuestArtifacts, Scratch};
 
 /// A function's snapshot files.
 pub struct SnapshotFiles {
@@ -157,12 +157,18 @@ pub fn boot_and_snapshot(
     })
 }
 
-/// A restore that failed, and whether reapvm counted a guest shutdown (a triple fault).
+/// A restore that failed, and whether reapvm counted a guest shutdown (a triple fault) or
+/// the restored guest never answered (a stall).
 #[derive(Debug)]
 pub struct RestoreFailed {
     pub message: String,
     pub guest_shut_down: bool,
+    pub stalled: bool,
 }
+
+/// The longest a restored function may take to answer its invocation: the lab's slowest
+/// (lr_training's recording restore, about 30 s) several times over. Longer is a stall.
+const INVOCATION_DEADLINE: Duration = Duration::from_secs(180);
 
 impl From<RestoreFailed> for String {
     fn from(e: RestoreFailed) -> String {
@@ -179,16 +185,28 @@ pub fn restore_and_invoke(
 ) -> Result<Restore, RestoreFailed> {
     let scratch = Scratch::new(&format!("suite-restore-{}", f.name));
     let metrics = scratch.path("metrics.json");
-    let mut vmm = None;
-    restore_and_invoke_in(f, files, mode, cold, &scratch, &metrics, &mut vmm).map_err(|message| {
-        if let Some(vmm) = vmm.as_mut() {
-            wait_for_exit(&mut vmm.child, Duration::from_secs(5));
-        }
-        RestoreFailed {
-            message,
-            guest_shut_down: guest_shut_down(&metrics),
-        }
-    })
+    let mut underway = Underway::default();
+    restore_and_invoke_in(f, files, mode, cold, &scratch, &metrics, &mut underway).map_err(
+        |message| {
+            if let Some(vmm) = underway.vmm.as_mut() {
+                wait_for_exit(&mut vmm.child, Duration::from_secs(5));
+            }
+            RestoreFailed {
+                message,
+                guest_shut_down: guest_shut_down(&metrics),
+                stalled: underway.stalled,
+            }
+        },
+    )
+}
+
+/// What a restore that fails leaves for its caller to look at.
+#[derive(Default)]
+struct Underway {
+    /// The restored VM's reapvm, while it runs.
+    vmm: Option<Vmm>,
+    /// Its guest never answered the invocation.
+    stalled: bool,
 }
 
 fn restore_and_invoke_in(
@@ -198,17 +216,19 @@ fn restore_and_invoke_in(
     cold: bool,
     scratch: &Scratch,
     metrics: &Path,
-    vmm_slot: &mut Option<Vmm>,
+    underway: &mut Underway,
 ) -> Result<Restore, String> {
     if cold {
         for path in [files.vmstate(), files.memory(), files.ws()] {
             if path.exists() {
-                drop_from_page_cache(&path)?;
+                evict_for_cold_run(&path)?;
             }
         }
     }
     let ns = NetNs::with_tap("suite")?;
-    let vmm = vmm_slot.insert(Vmm::start(&ns, &scratch.path("api.sock"))?);
+    let vmm = underway
+        .vmm
+        .insert(Vmm::start(&ns, &scratch.path("api.sock"))?);
     std::fs::write(metrics, b"").map_err(|e| e.to_string())?;
     vmm.put_metrics(metrics)?;
     let body = serde_json::json!({
@@ -232,14 +252,20 @@ fn restore_and_invoke_in(
     let t = Instant::now();
     let answer = ns
         .connect(AGENT_PORT, Duration::from_secs(60))
-        .and_then(|s| HttpConn::new(s, Duration::from_secs(600)))
+        .and_then(|s| HttpConn::new(s, INVOCATION_DEADLINE))
         .and_then(|mut c| c.request("POST", &format!("/invoke/{}", f.name), f.body));
     let invoke_ms = ms(t);
     let (status, answer) = answer.map_err(|e| {
+        underway.stalled = t.elapsed() >= INVOCATION_DEADLINE;
         format!(
-            "{} {}: {e}\n--- reapvm ---\n{}",
+            "{} {}: {e}{}\n--- reapvm ---\n{}",
             f.name,
             mode.label(),
+            if underway.stalled {
+                format!(" (no answer in {INVOCATION_DEADLINE:?}: the guest stalled)")
+            } else {
+                String::new()
+            },
             vmm.log_tail()
         )
     })?;
@@ -277,7 +303,7 @@ fn restore_and_invoke_in(
             ));
         }
     }
-    *vmm_slot = None;
+    underway.vmm = None;
     drop(ns);
     Ok(restore)
 }

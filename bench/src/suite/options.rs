@@ -60,7 +60,8 @@ impl Mode {
         }
     }
 
-    fn parse(s: &str) -> Option<Mode> {
+    /// A mode by its label (or its name), any case.
+    pub fn parse(s: &str) -> Option<Mode> {
         Mode::KNOWN
             .into_iter()
             .find(|m| m.label().eq_ignore_ascii_case(s) || format!("{m:?}").eq_ignore_ascii_case(s))
@@ -113,9 +114,12 @@ pub struct Options {
     pub out: PathBuf,
     /// Keep the rows of other functions already in OUT/runs.csv (re-run a few functions).
     pub merge: bool,
+    /// Run nothing: write OUT's table and chart again from OUT/runs.csv (after a change to
+    /// the report), with the modes the CSV holds.
+    pub report_only: bool,
 }
 
-pub const USAGE: &str = "usage: suite [--functions a,b,..] [--modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa,File-tmpfs] [--runs N] [--hot] [--out DIR] [--merge]";
+pub const USAGE: &str = "usage: suite [--functions a,b,..] [--modes File,Uffd,Uffd-fa,REAP,REAP+,REAP-stream,REAP-stream-fa,File-tmpfs] [--runs N] [--hot] [--out DIR] [--merge] [--report-only]";
 
 impl Options {
     pub fn parse(
@@ -129,6 +133,7 @@ impl Options {
             hot: false,
             out: default_out,
             merge: false,
+            report_only: false,
         };
         let mut args = args.into_iter();
         while let Some(a) = args.next() {
@@ -172,6 +177,7 @@ impl Options {
                 }
                 "--hot" => o.hot = true,
                 "--merge" => o.merge = true,
+                "--report-only" => o.report_only = true,
                 "--out" => o.out = PathBuf::from(value("--out")?),
                 // cargo bench passes --bench to harness-less benchmarks.
                 "--bench" => {}
