@@ -114,8 +114,8 @@ pub fn run_kvm_suite(suite: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCo
     libtest_mimic::run(&args, trials()).exit_code()
 }
 
-/// A scratch folder for one test, removed when dropped. Lives under target/ so that it is
-/// on the same (host-shared) filesystem inside and outside the lab, or in /tmp in the lab.
+/// A scratch folder for one test, removed when dropped: in the system's temp folder, or in
+/// /tmp in the KVM lab (a tmpfs there, so no drop makes its files cold).
 pub struct Scratch {
     pub dir: PathBuf,
 }
@@ -402,6 +402,13 @@ pub fn drop_from_page_cache(path: &Path) -> Result<(), String> {
 /// than 1% means the drop did not work and the run would not be cold. Returns the pages
 /// still resident.
 pub fn evict_for_cold_run(path: &Path) -> Result<u64, String> {
+    if !page_cache_can_drop(path)? {
+        return Err(format!(
+            "{} is on a tmpfs, whose pages never leave memory: no run from it is cold (put \
+             the snapshot on a disk; in the KVM lab, REAPVM_LAB_DISK_MIB gives one)",
+            path.display()
+        ));
+    }
     drop_from_page_cache(path)?;
     let (resident, total) = resident_pages(path)?;
     if resident * 100 > total {
@@ -412,6 +419,29 @@ pub fn evict_for_cold_run(path: &Path) -> Result<u64, String> {
         ));
     }
     Ok(resident)
+}
+
+/// Whether `path` lies on a filesystem whose pages a drop can evict: not a tmpfs or ramfs
+/// (the KVM lab's /tmp is one), where the page cache is the file itself.
+pub fn page_cache_can_drop(path: &Path) -> Result<bool, String> {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a NUL in the path", path.display()))?;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs the call fills; both outlive the call.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
+        return Err(format!(
+            "statfs of {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    let fs_type = fs.f_type as i64;
+    Ok(fs_type != TMPFS_MAGIC && fs_type != RAMFS_MAGIC)
 }
 
 /// How many of `path`'s pages are in the page cache now (mincore), and how many it has: a
@@ -515,6 +545,19 @@ mod page_cache_tests {
         drop_from_page_cache(&path).unwrap();
         assert_eq!(resident_pages(&path).unwrap(), (0, 64));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_on_a_tmpfs_is_refused_a_cold_run() {
+        let dir = Path::new("/dev/shm");
+        assert!(!page_cache_can_drop(dir).unwrap(), "/dev/shm is a tmpfs");
+        let path = dir.join(format!("reapvm-test-support-{}", std::process::id()));
+        std::fs::write(&path, vec![1u8; 4 * 4096]).unwrap();
+        let err = evict_for_cold_run(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("is on a tmpfs"), "{err}");
+        let disk = repo_root().join("target");
+        assert!(page_cache_can_drop(&disk).unwrap(), "target/ is on a disk");
     }
 
     #[test]
