@@ -28,7 +28,18 @@ pub fn replay_guest() -> Result<PathBuf, String> {
 /// the KVM lab: the replay guest runs in guest user mode, which kvm-pvm hosts run natively).
 /// Without /dev/kvm or the replay guest the suite fails, loudly.
 pub fn run_host_suite(name: &str, trials: Vec<Trial>) -> ExitCode {
-    let args = libtest_mimic::Arguments::from_args();
+    run_host_suite_with(name, trials, libtest_mimic::Arguments::from_args())
+}
+
+/// As `run_host_suite`, one test at a time (unless `--test-threads` says otherwise): for
+/// tests that time their guest, which a guest of another test on a 2-core host would slow.
+pub fn run_host_suite_one_at_a_time(name: &str, trials: Vec<Trial>) -> ExitCode {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads.get_or_insert(1);
+    run_host_suite_with(name, trials, args)
+}
+
+fn run_host_suite_with(name: &str, trials: Vec<Trial>, args: libtest_mimic::Arguments) -> ExitCode {
     if !args.list {
         if !Path::new("/dev/kvm").exists() {
             eprintln!("{name} suite: /dev/kvm does not exist here");
