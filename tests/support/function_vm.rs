@@ -54,6 +54,10 @@ pub struct VmSpec {
     pub cpu_config: Option<serde_json::Value>,
     /// The config file's `mmds-config` (its interface is `eth0`).
     pub mmds_config: Option<serde_json::Value>,
+    /// Another VMM with Firecracker's command line and config file to boot the VM instead
+    /// of reapvm (Firecracker itself, built elsewhere: `lab_faults --vmm` compares the
+    /// lab's faults under both).
+    pub vmm: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -75,6 +79,7 @@ impl VmSpec {
             cpu_template: None,
             cpu_config: None,
             mmds_config: None,
+            vmm: None,
         }
     }
 }
@@ -225,7 +230,7 @@ impl FunctionVm {
         // Metrics from the start: a guest shutdown is counted there (and at exit).
         let metrics_path = scratch.path("reapvm-metrics.json");
         let _ = std::fs::remove_file(&metrics_path);
-        let mut command = ns.command(reapvm_bin());
+        let mut command = ns.command(spec.vmm.clone().unwrap_or_else(reapvm_bin));
         command.arg("--metrics-path").arg(&metrics_path);
         if spec.api {
             command.arg("--api-sock").arg(scratch.path("api.sock"));
@@ -258,7 +263,7 @@ impl FunctionVm {
             Ok(()) => Ok(vm),
             Err(e) => {
                 wait_for_exit(&mut vm.child, Duration::from_secs(5));
-                if guest_shut_down(&vm.metrics_path) {
+                if guest_shut_down(&vm.metrics_path) || vm.firecracker_saw_a_shutdown() {
                     Err(BootFailure::GuestShutdown(e))
                 } else if e.contains(NOT_READY) {
                     Err(BootFailure::Stalled(e))
@@ -267,6 +272,16 @@ impl FunctionVm {
                 }
             }
         }
+    }
+
+    /// Firecracker has no metric of its own for a guest shutdown: it logs the KVM exit as
+    /// unexpected and stops (its `vcpu.failures` counts every kind of failed exit).
+    fn firecracker_saw_a_shutdown(&self) -> bool {
+        let logged = |output: &Mutex<Vec<u8>>| {
+            let bytes = output.lock().unwrap_or_else(|p| p.into_inner());
+            String::from_utf8_lossy(&bytes).contains("Unexpected exit reason on vcpu run: Shutdown")
+        };
+        logged(&self.stdout) || logged(&self.stderr)
     }
 
     /// Where reapvm writes this VM's metrics (set on its command line: `PUT /metrics` would

@@ -93,10 +93,74 @@ fn kvm_activity(pid: u32) -> String {
             let at = line.find("kvm_exit:").unwrap_or(0);
             let _ = writeln!(out, "  {}", line[at..].trim());
         }
+        out.push_str(&rips_in_lab_kernel(&exits));
     } else {
         let _ = writeln!(out, "lab KVM exits: tracing not available");
     }
     out
+}
+
+/// The nested guest's kernel is built without modules, yet stalled guests were seen at
+/// RIPs in the module area (0xffffffffc0...): names each traced RIP that lies in the lab
+/// kernel's own code (its /proc/kallsyms, modules included; root sees the addresses). A
+/// guest running at the lab hypervisor's own address has been handed the lab's state: the
+/// emulation's doing, as reapvm never sets a RIP after boot.
+fn rips_in_lab_kernel(exits: &[&str]) -> String {
+    let mut rips: Vec<u64> = exits
+        .iter()
+        .filter_map(|line| {
+            let word = line.split_whitespace().skip_while(|w| *w != "rip").nth(1)?;
+            u64::from_str_radix(word.trim_start_matches("0x"), 16).ok()
+        })
+        .collect();
+    rips.sort_unstable();
+    rips.dedup();
+    if rips.is_empty() {
+        return String::new();
+    }
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    let mut out = String::new();
+    for rip in rips {
+        let _ = match symbol_at(&kallsyms, rip) {
+            Some(symbol) => writeln!(out, "guest rip {rip:#x} is the lab kernel's {symbol}"),
+            None => writeln!(out, "guest rip {rip:#x} is not in the lab kernel's symbols"),
+        };
+    }
+    out
+}
+
+/// The function of a kallsyms listing ("addr type name [module]" per line) that holds
+/// `addr`, as "name+0xoff [module]": the text symbol at or below it, if the next symbol up
+/// lies above it and the two are close (a symbol far below is not a function holding it).
+fn symbol_at(kallsyms: &str, addr: u64) -> Option<String> {
+    let mut below: Option<(u64, &str, &str)> = None;
+    let mut above_exists = false;
+    for line in kallsyms.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(at), Some(kind), Some(name)) = (words.next(), words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(at) = u64::from_str_radix(at, 16) else {
+            continue;
+        };
+        if at == 0 || !matches!(kind, "t" | "T") {
+            continue;
+        }
+        if at <= addr {
+            if below.is_none_or(|(b, ..)| at > b) {
+                below = Some((at, name, words.next().unwrap_or("")));
+            }
+        } else {
+            above_exists = true;
+        }
+    }
+    let (at, name, module) = below?;
+    let offset = addr - at;
+    (above_exists && offset < 0x10_0000).then(|| {
+        format!("{name}+{offset:#x} {module}")
+            .trim_end()
+            .to_string()
+    })
 }
 
 /// Every counter file under `dir` (one level of subfolders: the vCPUs'), by relative path.
@@ -157,4 +221,46 @@ fn describe_thread(dir: &str) -> String {
         if wchan.is_empty() { "-" } else { wchan.trim() },
         stack.join(" < ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KALLSYMS: &str = "\
+ffffffff81000000 T _stext
+ffffffff81000100 T startup_64
+ffffffffc05cd000 t svm_vcpu_load\t[kvm_amd]
+ffffffffc05cf000 t svm_vcpu_run\t[kvm_amd]
+ffffffffc05cf400 t svm_handle_exit\t[kvm_amd]
+ffffffffc05cf300 d some_data\t[kvm_amd]
+0000000000000000 T hidden_from_non_root
+";
+
+    #[test]
+    fn a_rip_is_named_by_the_function_that_holds_it() {
+        assert_eq!(
+            symbol_at(KALLSYMS, 0xffff_ffff_c05c_f20c).as_deref(),
+            Some("svm_vcpu_run+0x20c [kvm_amd]")
+        );
+        assert_eq!(
+            symbol_at(KALLSYMS, 0xffff_ffff_8100_0104).as_deref(),
+            Some("startup_64+0x4")
+        );
+        // Below every symbol, above every symbol, or with the addresses hidden: no name.
+        assert_eq!(symbol_at(KALLSYMS, 0xffff_ffff_8000_0000), None);
+        assert_eq!(symbol_at(KALLSYMS, 0xffff_ffff_ff00_0000), None);
+        assert_eq!(symbol_at("0000000000000000 T a\n", 0x10), None);
+    }
+
+    #[test]
+    fn traced_exits_give_their_rips() {
+        let exits = [
+            "  kvm_exit: vcpu 0 reason npf rip 0xffffffffc05cf20c info1 0x000000020000000e",
+            "  kvm_exit: vcpu 0 reason npf rip 0xffffffffc05cf20c info1 0x000000020000000e",
+        ];
+        let out = rips_in_lab_kernel(&exits);
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.starts_with("guest rip 0xffffffffc05cf20c "), "{out}");
+    }
 }
