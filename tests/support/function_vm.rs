@@ -316,7 +316,7 @@ impl FunctionVm {
         while start.elapsed() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
-                    "reapvm exited ({status}) before the agent was ready; {}",
+                    "the VMM exited ({status}) before the agent was ready; {}",
                     self.describe()
                 ));
             }
