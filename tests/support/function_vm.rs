@@ -263,7 +263,10 @@ impl FunctionVm {
             Ok(()) => Ok(vm),
             Err(e) => {
                 wait_for_exit(&mut vm.child, Duration::from_secs(5));
-                if guest_shut_down(&vm.metrics_path) || vm.firecracker_saw_a_shutdown() {
+                // Only another VMM's log is searched: reapvm's output carries the guest's
+                // console, which a guest could fill with any words.
+                let other_vmm_saw_it = spec.vmm.is_some() && vm.firecracker_saw_a_shutdown();
+                if guest_shut_down(&vm.metrics_path) || other_vmm_saw_it {
                     Err(BootFailure::GuestShutdown(e))
                 } else if e.contains(NOT_READY) {
                     Err(BootFailure::Stalled(e))

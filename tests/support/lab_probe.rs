@@ -130,8 +130,8 @@ fn rips_in_lab_kernel(exits: &[&str]) -> String {
 }
 
 /// The function of a kallsyms listing ("addr type name [module]" per line) that holds
-/// `addr`, as "name+0xoff [module]": the text symbol at or below it, if the next symbol up
-/// lies above it and the two are close (a symbol far below is not a function holding it).
+/// `addr`, as "name+0xoff [module]": the nearest text symbol at or below it, within 1 MiB,
+/// and not the last one listed (past the last symbol lies no code a name can be given).
 fn symbol_at(kallsyms: &str, addr: u64) -> Option<String> {
     let mut below: Option<(u64, &str, &str)> = None;
     let mut above_exists = false;
