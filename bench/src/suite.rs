@@ -12,7 +12,7 @@ pub mod report;
 use std::path::{Path, PathBuf};
 
 use functions::find;
-use measure::{boot_and_snapshot, restore_and_invoke, Restore, SnapshotFiles};
+use measure::{boot_and_snapshot, restore_and_invoke, SnapshotFiles};
 use options::{Mode, Options};
 use report::Sample;
 
@@ -77,58 +77,26 @@ fn keep_in_cache(
     .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
-/// A restore, once more when the KVM lab's emulated SVM triple-faulted the guest (rare, see
-/// docs/kvm-lab.md); the repeat is said on stderr and in the report (`retried`).
-fn restore_retrying_in_lab(
-    f: &functions::SuiteFunction,
-    files: &SnapshotFiles,
-    mode: Mode,
-    cold: bool,
-    retried: &mut Vec<String>,
-) -> Result<Restore, String> {
-    match restore_and_invoke(f, files, mode, cold) {
-        // The lab's emulation faults (docs/kvm-lab.md), not verdicts on reapvm.
-        Err(e) if detect_place() == Place::Lab && (e.guest_shut_down || e.stalled) => {
-            eprintln!(
-                "WARNING: {} {}: the guest {} in the KVM lab; restoring once more. {}",
-                f.name,
-                mode.label(),
-                if e.guest_shut_down {
-                    "triple-faulted"
-                } else {
-                    "stalled"
-                },
-                e.message
-            );
-            retried.push(format!("{} {}", f.name, mode.label()));
-            Ok(restore_and_invoke(f, files, mode, cold)?)
-        }
-        other => Ok(other?),
-    }
-}
-
 /// Writes the CSV, the markdown report and the chart of what was measured so far.
 pub fn write_results(
     samples: &[Sample],
     o: &Options,
     done: &[String],
-    retried: &[String],
     results: &Path,
     command: &str,
 ) -> Result<String, String> {
     std::fs::create_dir_all(results).map_err(|e| format!("{}: {e}", results.display()))?;
+    // Whole files only, written beside and renamed: a lab that dies mid-write (its output
+    // folder is kept) must leave the last good file, which a later lab run resumes from.
     let write = |name: &str, text: &str| {
-        std::fs::write(results.join(name), text)
-            .map_err(|e| format!("{}: {e}", results.join(name).display()))
+        let path = results.join(name);
+        let part = results.join(format!("{name}.part"));
+        std::fs::write(&part, text)
+            .and_then(|()| std::fs::rename(&part, &path))
+            .map_err(|e| format!("{}: {e}", path.display()))
     };
     write(RESULTS_CSV, &report::csv(samples))?;
-    let mut md = report::markdown(samples, done, &o.modes, place_label(), command);
-    if !retried.is_empty() {
-        md.push_str(&format!(
-            "\nRestores repeated after a guest triple fault or stall in the KVM lab (the failed attempt is not in the figures): {}.\n",
-            retried.join(", ")
-        ));
-    }
+    let md = report::markdown(samples, done, &o.modes, place_label(), command);
     write(RESULTS_MD, &md)?;
     let mut kinds = vec!["warm"];
     kinds.extend(o.modes.iter().map(|m| m.label()));
@@ -150,8 +118,6 @@ pub fn write_results(
     Ok(md)
 }
 
-/// Runs the suite. Snapshots are made under `work` (a real disk), kept in `cache`; results
-/// go to `results` after every function.
 /// The rows of `previous` (an earlier runs.csv) for functions this run did not measure,
 /// then this run's, in the suite's order; and the functions they cover.
 pub fn merge(previous: &[Sample], new: &[Sample]) -> (Vec<Sample>, Vec<String>) {
@@ -174,19 +140,34 @@ pub fn merge(previous: &[Sample], new: &[Sample]) -> (Vec<Sample>, Vec<String>) 
     (all, covered)
 }
 
-/// What a run measured, and which restores it had to repeat.
-pub struct SuiteRun {
-    pub samples: Vec<Sample>,
-    pub retried: Vec<String>,
+/// Whether `earlier` holds every row that measuring `function` with `o` makes: its boot, its
+/// warm invocations, REAP's recording restore and each mode's runs. Anything less is
+/// measured again.
+pub fn finished_earlier(earlier: &[Sample], o: &Options, function: &str) -> bool {
+    let count = |kind: &str| {
+        earlier
+            .iter()
+            .filter(|s| s.function == function && s.kind == kind)
+            .count()
+    };
+    count("boot") == 1
+        && count("warm") == o.runs
+        && count("record") == 1
+        && o.modes.iter().all(|m| count(m.label()) == o.runs)
 }
 
+/// Runs the suite and returns its samples. Snapshots are made under `work` (a real disk),
+/// kept in `cache`; results go to `results` after every function. The functions that
+/// `earlier` (what an earlier lab run of this benchmark finished before a lab fault ended
+/// it) covers are not measured again: their rows and kept snapshots stand.
 pub fn run(
     o: &Options,
     work: &Path,
     cache: &Path,
     results: &Path,
     command: &str,
-) -> Result<SuiteRun, String> {
+    earlier: &[Sample],
+) -> Result<Vec<Sample>, String> {
     if o.modes.contains(&Mode::Tmpfs) {
         return Err(format!(
             "mode {} is the replay benchmark's (scripts/bench-replay.sh): in the KVM lab every \
@@ -198,11 +179,16 @@ pub fn run(
     let cache_state = if o.hot { "hot" } else { "cold" };
     let mut samples: Vec<Sample> = Vec::new();
     let mut done: Vec<String> = Vec::new();
-    let mut retried: Vec<String> = Vec::new();
     let total = o.functions.len();
     for (index, name) in o.functions.iter().enumerate() {
         let f = find(name).ok_or(format!("unknown function {name}"))?;
         let progress = |what: &str| eprintln!("[suite {}/{total}] {name}: {what}", index + 1);
+        if finished_earlier(earlier, o, name) {
+            samples.extend(earlier.iter().filter(|s| &s.function == name).cloned());
+            done.push(name.clone());
+            progress("measured by an earlier lab run of this benchmark; kept");
+            continue;
+        }
         let files = SnapshotFiles {
             dir: work.join(name),
         };
@@ -255,7 +241,7 @@ pub fn run(
             vmm_rss_overhead_kib: 0,
         };
         // REAP's first restore records the WS (the paper's "record" run).
-        let r = restore_retrying_in_lab(f, &files, Mode::Reap, !o.hot, &mut retried)?;
+        let r = restore_and_invoke(f, &files, Mode::Reap, !o.hot)?;
         if r.backend_mode != "record" {
             return Err(format!(
                 "{name}: the first REAP restore did not record (mode {:?})",
@@ -274,7 +260,7 @@ pub fn run(
         // load) then weighs on every mode alike.
         for run in 1..=o.runs {
             for &mode in &o.modes {
-                let r = restore_retrying_in_lab(f, &files, mode, !o.hot, &mut retried)?;
+                let r = restore_and_invoke(f, &files, mode, !o.hot)?;
                 if mode.is_reap() && (r.backend_mode != "prefetch" || r.ws_error.is_some()) {
                     return Err(format!(
                         "{name} {}: expected a prefetch from the recorded WS, got mode {:?} ({:?})",
@@ -313,17 +299,64 @@ pub fn run(
         keep_in_cache(&files, cache, name, info)?;
         let _ = std::fs::remove_dir_all(&files.dir);
         done.push(name.clone());
-        write_results(&samples, o, &done, &retried, results, command)?;
+        write_results(&samples, o, &done, results, command)?;
         progress(&format!(
             "done; snapshot, memory file and WS kept in {}",
             cache.join(name).display()
         ));
     }
-    Ok(SuiteRun { samples, retried })
+    Ok(samples)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::options::Options;
+    use super::report::Sample;
+
+    fn row(function: &str, kind: &str, run: usize) -> Sample {
+        Sample {
+            function: function.into(),
+            kind: kind.into(),
+            page_cache: "cold",
+            run,
+            load_ms: 1.0,
+            invoke_ms: 1.0,
+            latency_ms: 2.0,
+            faults_on_demand: 0,
+            bytes_read: 0,
+            ws_bytes: 0,
+            vmm_rss_overhead_kib: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_function_with_all_its_rows_counts_as_finished_earlier() {
+        let args = [
+            "--functions",
+            "helloworld,pyaes",
+            "--modes",
+            "File,REAP",
+            "--runs",
+            "2",
+        ];
+        let o = Options::parse(args.map(String::from), "out".into()).unwrap();
+        let mut rows = vec![row("helloworld", "boot", 1), row("helloworld", "record", 1)];
+        for run in 1..=2 {
+            for kind in ["warm", "File", "REAP"] {
+                rows.push(row("helloworld", kind, run));
+            }
+        }
+        assert!(super::finished_earlier(&rows, &o, "helloworld"));
+        assert!(!super::finished_earlier(&rows, &o, "pyaes"));
+        // A file cut short after a row: the function is measured again.
+        rows.pop();
+        assert!(!super::finished_earlier(&rows, &o, "helloworld"));
+        // Rows of other runs' settings (more runs, another mode) are not this run's.
+        let three = ["--modes", "File,REAP", "--runs", "3"];
+        let o3 = Options::parse(three.map(String::from), "out".into()).unwrap();
+        assert!(!super::finished_earlier(&rows, &o3, "helloworld"));
+    }
+
     #[test]
     fn a_host_that_needs_the_lab_labels_its_figures_as_the_labs() {
         // The report of a --merge is written on the host after the lab run: its figures

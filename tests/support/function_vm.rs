@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::http::HttpConn;
+use super::lab_fault::{self, LabFault};
 use super::netns::{NetNs, GUEST_IP, HOST_IP, TAP};
 use super::{
     detect_place, guest_shut_down, reapvm_bin, test_boot_args, wait_for_exit, GuestArtifacts,
@@ -16,7 +17,7 @@ use super::{
 
 pub const AGENT_PORT: u16 = 8080;
 /// The slowest function boots in about 73 s in a quiet lab (cnn_serving, docs/suite/results.md);
-/// two booting at once in the lab's two CPUs take about twice that. A stall is retried after it.
+/// two booting at once in the lab's two CPUs take about twice that.
 pub const READY_DEADLINE: Duration = Duration::from_secs(200);
 
 pub struct Drive {
@@ -164,9 +165,6 @@ fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
 /// How a boot that never became ready fails.
 const NOT_READY: &str = "the agent was not ready";
 
-/// Boots of one function VM in the lab before its emulation faults fail the test.
-const LAB_BOOT_ATTEMPTS: usize = 4;
-
 /// Why a boot failed.
 #[derive(Debug)]
 pub enum BootFailure {
@@ -190,30 +188,22 @@ impl FunctionVm {
     /// `scratch` holds the configuration (and whatever else the caller put there); it must
     /// outlive the VM.
     pub fn boot(guest: &GuestArtifacts, spec: &VmSpec, scratch: &Scratch) -> Result<Self, String> {
-        let mut attempt = 1;
-        loop {
-            // The lab's emulated nested SVM now and then triple-faults a booting guest or
-            // leaves it stalled (docs/kvm-lab.md: both at the busiest moment of a boot, cause
-            // not found). In the lab only, the boot is tried again, said out loud; on
-            // hardware KVM, or LAB_BOOT_ATTEMPTS times in a row, it is a failure.
-            let (fault, err) = match Self::boot_attempt(guest, spec, scratch, READY_DEADLINE) {
-                Ok(vm) => return Ok(vm),
-                Err(BootFailure::GuestShutdown(e)) => ("the guest shut down (triple fault)", e),
-                Err(BootFailure::Stalled(e)) => ("the guest stalled (open item)", e),
-                Err(BootFailure::Other(e)) => return Err(e),
-            };
-            if detect_place() != Place::Lab || attempt >= LAB_BOOT_ATTEMPTS {
-                return Err(err);
-            }
-            attempt += 1;
-            eprintln!(
-                "WARNING: {fault} while booting in the KVM lab (docs/kvm-lab.md); booting it \
-                 again (attempt {attempt} of {LAB_BOOT_ATTEMPTS}). The failed attempt: {err}"
-            );
-        }
+        // The lab's emulated nested SVM now and then triple-faults a booting guest or leaves
+        // it stalled (docs/kvm-lab.md). Nothing here boots again: the failure is announced
+        // to the lab runner, the one layer that retries (a fresh lab runs the test again).
+        let (fault, err) = match Self::boot_attempt(guest, spec, scratch, READY_DEADLINE) {
+            Ok(vm) => return Ok(vm),
+            Err(BootFailure::GuestShutdown(e)) => (LabFault::GuestShutdown, e),
+            Err(BootFailure::Stalled(e)) => (LabFault::Stalled, e),
+            Err(BootFailure::Other(e)) => return Err(e),
+        };
+        Err(format!(
+            "{}. {err}",
+            lab_fault::announce(fault, "a function VM's boot")
+        ))
     }
 
-    /// One boot, without the lab's retries: the agent must answer within `ready_deadline`.
+    /// One boot: the agent must answer within `ready_deadline`.
     pub fn boot_attempt(
         guest: &GuestArtifacts,
         spec: &VmSpec,

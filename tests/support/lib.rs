@@ -11,6 +11,7 @@ pub use libtest_mimic::{Arguments, Failed, Trial};
 
 pub mod function_vm;
 pub mod http;
+pub mod lab_fault;
 pub mod lab_probe;
 pub mod netns;
 pub mod place;
@@ -97,10 +98,10 @@ pub fn run_kvm_suite(suite: &str, trials: impl FnOnce() -> Vec<Trial>) -> ExitCo
             );
             // One guest at a time in the lab: its two emulated CPUs gain little from more, and
             // QEMU's nested SVM has, rarely and under load, crashed the lab's kernel or
-            // triple-faulted a guest (docs/kvm-lab.md).
-            if args.test_threads.is_none() {
-                args.test_threads = Some(1);
-            }
+            // triple-faulted a guest (docs/kvm-lab.md). And one test at a time is what lets
+            // the lab runner tell whose output a guest fault's announcement is: libtest-mimic
+            // names a test before its output only then.
+            args.test_threads = Some(1);
         }
     }
     if let Err(e) = GuestArtifacts::locate() {

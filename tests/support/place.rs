@@ -4,6 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
+use super::lab_fault;
+
 /// Where the suite runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
@@ -50,13 +52,17 @@ const LAB_MACHINE_DIED: i32 = 122;
 /// lab-run.sh's exit code when the lab's own kernel stopped taking timer interrupts on a CPU
 /// (its RCU said so on its console) and the lab was stopped.
 const LAB_TIMER_LOST: i32 = 123;
-/// Lab runs that end in one of the two faults above before the run is given up.
-const LAB_ATTEMPTS: usize = 4;
+/// Lab runs in all before a suite or benchmark is given up.
+const LAB_ATTEMPTS: usize = 6;
+/// More runs, each in a fresh lab, for a test whose run failed on a guest fault it announced
+/// as the lab emulation's (lab_fault.rs): as many as the boots the lab once got.
+const LAB_FAULT_RERUNS: usize = 3;
 
 /// What happens to a run that the lab's own faults cut short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
-    /// Run the whole command again (benchmarks: they keep their own partial results).
+    /// Run the whole command again (benchmarks: they keep their own partial results), after
+    /// a lab fault or a guest fault the benchmark announced.
     Whole,
     /// A libtest suite: run again only the tests that have not reported a verdict.
     UnfinishedTests,
@@ -71,6 +77,11 @@ pub fn rerun_in_lab(what: &str) -> ExitCode {
 /// tests that had not finished, so a fault late in a long suite costs little.
 pub fn rerun_suite_in_lab(what: &str) -> ExitCode {
     rerun(what, &[], Retry::UnfinishedTests)
+}
+
+/// As `rerun_suite_in_lab`, with extra environment for lab-run.sh (e.g. REAPVM_LAB_OUT_DIR).
+pub fn rerun_suite_in_lab_with(what: &str, env: &[(&str, &str)]) -> ExitCode {
+    rerun(what, env, Retry::UnfinishedTests)
 }
 
 /// As `rerun_in_lab`, with extra environment for lab-run.sh (e.g. REAPVM_LAB_DISK_MIB).
@@ -99,6 +110,7 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
         let mut child = match Command::new(&lab_run)
             .args(["--timeout", &timeout, "--mem", &mem, "--"])
             .envs(env.iter().copied())
+            .env(lab_fault::TOKEN_ENV, runs.verdicts.token())
             .arg(&exe)
             .args(std::env::args_os().skip(1))
             .args(&skips)
@@ -128,16 +140,7 @@ fn rerun(what: &str, env: &[(&str, &str)], retry: Retry) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let end = match status.code() {
-            Some(LAB_MACHINE_DIED) => {
-                RunEnd::LabFault("the KVM lab machine itself died (see its kept console above)")
-            }
-            Some(LAB_TIMER_LOST) => {
-                RunEnd::LabFault("the KVM lab's kernel lost a CPU's timer (see above)")
-            }
-            _ if status.success() => RunEnd::Passed,
-            _ => RunEnd::Failed,
-        };
+        let end = runs.run_end(status.code());
         match runs.after_run(what, end, &status.to_string()) {
             Next::Pass(said) => {
                 if let Some(said) = said {
@@ -161,7 +164,8 @@ enum RunEnd {
     Passed,
     /// The command exited with a failure of its own.
     Failed,
-    /// The lab machine failed under it (lab-run.sh's 122 or 123): not a verdict.
+    /// The lab machine failed under it (lab-run.sh's 122 or 123), or a benchmark failed on
+    /// a guest fault it announced: not a verdict.
     LabFault(&'static str),
 }
 
@@ -173,8 +177,8 @@ enum Next {
     RunAgain(String),
 }
 
-/// The retry rules, apart from the processes they drive: one layer, the test-level rerun
-/// (docs/kvm-lab.md).
+/// The retry rules, apart from the processes they drive: the one layer that retries in the
+/// lab (docs/kvm-lab.md). Nothing inside the lab retries.
 #[derive(Debug)]
 struct LabRuns {
     retry: Retry,
@@ -191,7 +195,7 @@ impl LabRuns {
     fn new(retry: Retry) -> Self {
         LabRuns {
             retry,
-            verdicts: TestVerdicts::default(),
+            verdicts: TestVerdicts::new(lab_fault::new_token()),
             attempt: 1,
             runs_without_progress: 0,
             failures_before: 0,
@@ -201,8 +205,26 @@ impl LabRuns {
 
     /// Called as each lab run starts.
     fn start_run(&mut self) {
+        self.verdicts.start_run();
         self.failures_before = self.verdicts.failed.len();
         self.finished_before = self.verdicts.finished().count();
+    }
+
+    /// How a lab run that lab-run.sh ended with `code` ended.
+    fn run_end(&self, code: Option<i32>) -> RunEnd {
+        match code {
+            Some(LAB_MACHINE_DIED) => {
+                RunEnd::LabFault("the KVM lab machine itself died (see its kept console above)")
+            }
+            Some(LAB_TIMER_LOST) => {
+                RunEnd::LabFault("the KVM lab's kernel lost a CPU's timer (see above)")
+            }
+            Some(0) => RunEnd::Passed,
+            _ if self.retry == Retry::Whole && self.verdicts.fault_announced_outside_tests() => {
+                RunEnd::LabFault("a guest faulted in the lab's emulation (announced above)")
+            }
+            _ => RunEnd::Failed,
+        }
     }
 
     /// Called once the run's output is read and it has exited with `status`.
@@ -214,21 +236,21 @@ impl LabRuns {
             RunEnd::Failed
                 if suite
                     && new_failures
-                    && self.verdicts.only_first_failures()
+                    && self.verdicts.all_failures_retryable()
                     && self.attempt < LAB_ATTEMPTS =>
             {
-                // The lab's emulation has corrupted guests mid-test (docs/kvm-lab.md), so a
-                // failure there is not conclusive alone: the failed tests run once more in a
-                // fresh lab, and fail the suite if they fail again. Their first failures
-                // stay in the output above.
+                // The lab's emulation corrupts guests now and then (docs/kvm-lab.md), so a
+                // failure there is not conclusive alone: the failed tests run again in a
+                // fresh lab, up to LAB_FAULT_RERUNS times for a guest fault they announced,
+                // once for any other failure. Their earlier failures stay in the output above.
                 self.attempt += 1;
                 self.runs_without_progress = 0;
-                let again = self.verdicts.retry_first_failures();
+                let again = self.verdicts.retry_failures();
                 Next::RunAgain(format!(
                     "WARNING: {what}: {} test(s) failed in the KVM lab ({}); the lab's \
-                     emulation faults make one failure there inconclusive, so they run once \
-                     more in a fresh lab (attempt {} of {LAB_ATTEMPTS}); a second failure \
-                     fails the suite",
+                     emulation faults make a failure there inconclusive, so they run again in \
+                     a fresh lab (attempt {} of {LAB_ATTEMPTS}; a test gets {LAB_FAULT_RERUNS} \
+                     more runs after guest faults it announced, one after any other failure)",
                     again.len(),
                     again.join(", "),
                     self.attempt
@@ -253,10 +275,11 @@ impl LabRuns {
                 Next::Fail(format!("{what}: the lab run failed ({status})"))
             }
             RunEnd::LabFault(fault) => {
-                // A lab fault that keeps the suite from any new verdict twice in a row (a
-                // test that may be what kills the lab) ends it; one after some progress is
-                // tried again.
-                if progressed {
+                // A lab fault that keeps a suite from any new verdict twice in a row (a test
+                // that may be what kills the lab) ends it; one after some progress is tried
+                // again. A benchmark shows no verdicts (it keeps its own partial results):
+                // only the number of lab runs bounds it.
+                if progressed || !suite {
                     self.runs_without_progress = 0;
                 } else {
                     self.runs_without_progress += 1;
@@ -278,9 +301,9 @@ impl LabRuns {
                 }
                 // A test that failed in a run the lab's own fault cut short is as
                 // inconclusive as the run (a lab losing its timers fails tests before it
-                // dies): it gets its one more run in the next lab, as after a clean run.
+                // dies): it runs again in the next lab, as after a clean run.
                 let again = if new_failures {
-                    self.verdicts.retry_first_failures()
+                    self.verdicts.retry_failures()
                 } else {
                     Vec::new()
                 };
@@ -294,8 +317,7 @@ impl LabRuns {
                 );
                 if !again.is_empty() {
                     warning.push_str(&format!(
-                        "; {} test(s) that failed in the run it cut short run once more there \
-                         ({})",
+                        "; {} test(s) that failed in the run it cut short run again there ({})",
                         again.len(),
                         again.join(", ")
                     ));
@@ -307,17 +329,50 @@ impl LabRuns {
 }
 
 /// The verdicts of a libtest run's tests, read from its output ("test NAME ... ok", with
-/// whatever the test printed before the verdict, and colour codes, in between).
-#[derive(Debug, Default)]
+/// whatever the test printed before the verdict, and colour codes, in between), and the
+/// guest faults they announced (lab_fault.rs) with this lab run's token.
+#[derive(Debug)]
 pub struct TestVerdicts {
+    token: String,
     current: Option<String>,
     passed: Vec<String>,
     failed: Vec<String>,
-    /// Tests that failed once in the lab and are given one more run.
+    /// Tests that announced a guest fault of the lab's emulation in their latest run.
+    announced: Vec<String>,
+    /// A guest fault announced in this lab run outside any test (a benchmark's).
+    announced_outside_tests: bool,
+    /// Tests that failed in the lab other than on an announced guest fault and were given
+    /// their one more run.
     retried: Vec<String>,
+    /// Tests given more runs after failing on guest faults they announced, with how many.
+    fault_reruns: Vec<(String, usize)>,
 }
 
 impl TestVerdicts {
+    pub fn new(token: String) -> Self {
+        TestVerdicts {
+            token,
+            current: None,
+            passed: Vec::new(),
+            failed: Vec::new(),
+            announced: Vec::new(),
+            announced_outside_tests: false,
+            retried: Vec::new(),
+            fault_reruns: Vec::new(),
+        }
+    }
+
+    /// The token that a guest fault's announcement carries in this runner's lab runs.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Called as each lab run starts: a test cut short there runs from its start again.
+    pub fn start_run(&mut self) {
+        self.current = None;
+        self.announced_outside_tests = false;
+    }
+
     pub fn feed(&mut self, line: &str) {
         let plain = strip_ansi(line);
         let mut verdict = plain.trim();
@@ -325,8 +380,16 @@ impl TestVerdicts {
             .strip_prefix("test ")
             .and_then(|rest| rest.split_once(" ..."))
         {
-            self.current = Some(name.trim().to_string());
+            let name = name.trim().to_string();
+            self.announced.retain(|t| *t != name);
+            self.current = Some(name);
             verdict = rest.trim();
+        }
+        if lab_fault::announced_in(&plain, &self.token) {
+            match &self.current {
+                Some(name) => self.announced.push(name.clone()),
+                None => self.announced_outside_tests = true,
+            }
         }
         // Only a line that is the verdict alone counts: a test's own output that merely ends
         // in "ok" must not pass it (a missed verdict only makes a retry run the test again).
@@ -364,23 +427,55 @@ impl TestVerdicts {
             .collect()
     }
 
-    /// Whether every failed test failed for the first time (none has had its one more run).
-    pub fn only_first_failures(&self) -> bool {
-        self.failed.iter().all(|t| !self.retried.contains(t))
+    /// Whether a benchmark (no test running) announced a guest fault in this lab run.
+    pub fn fault_announced_outside_tests(&self) -> bool {
+        self.announced_outside_tests
     }
 
-    /// Failed tests that failed for the first time get one more run: they no longer count
-    /// as finished. A test that fails on its second run stays failed. Returns those moved.
-    pub fn retry_first_failures(&mut self) -> Vec<String> {
-        let (again, first): (Vec<String>, Vec<String>) = std::mem::take(&mut self.failed)
+    fn fault_reruns_of(&self, test: &str) -> usize {
+        self.fault_reruns
+            .iter()
+            .find(|(t, _)| t == test)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Whether `test`'s failure gets another run: after a guest fault it announced, while it
+    /// has had fewer than LAB_FAULT_RERUNS such runs; after any other failure, once. The two
+    /// budgets are apart: a test's plain failure after faults still gets its one more run.
+    fn may_run_again(&self, test: &str) -> bool {
+        if self.announced.iter().any(|t| t == test) {
+            self.fault_reruns_of(test) < LAB_FAULT_RERUNS
+        } else {
+            !self.retried.iter().any(|t| t == test)
+        }
+    }
+
+    /// Whether every failed test gets another run.
+    pub fn all_failures_retryable(&self) -> bool {
+        self.failed.iter().all(|t| self.may_run_again(t))
+    }
+
+    /// Failed tests that may run again (`may_run_again`) no longer count as finished; the
+    /// others stay failed. Returns those moved.
+    pub fn retry_failures(&mut self) -> Vec<String> {
+        let (again, stay): (Vec<String>, Vec<String>) = std::mem::take(&mut self.failed)
             .into_iter()
-            .partition(|t| self.retried.contains(t));
-        self.failed = again;
+            .partition(|t| self.may_run_again(t));
+        self.failed = stay;
+        for test in &again {
+            let announced = self.announced.iter().any(|t| t == test);
+            if !announced {
+                self.retried.push(test.clone());
+            } else if let Some((_, n)) = self.fault_reruns.iter_mut().find(|(t, _)| t == test) {
+                *n += 1;
+            } else {
+                self.fault_reruns.push((test.clone(), 1));
+            }
+        }
         // A test `--skip` could not leave out (its name is part of an unfinished one's) may
         // have passed before: it is unfinished again until its next run.
-        self.passed.retain(|t| !first.contains(t));
-        self.retried.extend(first.iter().cloned());
-        first
+        self.passed.retain(|t| !again.contains(t));
+        again
     }
 
     pub fn any_failed(&self) -> bool {
@@ -425,9 +520,17 @@ fn strip_ansi(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{LabRuns, Next, Retry, RunEnd};
+    use super::{LabRuns, Next, Retry, RunEnd, LAB_ATTEMPTS, LAB_FAULT_RERUNS};
 
     const FAULT: RunEnd = RunEnd::LabFault("the lab died");
+
+    /// A test's line announcing a guest fault with this runner's token.
+    fn announced(runs: &LabRuns, test: &str) -> String {
+        format!(
+            "test {test} ... [reapvm lab fault {}] boot: the guest stalled",
+            runs.verdicts.token()
+        )
+    }
 
     /// One lab run that prints `lines` and ends with `end`.
     fn run(runs: &mut LabRuns, lines: &[&str], end: RunEnd) -> Next {
@@ -484,12 +587,14 @@ mod tests {
     }
 
     #[test]
-    fn faults_give_up_after_four_runs_or_two_in_a_row_without_a_verdict() {
+    fn faults_give_up_after_the_last_run_or_two_in_a_row_without_a_verdict() {
         let mut runs = LabRuns::new(Retry::UnfinishedTests);
-        assert!(again(&run(&mut runs, &["test a ... ok"], FAULT)));
-        assert!(again(&run(&mut runs, &["test b ... ok"], FAULT)));
-        assert!(again(&run(&mut runs, &["test c ... ok"], FAULT)));
-        let next = run(&mut runs, &["test d ... FAILED"], FAULT);
+        let tests = ["a", "b", "c", "d", "e", "f"];
+        for test in &tests[..LAB_ATTEMPTS - 1] {
+            let line = format!("test {test} ... ok");
+            assert!(again(&run(&mut runs, &[&line], FAULT)));
+        }
+        let next = run(&mut runs, &["test f ... FAILED"], FAULT);
         assert!(
             matches!(&next, Next::Fail(w) if w.contains("giving up")),
             "{next:?}"
@@ -527,21 +632,113 @@ mod tests {
         assert!(matches!(run(&mut runs, &[], RunEnd::Failed), Next::Fail(_)));
         let mut runs = LabRuns::new(Retry::Whole);
         assert_eq!(run(&mut runs, &[], RunEnd::Passed), Next::Pass(None));
+        // Faults in a row do not end a benchmark (it keeps what it finished); the last run does.
+        let mut runs = LabRuns::new(Retry::Whole);
+        for _ in 1..LAB_ATTEMPTS {
+            assert!(again(&run(&mut runs, &[], FAULT)));
+        }
+        assert!(matches!(run(&mut runs, &[], FAULT), Next::Fail(_)));
+    }
+
+    #[test]
+    fn a_benchmark_that_announced_a_guest_fault_runs_again() {
+        let mut runs = LabRuns::new(Retry::Whole);
+        runs.start_run();
+        assert_eq!(runs.run_end(Some(1)), RunEnd::Failed);
+        let line = format!(
+            "[reapvm lab fault {}] lr_serving restored with REAP: the guest stalled",
+            runs.verdicts.token()
+        );
+        runs.verdicts.feed(&line);
+        let end = runs.run_end(Some(1));
+        assert!(matches!(end, RunEnd::LabFault(_)), "{end:?}");
+        assert!(again(&runs.after_run("bench", end, "exit status: 1")));
+        // The next run starts clean: a failure there without an announcement is final.
+        runs.start_run();
+        let end = runs.run_end(Some(1));
+        assert_eq!(end, RunEnd::Failed);
+        assert!(matches!(
+            runs.after_run("bench", end, "exit status: 1"),
+            Next::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn lab_run_exit_codes() {
+        let runs = LabRuns::new(Retry::UnfinishedTests);
+        assert_eq!(runs.run_end(Some(0)), RunEnd::Passed);
+        assert_eq!(runs.run_end(Some(101)), RunEnd::Failed);
+        assert_eq!(runs.run_end(None), RunEnd::Failed);
+        assert!(matches!(runs.run_end(Some(122)), RunEnd::LabFault(_)));
+        assert!(matches!(runs.run_end(Some(123)), RunEnd::LabFault(_)));
+    }
+
+    #[test]
+    fn a_test_failing_on_guest_faults_it_announced_gets_more_runs() {
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        let fault = announced(&runs, "b");
+        for rerun in 1..=LAB_FAULT_RERUNS {
+            let next = run(
+                &mut runs,
+                &["test a ... ok", &fault, "FAILED"],
+                RunEnd::Failed,
+            );
+            assert!(
+                matches!(&next, Next::RunAgain(w) if w.contains("(b)")),
+                "rerun {rerun}: {next:?}"
+            );
+        }
+        // Its fourth failure on a fault is final.
+        let next = run(&mut runs, &[&fault, "FAILED"], RunEnd::Failed);
+        assert!(
+            matches!(&next, Next::Fail(w) if w.contains(": b ")),
+            "{next:?}"
+        );
+
+        // Faults, then a pass: the suite passes.
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        let fault = announced(&runs, "b");
+        assert!(again(&run(&mut runs, &[&fault, "FAILED"], RunEnd::Failed)));
+        assert!(again(&run(&mut runs, &[&fault, "FAILED"], RunEnd::Failed)));
+        let next = run(&mut runs, &["test b ... ok"], RunEnd::Passed);
+        assert!(matches!(next, Next::Pass(Some(_))), "{next:?}");
+    }
+
+    #[test]
+    fn an_announcement_without_the_token_or_from_an_earlier_run_is_not_a_fault() {
+        // A guest's console, printed by the failing test, saying the words without the token.
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        let forged = "test b ... [reapvm lab fault ] boot: the guest stalled";
+        assert!(again(&run(&mut runs, &[forged, "FAILED"], RunEnd::Failed)));
+        let next = run(&mut runs, &[forged, "FAILED"], RunEnd::Failed);
+        assert!(matches!(next, Next::Fail(_)), "{next:?}");
+
+        // A fault announced in one run does not excuse the test's plain failure in the next.
+        let mut runs = LabRuns::new(Retry::UnfinishedTests);
+        let fault = announced(&runs, "b");
+        assert!(again(&run(&mut runs, &[&fault, "FAILED"], RunEnd::Failed)));
+        assert!(again(&run(
+            &mut runs,
+            &["test b ... FAILED"],
+            RunEnd::Failed
+        )));
+        let next = run(&mut runs, &["test b ... FAILED"], RunEnd::Failed);
+        assert!(matches!(next, Next::Fail(_)), "{next:?}");
     }
 
     #[test]
     fn verdicts_from_libtest_output() {
-        let mut v = super::TestVerdicts::default();
+        let mut v = super::TestVerdicts::new("t0ken".into());
         for line in [
             "running 5 tests",
             "test restored_with_file_backend     ... snapshot/load answered after 2ms (lab time)",
             "\u{1b}[32mok\u{1b}[0m",
             "test damaged_snapshots_are_refused ... \u{1b}[32mok\u{1b}[0m",
-            "test lr_serving_answers ... WARNING: the guest shut down (triple fault); once more",
+            "test lr_serving_answers ... reapvm-agent: starting workers",
             "reapvm-agent: cpus=1 ok",
             "  ok",
             "test broken_one ... \u{1b}[31mFAILED\u{1b}[0m",
-            "test cut_short ... WARNING: booting it once more",
+            "test cut_short ... booting",
             "the agent said ok",
             "test result: ok. 3 passed; 1 failed",
         ] {
@@ -579,8 +776,8 @@ mod tests {
         assert_eq!(v.current.as_deref(), Some("cut_short"));
         // A failed test's second run: it is no longer finished, so it is neither skipped nor
         // counted as failed until it fails again.
-        assert!(v.only_first_failures());
-        assert_eq!(v.retry_first_failures(), ["broken_one"]);
+        assert!(v.all_failures_retryable());
+        assert_eq!(v.retry_failures(), ["broken_one"]);
         assert!(!v.any_failed());
         assert_eq!(
             v.safe_skips(&all),
@@ -590,8 +787,8 @@ mod tests {
         // failure still gets its one more run.
         v.feed("test broken_one ... FAILED");
         v.feed("test cut_short ... FAILED");
-        assert!(!v.only_first_failures());
-        assert_eq!(v.retry_first_failures(), ["cut_short"]);
+        assert!(!v.all_failures_retryable());
+        assert_eq!(v.retry_failures(), ["cut_short"]);
         assert!(v.any_failed());
         assert_eq!(v.failed, ["broken_one"]);
     }

@@ -8,6 +8,7 @@ use super::functions::SuiteFunction;
 use super::options::Mode;
 use test_support::function_vm::{FunctionVm, VmSpec, AGENT_PORT};
 use test_support::http::HttpConn;
+use test_support::lab_fault::{self, LabFault};
 use test_support::netns::NetNs;
 use test_support::restore::{
     create_snapshot, flushed_metrics, set_vm_state, wait_for_invocation_signals, Vmm,
@@ -157,32 +158,19 @@ pub fn boot_and_snapshot(
     })
 }
 
-/// A restore that failed, and whether reapvm counted a guest shutdown (a triple fault) or
-/// the restored guest never answered (a stall).
-#[derive(Debug)]
-pub struct RestoreFailed {
-    pub message: String,
-    pub guest_shut_down: bool,
-    pub stalled: bool,
-}
-
 /// The longest a restored function may take to answer its invocation: the lab's slowest
 /// (lr_training's recording restore, about 30 s) several times over. Longer is a stall.
 const INVOCATION_DEADLINE: Duration = Duration::from_secs(180);
 
-impl From<RestoreFailed> for String {
-    fn from(e: RestoreFailed) -> String {
-        e.message
-    }
-}
-
-/// Restores `files` with `mode` in a fresh reapvm and invokes `f` once.
+/// Restores `files` with `mode` in a fresh reapvm and invokes `f` once. A guest that
+/// triple-faults or stalls is announced as the KVM lab's fault there (the lab runner, not
+/// this code, measures again).
 pub fn restore_and_invoke(
     f: &SuiteFunction,
     files: &SnapshotFiles,
     mode: Mode,
     cold: bool,
-) -> Result<Restore, RestoreFailed> {
+) -> Result<Restore, String> {
     let scratch = Scratch::new(&format!("suite-restore-{}", f.name));
     let metrics = scratch.path("metrics.json");
     let mut underway = Underway::default();
@@ -191,11 +179,15 @@ pub fn restore_and_invoke(
             if let Some(vmm) = underway.vmm.as_mut() {
                 wait_for_exit(&mut vmm.child, Duration::from_secs(5));
             }
-            RestoreFailed {
-                message,
-                guest_shut_down: guest_shut_down(&metrics),
-                stalled: underway.stalled,
-            }
+            let fault = if guest_shut_down(&metrics) {
+                LabFault::GuestShutdown
+            } else if underway.stalled {
+                LabFault::Stalled
+            } else {
+                return message;
+            };
+            let what = format!("{} restored with {}", f.name, mode.label());
+            format!("{}. {message}", lab_fault::announce(fault, &what))
         },
     )
 }
