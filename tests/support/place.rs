@@ -1,5 +1,6 @@
 //! Where whole-guest code runs: on hardware KVM directly, or re-run inside the KVM lab.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -345,7 +346,7 @@ pub struct TestVerdicts {
     /// their one more run.
     retried: Vec<String>,
     /// Tests given more runs after failing on guest faults they announced, with how many.
-    fault_reruns: Vec<(String, usize)>,
+    fault_reruns: HashMap<String, usize>,
 }
 
 impl TestVerdicts {
@@ -358,7 +359,7 @@ impl TestVerdicts {
             announced: Vec::new(),
             announced_outside_tests: false,
             retried: Vec::new(),
-            fault_reruns: Vec::new(),
+            fault_reruns: HashMap::new(),
         }
     }
 
@@ -432,19 +433,12 @@ impl TestVerdicts {
         self.announced_outside_tests
     }
 
-    fn fault_reruns_of(&self, test: &str) -> usize {
-        self.fault_reruns
-            .iter()
-            .find(|(t, _)| t == test)
-            .map_or(0, |(_, n)| *n)
-    }
-
     /// Whether `test`'s failure gets another run: after a guest fault it announced, while it
     /// has had fewer than LAB_FAULT_RERUNS such runs; after any other failure, once. The two
     /// budgets are apart: a test's plain failure after faults still gets its one more run.
     fn may_run_again(&self, test: &str) -> bool {
         if self.announced.iter().any(|t| t == test) {
-            self.fault_reruns_of(test) < LAB_FAULT_RERUNS
+            self.fault_reruns.get(test).copied().unwrap_or(0) < LAB_FAULT_RERUNS
         } else {
             !self.retried.iter().any(|t| t == test)
         }
@@ -463,13 +457,10 @@ impl TestVerdicts {
             .partition(|t| self.may_run_again(t));
         self.failed = stay;
         for test in &again {
-            let announced = self.announced.iter().any(|t| t == test);
-            if !announced {
-                self.retried.push(test.clone());
-            } else if let Some((_, n)) = self.fault_reruns.iter_mut().find(|(t, _)| t == test) {
-                *n += 1;
+            if self.announced.contains(test) {
+                *self.fault_reruns.entry(test.clone()).or_default() += 1;
             } else {
-                self.fault_reruns.push((test.clone(), 1));
+                self.retried.push(test.clone());
             }
         }
         // A test `--skip` could not leave out (its name is part of an unfinished one's) may
